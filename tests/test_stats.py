@@ -1,0 +1,210 @@
+"""Tests of the normality tests and downstream metrics (paper Section 5)."""
+import json
+
+import numpy as np
+import pytest
+
+from common import (
+    downstream_report,
+    henze_zirkler,
+    henze_zirkler_pvalue,
+    normality_report,
+    projected_pvalues,
+    to_gaussian,
+)
+
+ALPHA = 0.05
+N_REPLICATES = 400
+# Three binomial standard deviations around ALPHA for N_REPLICATES tests.
+LEVEL_TOL = 3 * np.sqrt(ALPHA * (1 - ALPHA) / N_REPLICATES)
+
+
+def _gaussian(n, d, seed):
+    return np.random.default_rng(seed).standard_normal((n, d))
+
+
+def _two_gaussians(n, seed):
+    rng = np.random.default_rng(seed)
+    half = rng.standard_normal((n, 2))
+    half[: n // 2, 0] += 4.0
+    half[n // 2:, 0] -= 4.0
+    return half
+
+
+def _hz_by_loops(z):
+    """Henze-Zirkler statistic written term by term, as in the 1990 paper."""
+    n, d = z.shape
+    mean = z.mean(axis=0)
+    cov = sum(np.outer(x - mean, x - mean) for x in z) / n
+    prec = np.linalg.inv(cov)
+    beta = (1 / np.sqrt(2)) * ((2 * d + 1) * n / 4) ** (1 / (d + 4))
+    b2 = beta ** 2
+    double_sum = 0.0
+    single_sum = 0.0
+    for i in range(n):
+        diff_i = z[i] - mean
+        single_sum += np.exp(-b2 / (2 * (1 + b2)) * diff_i @ prec @ diff_i)
+        for j in range(n):
+            diff_ij = z[i] - z[j]
+            double_sum += np.exp(-b2 / 2 * diff_ij @ prec @ diff_ij)
+    return (double_sum / n - 2 * (1 + b2) ** (-d / 2) * single_sum
+            + n * (1 + 2 * b2) ** (-d / 2))
+
+
+@pytest.mark.parametrize("name", ["dagostino", "shapiro", "henze_zirkler"])
+def test_level_under_gaussian_null(name):
+    pvalues = []
+    for seed in range(N_REPLICATES):
+        z = _gaussian(100, 2, 1000 + seed)
+        if name == "henze_zirkler":
+            pvalues.append(henze_zirkler(z)[1])
+        else:
+            pvalues.append(projected_pvalues(z, test=name, n_proj=1,
+                                             n_boot=1, seed=seed))
+    pvalues = np.array(pvalues)
+    assert abs(np.mean(pvalues < ALPHA) - ALPHA) < LEVEL_TOL
+    # Under the null p-values are roughly uniform.
+    assert 0.4 < pvalues.mean() < 0.6
+
+
+def test_henze_zirkler_null_mean_matches_theory():
+    # Exact null mean of HZ for d=3, n=200 from Henze & Zirkler (1990); the
+    # p-value approximation is built on it, so the statistic must agree.
+    theoretical_mean = 0.7745
+    stats = np.array([henze_zirkler(_gaussian(200, 3, seed))[0]
+                      for seed in range(300)])
+    standard_error = stats.std() / np.sqrt(len(stats))
+    assert abs(stats.mean() - theoretical_mean) < 4 * standard_error
+
+
+def test_averaged_pvalues_large_on_gaussian_sample():
+    report = normality_report(_gaussian(2000, 4, 0), seed=0)
+    for key in ("dagostino_p", "shapiro_p", "henze_zirkler_p"):
+        assert report[key] > 0.3, key
+
+
+@pytest.mark.parametrize("sample", ["uniform", "mixture"])
+def test_power_against_non_gaussian(sample):
+    def draw(n):
+        if sample == "uniform":
+            return np.random.default_rng(n).uniform(size=(n, 2))
+        return _two_gaussians(n, n)
+
+    z = draw(500)
+    assert henze_zirkler(z)[1] < 1e-2
+    assert henze_zirkler_pvalue(z, n_boot=5, seed=0) < 1e-2
+    # Random directions can be nearly orthogonal to the non-Gaussian one, so
+    # the univariate tests need larger samples for the same power.
+    z = draw(1000)
+    for test in ("dagostino", "shapiro"):
+        assert projected_pvalues(z, test=test, n_boot=5, subsample=1000,
+                                 seed=0) < 1e-2
+
+
+def test_henze_zirkler_matches_direct_formula():
+    z = np.random.default_rng(3).standard_t(df=4, size=(25, 3))
+    statistic, p_value = henze_zirkler(z)
+    assert statistic == pytest.approx(_hz_by_loops(z), rel=1e-10)
+    assert 0.0 <= p_value <= 1.0
+
+
+def test_henze_zirkler_is_affine_invariant():
+    rng = np.random.default_rng(4)
+    z = rng.exponential(size=(150, 3))
+    matrix = rng.standard_normal((3, 3)) + 3 * np.eye(3)
+    shift = rng.standard_normal(3) * 10
+    original = henze_zirkler(z)
+    transformed = henze_zirkler(z @ matrix + shift)
+    assert transformed[0] == pytest.approx(original[0], rel=1e-8)
+    assert transformed[1] == pytest.approx(original[1], rel=1e-6, abs=1e-12)
+
+
+def test_henze_zirkler_handles_singular_covariance():
+    z = _gaussian(100, 2, 5)
+    z = np.column_stack([z, z[:, 0] + z[:, 1]])
+    statistic, p_value = henze_zirkler(z)
+    assert np.isfinite(statistic) and 0.0 <= p_value <= 1.0
+
+
+def test_subsample_larger_than_sample_uses_all_points():
+    z = _gaussian(60, 2, 6)
+    assert henze_zirkler_pvalue(z, n_boot=3, subsample=1000) == (
+        pytest.approx(henze_zirkler(z)[1], rel=1e-12))
+    report = normality_report(z, subsample=1000, n_proj=2, n_boot=2)
+    assert report["subsample"] == 60
+
+
+def test_pvalues_deterministic_given_seed():
+    z = _two_gaussians(300, 7)
+    assert projected_pvalues(z, seed=1) == projected_pvalues(z, seed=1)
+    assert projected_pvalues(z, seed=1) != projected_pvalues(z, seed=2)
+    assert henze_zirkler_pvalue(z, seed=1) == henze_zirkler_pvalue(z, seed=1)
+
+
+def test_to_gaussian_makes_uniform_sample_normal_and_keeps_order():
+    u = np.random.default_rng(8).uniform(size=(2000, 2))
+    g = to_gaussian(u)
+    assert g.shape == u.shape
+    np.testing.assert_array_equal(np.argsort(g, axis=0), np.argsort(u, axis=0))
+    gaussian_report = normality_report(g, seed=0, subsample=500, n_boot=5)
+    uniform_report = normality_report(u, seed=0, subsample=500, n_boot=5)
+    for key in ("dagostino_p", "shapiro_p", "henze_zirkler_p"):
+        assert gaussian_report[key] > 0.3, key
+        assert uniform_report[key] < 0.01, key
+    edges = to_gaussian(np.array([[0.0, 1.0]]))
+    assert np.all(np.isfinite(edges)) and edges[0, 0] < -4 < 4 < edges[0, 1]
+
+
+def test_normality_report_is_json_serialisable():
+    report = normality_report(_gaussian(200, 2, 9), n_proj=2, n_boot=2)
+    assert set(report) == {"dagostino_p", "shapiro_p", "henze_zirkler_p",
+                           "henze_zirkler_stat", "subsample", "n_proj",
+                           "n_boot"}
+    assert json.loads(json.dumps(report)) == report
+
+
+def _blobs(n, labels, seed):
+    rng = np.random.default_rng(seed)
+    centres = np.array([[0, 0], [10, 0], [0, 10], [10, 10]], dtype=float)
+    y = rng.integers(0, 4, n) if labels is None else labels
+    return centres[y] + rng.standard_normal((n, 2)), y
+
+
+def test_downstream_separated_blobs():
+    z_tr, y_tr = _blobs(2000, None, 10)
+    z_te, y_te = _blobs(1000, None, 11)
+    report = downstream_report(z_tr, y_tr, z_te, y_te, seed=0)
+    for key in ("gnb_acc", "knn_acc", "mlp_acc"):
+        assert report[key] > 0.99, key
+    assert report["silhouette"] > 0.6
+    assert json.loads(json.dumps(report)) == report
+
+
+def test_downstream_random_labels_chance_level():
+    rng = np.random.default_rng(12)
+    z_tr, _ = _blobs(2000, None, 13)
+    z_te, _ = _blobs(1000, None, 14)
+    y_tr = rng.integers(0, 4, 2000)
+    y_te = rng.integers(0, 4, 1000)
+    report = downstream_report(z_tr, y_tr, z_te, y_te, seed=0)
+    for key in ("gnb_acc", "knn_acc", "mlp_acc"):
+        assert 0.18 < report[key] < 0.32, key
+    assert abs(report["silhouette"]) < 0.05
+
+
+def test_downstream_silhouette_subsamples_large_test_set():
+    z_tr, y_tr = _blobs(500, None, 15)
+    z_te, y_te = _blobs(6000, None, 16)
+    report = downstream_report(z_tr, y_tr, z_te, y_te, seed=0)
+    assert report["silhouette"] > 0.6
+
+
+@pytest.mark.parametrize("kwargs", [dict(test="kolmogorov"), dict(test="")])
+def test_unknown_test_name_raises(kwargs):
+    with pytest.raises(ValueError):
+        projected_pvalues(_gaussian(50, 2, 0), **kwargs)
+
+
+def test_too_few_points_raises():
+    with pytest.raises(ValueError):
+        projected_pvalues(_gaussian(7, 2, 0))
