@@ -117,6 +117,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
+def fail(message: str, code: int = 2) -> None:
+    """One line on stderr and a non-zero exit: bad input is not a stack trace."""
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(code)
+
+
 def build_models(args: argparse.Namespace, device: torch.device) -> nn.ModuleDict:
     """Encoder f, noise head (BN + Z) and critic T, in one ModuleDict for checkpoints."""
     critics = {"gaussian": lambda: GaussianCritic(args.sigma), "concat": lambda: ConcatCritic(args.dim),
@@ -247,8 +253,8 @@ def train(models: nn.ModuleDict, opt: torch.optim.Optimizer, data: tuple, args: 
             mean_loss, mean_mi = torch.stack(losses).mean().item(), torch.stack(mis).mean().item()
             losses, mis = [], []
             if not (math.isfinite(mean_loss) and math.isfinite(mean_mi)):
-                sys.exit(f"error: the loss became {mean_loss} at step {done}; the last good "
-                         f"checkpoint is kept in {out / 'checkpoint.pt'}")
+                fail(f"the loss became {mean_loss} at step {done}; the last good checkpoint is "
+                     f"kept in {out / 'checkpoint.pt'}", code=3)
             history.append([done, mean_loss, mean_mi])
             bar.set_postfix(loss=f"{mean_loss:.3f}", mi=f"{mean_mi:.3f}", refresh=False)
         if args.eval_every and done % args.eval_every == 0 and done < args.steps:
@@ -288,11 +294,11 @@ def main(argv: list[str] | None = None) -> None:
         x_tr, y_tr, x_te, y_te, data_info = load_data(args.dataset, args.data_dir,
                                                       download=not args.no_download)
     except DataError as err:
-        sys.exit(f"error: {err}")
+        fail(str(err))
     if "note" in data_info:
         print(data_info["note"])
     if args.batch_size > len(x_tr):
-        sys.exit(f"error: --batch-size {args.batch_size} exceeds the {len(x_tr)} training images")
+        fail(f"--batch-size {args.batch_size} exceeds the {len(x_tr)} training images")
     if args.epochs is not None:
         args.steps = args.epochs * (len(x_tr) // args.batch_size)
     data = tuple(t.to(device) for t in (x_tr, y_tr, x_te, y_te))

@@ -1,0 +1,217 @@
+"""Tests of the losses, critics, noise heads, capacity bounds and data loading in common.py."""
+import gzip
+import math
+import struct
+
+import numpy as np
+import pytest
+import torch
+from scipy.stats import multivariate_normal
+
+import common
+from common import (BilinearCritic, ConcatCritic, ConvEncoder, DataError, GaussianCritic,
+                    GaussianNoise, SeparableCritic, UniformNoise, dv, gaussian_capacity, infonce,
+                    js, load_data, load_mnist, nwj, read_idx, recompute_bn_stats, redv, renwj,
+                    uniform_capacity)
+
+S = torch.tensor([[2.0, 0.5, -1.0],
+                  [0.0, 1.5, 0.3],
+                  [-0.7, 0.2, 3.0]])
+
+
+def _offdiag(m):
+    return [m[i][j] for i in range(len(m)) for j in range(len(m)) if i != j]
+
+
+def test_infonce_equals_formula():
+    m = S.tolist()
+    expected = np.mean([m[i][i] - math.log(sum(math.exp(v) for v in m[i]) / 3) for i in range(3)])
+    loss, mi = infonce(S)
+    assert mi.item() == pytest.approx(expected, abs=1e-6)
+    assert loss.item() == pytest.approx(-expected, abs=1e-6)
+
+
+def test_dv_nwj_js_equal_formulas():
+    m = S.tolist()
+    pos = np.mean([m[i][i] for i in range(3)])
+    neg = np.mean([math.exp(v) for v in _offdiag(m)])
+    assert dv(S)[1].item() == pytest.approx(pos - math.log(neg), abs=1e-6)
+    # eq. (3) at T = S + 1: E_P (S + 1) - E_Q exp(S + 1 - 1)
+    assert nwj(S)[1].item() == pytest.approx(pos + 1 - neg, abs=1e-6)
+    softplus = lambda v: math.log1p(math.exp(v))  # noqa: E731
+    js_loss = np.mean([softplus(-m[i][i]) for i in range(3)]) + np.mean(
+        [softplus(v) for v in _offdiag(m)])
+    loss, mi = js(S)
+    assert loss.item() == pytest.approx(js_loss, abs=1e-6)
+    assert mi.item() == pytest.approx(pos + 1 - neg, abs=1e-6)
+
+
+def test_regularized_losses_equal_formulas():
+    m = S.tolist()
+    pos = np.mean([m[i][i] for i in range(3)])
+    log_neg = math.log(np.mean([math.exp(v) for v in _offdiag(m)]))
+    loss, mi = redv(S, weight=0.5)
+    assert mi.item() == pytest.approx(pos - log_neg, abs=1e-6)
+    assert loss.item() == pytest.approx(-(pos - log_neg) + 0.5 * log_neg ** 2, abs=1e-6)
+    loss, mi = renwj(S, weight=0.5)
+    assert mi.item() == pytest.approx(pos + 1 - math.exp(log_neg), abs=1e-6)
+    assert loss.item() == pytest.approx(-(pos + 1 - math.exp(log_neg)) + 0.5 * log_neg ** 2,
+                                        abs=1e-6)
+
+
+def test_losses_are_shift_invariant_where_the_bound_is():
+    assert infonce(S + 7)[1].item() == pytest.approx(infonce(S)[1].item(), abs=1e-5)
+    assert dv(S + 7)[1].item() == pytest.approx(dv(S)[1].item(), abs=1e-5)
+    assert nwj(S + 1)[1].item() < nwj(S)[1].item()
+
+
+def test_capacities():
+    assert gaussian_capacity(2, 1.0) == pytest.approx(math.log(2))
+    assert gaussian_capacity(4, 0.5) == pytest.approx(2 * math.log(5))
+    assert gaussian_capacity(2, 0.0) == math.inf
+    assert uniform_capacity(3, 0.25) == pytest.approx(3 * math.log(3))
+
+
+def test_gaussian_critic_is_the_pmi_of_the_gaussian_channel():
+    sigma, d = 0.7, 3
+    gen = torch.Generator().manual_seed(0)
+    x, y = torch.randn(5, d, generator=gen), torch.randn(4, d, generator=gen)
+    scores = GaussianCritic(sigma)(x, y).double()
+    for i in range(5):
+        for j in range(4):
+            pmi = (multivariate_normal(x[i].double(), sigma ** 2 * np.eye(d)).logpdf(y[j])
+                   - multivariate_normal(np.zeros(d), (1 + sigma ** 2) * np.eye(d)).logpdf(y[j]))
+            assert scores[i, j].item() == pytest.approx(pmi, abs=1e-4)
+    # Theorem 4.1's second form, shifted by the capacity
+    t_star = (x @ y.T - ((x ** 2).sum(1)[:, None] + (y ** 2).sum(1)[None] / (1 + sigma ** 2)) / 2)
+    assert torch.allclose(scores.float(), t_star / sigma ** 2 + gaussian_capacity(d, sigma),
+                          atol=1e-4)
+    with pytest.raises(ValueError):
+        GaussianCritic(0.0)
+
+
+@pytest.mark.parametrize("sigma,d", [(1.0, 2), (0.5, 2), (0.6, 4)])
+def test_bounds_with_gaussian_critic_recover_known_mi(sigma, d):
+    """f(X) = f(X') ~ N(0, I), Y = f(X) + Z: I = d/2 log(1 + 1/sigma^2) (Theorem 3.4 equality)."""
+    gen = torch.Generator().manual_seed(1)
+    critic, true_mi = GaussianCritic(sigma), gaussian_capacity(d, sigma)
+    estimates = {"infonce": [], "nwj": [], "dv": []}
+    for _ in range(20):
+        x = torch.randn(512, d, generator=gen)
+        scores = critic(x, x + sigma * torch.randn(512, d, generator=gen))
+        for name, fn in (("infonce", infonce), ("nwj", nwj), ("dv", dv)):
+            estimates[name].append(fn(scores)[1].item())
+    for name, values in estimates.items():
+        se = np.std(values, ddof=1) / math.sqrt(len(values))
+        assert abs(np.mean(values) - true_mi) < 4 * se + 0.02, (name, np.mean(values), true_mi)
+
+
+def test_infonce_saturates_at_log_batch():
+    """InfoNCE cannot exceed log B: at C > log B it is far below the true MI."""
+    gen = torch.Generator().manual_seed(2)
+    x = torch.randn(64, 8, generator=gen)
+    scores = GaussianCritic(0.1)(x, x + 0.1 * torch.randn(64, 8, generator=gen))
+    assert gaussian_capacity(8, 0.1) > 18
+    assert infonce(scores)[1].item() <= math.log(64) + 1e-5
+
+
+def test_critics_score_every_pair():
+    torch.manual_seed(0)
+    a, b = torch.randn(4, 3), torch.randn(6, 3)
+    for critic in (ConcatCritic(3), SeparableCritic(3), BilinearCritic(3), GaussianCritic(0.5)):
+        scores = critic(a, b)
+        assert scores.shape == (4, 6)
+        for i in range(4):
+            for j in range(6):
+                single = critic(a[i:i + 1], b[j:j + 1])[0, 0]
+                assert scores[i, j].item() == pytest.approx(single.item(), abs=1e-5)
+
+
+def test_concat_critic_matches_table2():
+    critic = ConcatCritic(2)
+    shapes = [tuple(p.shape) for p in critic.parameters()]
+    assert shapes == [(256, 4), (256,), (256, 256), (256,), (1, 256), (1,)]
+
+
+def test_encoder_shape_and_table2_layers():
+    enc = ConvEncoder(5)
+    assert enc(torch.rand(7, 1, 24, 24)).shape == (7, 5)
+    convs = [m for m in enc.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert [(c.in_channels, c.out_channels, c.kernel_size) for c in convs] == [
+        (1, 32, (3, 3)), (32, 64, (3, 3)), (64, 128, (3, 3))]
+
+
+def test_gaussian_noise_head_moments():
+    torch.manual_seed(0)
+    f = 3 + 5 * torch.randn(20000, 3) ** 3  # far from standard, far from Gaussian
+    head = GaussianNoise(3, sigma=0.5).train()
+    clean = head(f, noisy=False)
+    assert torch.allclose(clean.mean(0), torch.zeros(3), atol=1e-4)
+    assert torch.allclose(clean.var(0, unbiased=False), torch.ones(3), atol=1e-3)
+    noisy = head(f)
+    assert torch.allclose(noisy.var(0), torch.full((3,), 1.25), atol=0.05)
+    assert (noisy - clean).std().item() == pytest.approx(0.5, abs=0.01)
+    head.eval()
+    assert torch.equal(head(f), head(f))
+    with pytest.raises(ValueError):
+        GaussianNoise(3, -0.1)
+
+
+def test_uniform_noise_head_range_and_moments():
+    torch.manual_seed(0)
+    head = UniformNoise(2, eps=0.1).train()
+    f = 2 + 3 * torch.randn(20000, 2)
+    clean = head(f, noisy=False)
+    assert clean.min() >= 0 and clean.max() <= 1
+    assert torch.allclose(clean.mean(0), torch.full((2,), 0.5), atol=0.01)
+    assert torch.allclose(clean.var(0), torch.full((2,), 1 / 12), atol=0.005)
+    noise = head(f) - clean
+    assert noise.abs().max() <= 0.1 and noise.abs().max() > 0.099
+    assert noise.var().item() == pytest.approx(0.01 / 3, rel=0.05)
+    for eps in (0.0, 0.5, -1.0):
+        with pytest.raises(ValueError):
+            UniformNoise(2, eps)
+
+
+def test_recompute_bn_stats_uses_the_given_data():
+    torch.manual_seed(0)
+    head = GaussianNoise(2, 0.3)
+    for _ in range(5):
+        head(torch.randn(64, 2) * 10 + 50)  # running statistics from other data
+    x = torch.randn(1000, 2) * torch.tensor([2.0, 0.5]) + torch.tensor([1.0, -3.0])
+    recompute_bn_stats(head, lambda b: head(b, noisy=False), x, batch_size=100)
+    assert torch.allclose(head.norm.running_mean, x.mean(0), atol=1e-5)
+    assert torch.allclose(head.norm.running_var, x.var(0), rtol=0.02)
+    assert head.norm.momentum == 0.1
+    head.eval()
+    z = head(x)
+    assert torch.allclose(z.mean(0), torch.zeros(2), atol=1e-4)
+
+
+def write_idx(path, array):
+    array = np.asarray(array, dtype=np.uint8)
+    header = struct.pack(">HBB", 0, 0x08, array.ndim) + struct.pack(f">{array.ndim}I", *array.shape)
+    with gzip.open(path, "wb") as fh:
+        fh.write(header + array.tobytes())
+
+
+def test_idx_round_trip_and_missing_files(tmp_path):
+    images = np.random.default_rng(0).integers(0, 256, (5, 28, 28))
+    write_idx(tmp_path / "t10k-images-idx3-ubyte.gz", images)
+    write_idx(tmp_path / "t10k-labels-idx1-ubyte.gz", np.arange(5))
+    assert np.array_equal(read_idx(tmp_path / "t10k-images-idx3-ubyte.gz").numpy(), images)
+    x, y = load_mnist(tmp_path, train=False)
+    assert x.shape == (5, 1, 28, 28) and x.max() <= 1 and y.tolist() == [0, 1, 2, 3, 4]
+    with pytest.raises(DataError, match="train-images-idx3-ubyte.*--data-dir"):
+        load_mnist(tmp_path, train=True)
+
+
+def test_fallback_to_the_shipped_test_split(tmp_path, monkeypatch):
+    monkeypatch.setattr(common, "REPO", tmp_path)  # no full MNIST under tmp_path/data
+    x_tr, y_tr, x_te, y_te, info = load_data("mnist", None, download=False)
+    assert (len(x_tr), len(x_te)) == (8000, 2000)
+    assert x_tr.shape[1:] == (1, 24, 24)
+    assert "test split" in info["note"] and info["split_seed"] == 0
+    assert set(y_te.tolist()) == set(range(10))
+    with pytest.raises(DataError):
+        load_data("mnist", str(tmp_path), download=False)
