@@ -15,8 +15,9 @@ import struct
 import tempfile
 import time
 import warnings
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import scipy.stats
@@ -92,7 +93,7 @@ def load_mnist(root: str | Path, train: bool, download: bool = False,
             ds = cls(str(root), train=train, download=True)
         except Exception as err:  # network errors come in many types
             raise DataError(f"{dataset} is not in {root} and could not be downloaded "
-                            f"({type(err).__name__})") from err
+                            f"({str(err).splitlines()[0][:80]})") from err
         images, labels = ds.data, ds.targets
     else:
         raise DataError(f"{root} lacks {' and '.join(n + '[.gz]' for n in names)} "
@@ -149,8 +150,8 @@ def load_data(dataset: str, data_dir: str | None, download: bool = True,
             if data_dir or dataset != "mnist":
                 raise
             x_tr, y_tr, x_te, y_te, info = load_data("mnist-test-split", None, split_seed=split_seed)
-            info["note"] = (f"full MNIST unavailable ({err}); using the MNIST test split shipped in "
-                            f"data/mnist/, {info['split'].split(' split')[0]} train/test")
+            info["note"] = (f"full MNIST unavailable ({err}): using the MNIST test split shipped "
+                            f"in data/mnist/, {info['split'].split(' split')[0]} train/test")
     info.update(n_train=len(x_tr), n_test=len(x_te))
     return center_crop(x_tr), y_tr, center_crop(x_te), y_te, info
 
@@ -601,26 +602,28 @@ def autocast(device: torch.device) -> torch.autocast:
     return torch.autocast(device.type, dtype=dtype)
 
 
-def atomic_save(obj: Any, path: str | Path) -> None:
-    """torch.save to a temporary file in the same folder, then rename: never a half-written file."""
+@contextmanager
+def atomic_path(path: str | Path) -> Iterator[str]:
+    """Yield a temporary file name beside `path`; rename it to `path` once the block succeeds.
+
+    Readers see the old file or the complete new one, never a half-written file.
+    """
     path = Path(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
     os.close(fd)
     try:
-        torch.save(obj, tmp)
+        yield tmp
+        os.chmod(tmp, 0o644)
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
 
 
-def atomic_write_text(text: str, path: str | Path) -> None:
-    """Write text through a temporary file and a rename."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    with os.fdopen(fd, "w") as fh:
-        fh.write(text)
-    os.replace(tmp, path)
+def atomic_save(obj: Any, path: str | Path) -> None:
+    """torch.save through a temporary file and a rename."""
+    with atomic_path(path) as tmp:
+        torch.save(obj, tmp)
 
 
 def write_json(obj: Any, path: str | Path) -> None:
@@ -633,16 +636,16 @@ def write_json(obj: Any, path: str | Path) -> None:
         if isinstance(v, float) and not math.isfinite(v):
             return str(v)
         return v
-    atomic_write_text(json.dumps(clean(obj), indent=2) + "\n", path)
+    with atomic_path(path) as tmp:
+        Path(tmp).write_text(json.dumps(clean(obj), indent=2) + "\n")
 
 
 def save_figure(fig: Any, path: str | Path) -> None:
     """Save a matplotlib figure atomically, in the format named by the path's suffix."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    os.close(fd)
-    fig.savefig(tmp, format=path.suffix[1:], dpi=150, bbox_inches="tight")
-    os.replace(tmp, path)
+    import matplotlib.pyplot as plt
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format=Path(path).suffix[1:], dpi=150, bbox_inches="tight")
+    plt.close(fig)
 
 
 def scatter_embeddings(z: np.ndarray, y: np.ndarray, title: str) -> Any:

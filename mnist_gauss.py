@@ -107,6 +107,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     elif args.out is not None and Path(args.out).exists() and any(Path(args.out).iterdir()):
         p.error(f"--out {args.out} already holds files; pass --resume to continue that run "
                 "or choose another directory")
+    elif args.out is None:
+        stem = (f"runs/mnist_gauss/sigma{args.sigma:g}_seed{args.seed}_"
+                f"{time.strftime('%Y%m%d-%H%M%S')}")
+        args.out = next(name for name in (stem, *(f"{stem}-{i}" for i in range(2, 1000)))
+                        if not Path(name).exists())
     if args.critic == "gaussian" and args.sigma == 0:
         p.error("--critic gaussian (Theorem 4.1) divides by sigma^2: use --sigma > 0 or a learned "
                 "critic (--critic separable / concat / bilinear)")
@@ -305,8 +310,7 @@ def main(argv: list[str] | None = None) -> None:
     data = (data[0].contiguous(memory_format=torch.channels_last), data[1],
             data[2].contiguous(memory_format=torch.channels_last), data[3])
 
-    out = Path(args.out or f"runs/mnist_gauss/sigma{args.sigma:g}_seed{args.seed}_"
-                           f"{time.strftime('%Y%m%d-%H%M%S')}")
+    out = Path(args.out)
     if args.resume and (out / "metrics.json").is_file():
         print(f"{out} is finished:\n" + summary(json.loads((out / "metrics.json").read_text())))
         return

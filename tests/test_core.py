@@ -9,7 +9,7 @@ import torch
 from scipy.stats import multivariate_normal
 
 import common
-from common import (BilinearCritic, ConcatCritic, ConvEncoder, DataError, GaussianCritic,
+from common import (BilinearCritic, atomic_path, ConcatCritic, ConvEncoder, DataError, GaussianCritic,
                     GaussianNoise, SeparableCritic, UniformNoise, dv, gaussian_capacity, infonce,
                     js, load_data, load_mnist, nwj, read_idx, recompute_bn_stats, redv, renwj,
                     uniform_capacity)
@@ -215,3 +215,17 @@ def test_fallback_to_the_shipped_test_split(tmp_path, monkeypatch):
     assert set(y_te.tolist()) == set(range(10))
     with pytest.raises(DataError):
         load_data("mnist", str(tmp_path), download=False)
+
+
+def test_atomic_path_keeps_the_old_file_when_writing_fails(tmp_path):
+    target = tmp_path / "metrics.json"
+    target.write_text("old")
+    with pytest.raises(RuntimeError):
+        with atomic_path(target) as tmp:
+            open(tmp, "w").write("half")
+            raise RuntimeError("killed")
+    assert target.read_text() == "old"
+    assert [p.name for p in tmp_path.iterdir()] == ["metrics.json"]
+    with atomic_path(target) as tmp:
+        open(tmp, "w").write("new")
+    assert target.read_text() == "new"

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 import mnist_gauss
 from common import load_mnist, SHIPPED_MNIST
@@ -119,3 +120,11 @@ def test_missing_data_dir_is_one_clear_line(tmp_path):
 def test_bench_prints_ms_per_step(capsys):
     mnist_gauss.main(["--bench", "2", "--batch-size", "32", "--device", "cpu"])
     assert "ms/step" in capsys.readouterr().out
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+@pytest.mark.parametrize("extra", [[], ["--compile"]])
+def test_cuda_autocast_and_compile_paths(tiny_mnist, tmp_path, extra):
+    metrics = run(tiny_mnist, tmp_path / "run", "--steps", "3", "--device", "cuda", *extra)
+    assert metrics["device"].startswith("cuda") and np.isfinite(metrics["mi_heldout"])
