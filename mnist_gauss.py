@@ -261,7 +261,7 @@ def train(models: nn.ModuleDict, opt: torch.optim.Optimizer, data: tuple, args: 
                 fail(f"the loss became {mean_loss} at step {done}; the last good checkpoint is "
                      f"kept in {out / 'checkpoint.pt'}", code=3)
             history.append([done, mean_loss, mean_mi])
-            bar.set_postfix(loss=f"{mean_loss:.3f}", mi=f"{mean_mi:.3f}", refresh=False)
+            bar.set_postfix(epoch=epoch, loss=f"{mean_loss:.3f}", mi=f"{mean_mi:.3f}", refresh=False)
         if args.eval_every and done % args.eval_every == 0 and done < args.steps:
             m = evaluate(models, data, args, device)
             curve.append({"step": done, "mi_heldout": m["mi_heldout"],

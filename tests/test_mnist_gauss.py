@@ -74,6 +74,25 @@ def test_same_seed_same_metrics_and_resume_continues_exactly(tiny_mnist, tmp_pat
     assert comparable(resumed) == comparable(full)
 
 
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tiny_mnist, tmp_path, monkeypatch):
+    calls = []
+
+    def loss_turning_nan(args):
+        def loss(scores):
+            calls.append(1)
+            value = scores.mean() * (float("nan") if len(calls) > 3 else 1.0)
+            return value, value.detach()
+        return loss
+
+    monkeypatch.setattr(mnist_gauss, "loss_function", loss_turning_nan)
+    with pytest.raises(SystemExit) as exc:
+        run(tiny_mnist, tmp_path / "run", "--steps", "6", "--ckpt-every", "2", "--log-every", "2")
+    assert exc.value.code == 3
+    ckpt = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=False)
+    assert ckpt["step"] == 2
+    assert not (tmp_path / "run" / "metrics.json").exists()
+
+
 @pytest.mark.parametrize("critic,loss", [("separable", "infonce"), ("concat", "nwj"),
                                          ("bilinear", "js"), ("gaussian", "redv"),
                                          ("separable", "renwj"), ("gaussian", "dv")])
