@@ -55,8 +55,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--sigma", type=nonnegative_float, default=0.5,
-                   help="std of the injected noise Z ~ N(0, sigma^2 I) (Theorem 3.4); 0 = plain DIM")
-    p.add_argument("--dim", type=positive_int, default=2, help="embedding dimension d (Figure 1: 2)")
+                   help="std of the injected noise Z ~ N(0, sigma^2 I) (Theorem 3.4); 0: plain DIM")
+    p.add_argument("--dim", type=positive_int, default=2,
+                   help="embedding dimension d (Figure 1: 2)")
     p.add_argument("--aug-sigma", type=nonnegative_float, default=0.6,
                    help="std of the pixel noise X -> X' (Appendix C: 0.6)")
     p.add_argument("--critic", choices=["gaussian", "concat", "separable", "bilinear"],
@@ -90,6 +91,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="full evaluation every N steps, stored as a convergence curve (0: off)")
     p.add_argument("--log-every", type=positive_int, default=10, help="progress update interval")
     p.add_argument("--ckpt-every", type=positive_int, default=500, help="checkpoint interval")
+    p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=True,
+                   help="bf16 autocast for encoder and learned critics (fp16 on GPUs without "
+                        "bf16); --no-amp: float32, faster on CPUs without native bf16")
     p.add_argument("--compile", action="store_true", help="torch.compile the encoder (CUDA)")
     p.add_argument("--bench", type=positive_int, default=0, metavar="N",
                    help="time N training steps on synthetic data, print ms/step, and exit")
@@ -130,9 +134,12 @@ def fail(message: str, code: int = 2) -> None:
 
 def build_models(args: argparse.Namespace, device: torch.device) -> nn.ModuleDict:
     """Encoder f, noise head (BN + Z) and critic T, in one ModuleDict for checkpoints."""
-    critics = {"gaussian": lambda: GaussianCritic(args.sigma), "concat": lambda: ConcatCritic(args.dim),
-               "separable": lambda: SeparableCritic(args.dim), "bilinear": lambda: BilinearCritic(args.dim)}
-    models = nn.ModuleDict({"encoder": ConvEncoder(args.dim), "head": GaussianNoise(args.dim, args.sigma),
+    critics = {"gaussian": lambda: GaussianCritic(args.sigma),
+               "concat": lambda: ConcatCritic(args.dim),
+               "separable": lambda: SeparableCritic(args.dim),
+               "bilinear": lambda: BilinearCritic(args.dim)}
+    models = nn.ModuleDict({"encoder": ConvEncoder(args.dim),
+                            "head": GaussianNoise(args.dim, args.sigma),
                             "critic": critics[args.critic]()})
     return models.to(device).to(memory_format=torch.channels_last)
 
@@ -146,7 +153,7 @@ def objective(models: nn.ModuleDict, x: torch.Tensor, args: argparse.Namespace,
               device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """(loss, MI estimate) of I(f(X'); f(X) + Z) on one batch of clean images x."""
     x_aug = x + args.aug_sigma * torch.randn_like(x)
-    with autocast(device):
+    with autocast(device, args.amp):
         f, f_aug = models["encoder"](x), models["encoder"](x_aug)
         # Separate calls: each branch is normalized over its own batch (Theorem 3.4 constrains
         # f(X) alone); Z goes on the clean branch only.
@@ -159,7 +166,8 @@ def objective(models: nn.ModuleDict, x: torch.Tensor, args: argparse.Namespace,
 def make_step(models: nn.ModuleDict, opt: torch.optim.Optimizer, args: argparse.Namespace,
               device: torch.device):
     encoder = torch.compile(models["encoder"]) if args.compile else models["encoder"]
-    compiled = nn.ModuleDict({"encoder": encoder, "head": models["head"], "critic": models["critic"]})
+    compiled = nn.ModuleDict({"encoder": encoder, "head": models["head"],
+                              "critic": models["critic"]})
 
     def step(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         loss, mi = objective(compiled, x, args, device)
@@ -261,7 +269,8 @@ def train(models: nn.ModuleDict, opt: torch.optim.Optimizer, data: tuple, args: 
                 fail(f"the loss became {mean_loss} at step {done}; the last good checkpoint is "
                      f"kept in {out / 'checkpoint.pt'}", code=3)
             history.append([done, mean_loss, mean_mi])
-            bar.set_postfix(epoch=epoch, loss=f"{mean_loss:.3f}", mi=f"{mean_mi:.3f}", refresh=False)
+            bar.set_postfix(epoch=epoch, loss=f"{mean_loss:.3f}", mi=f"{mean_mi:.3f}",
+                            refresh=False)
         if args.eval_every and done % args.eval_every == 0 and done < args.steps:
             m = evaluate(models, data, args, device)
             curve.append({"step": done, "mi_heldout": m["mi_heldout"],
@@ -279,8 +288,8 @@ def summary(metrics: dict) -> str:
         f"   DM gap C - I = {metrics['dm_gap']:.3f}",
         f"normality p (subsample {n['subsample']}): D'Agostino {n['dagostino_p']:.3f}   "
         f"Shapiro-Wilk {n['shapiro_p']:.3f}   Henze-Zirkler {n['henze_zirkler_p']:.3f}",
-        f"accuracy: k-NN {d['knn_acc']:.4f}   GaussianNB {d['gnb_acc']:.4f}   MLP {d['mlp_acc']:.4f}"
-        f"   silhouette {d['silhouette']:.3f}",
+        f"accuracy: k-NN {d['knn_acc']:.4f}   GaussianNB {d['gnb_acc']:.4f}   "
+        f"MLP {d['mlp_acc']:.4f}   silhouette {d['silhouette']:.3f}",
         f"wall time {metrics['wall_time_s']:.0f} s ({metrics['steps']} steps)"])
 
 
@@ -290,9 +299,13 @@ def main(argv: list[str] | None = None) -> None:
     torch.manual_seed(args.seed)
     if args.bench:
         sec = measure_step(args, device, args.bench)
-        print(f"{device.type}, batch {args.batch_size}, critic {args.critic}, loss {args.loss}: "
+        # --epochs counts passes over the full 60k-image MNIST training split
+        steps = args.steps if args.epochs is None else args.epochs * (60_000 // args.batch_size)
+        precision = "bf16 autocast" if args.amp else "float32"
+        print(f"{device.type} ({precision}), batch {args.batch_size}, critic {args.critic}, "
+              f"loss {args.loss}: "
               f"{1e3 * sec:.1f} ms/step, {args.batch_size / sec:.0f} pairs/s; "
-              f"{args.steps} steps would take {sec * (args.steps or 0) / 60:.1f} min")
+              f"{steps} steps would take {sec * steps / 60:.1f} min")
         return
     started = time.time()
     try:

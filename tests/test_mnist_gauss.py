@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import mnist_gauss
-from common import load_mnist, SHIPPED_MNIST
+from common import SHIPPED_MNIST, load_mnist
 from test_core import write_idx
 
 REPO = Path(__file__).resolve().parents[1]
