@@ -7,18 +7,21 @@ refer to `choi-regularized-mi-losses.md` and `tschannen-mi-maximization.md`.
 """
 from __future__ import annotations
 
+import argparse
 import gzip
 import json
 import math
 import os
 import struct
+import sys
 import tempfile
 import time
 import warnings
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
+from functools import partial
 from pathlib import Path
-from collections.abc import Callable, Iterator
-from typing import Any
+from typing import Any, NoReturn
 
 import numpy as np
 import scipy.stats
@@ -30,6 +33,7 @@ from sklearn.naive_bayes import GaussianNB
 from sklearn.neighbors import KNeighborsClassifier
 from sklearn.neural_network import MLPClassifier
 from torch import nn
+from tqdm import tqdm
 
 LOG10 = math.log(10.0)
 """Information of a balanced 10-class label in nats: a channel below it cannot carry the digit."""
@@ -118,6 +122,12 @@ def seeded_split(n: int, n_train: int, seed: int = 0) -> tuple[torch.Tensor, tor
     return perm[:n_train], perm[n_train:]
 
 
+def _where(root: Path) -> str:
+    """A data folder as metrics.json records it: relative to the repository when inside it."""
+    root = root.resolve()
+    return str(root.relative_to(REPO)) if root.is_relative_to(REPO) else str(root)
+
+
 def load_data(dataset: str, data_dir: str | None, download: bool = True,
               split_seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor,
                                             torch.Tensor, dict[str, Any]]:
@@ -134,7 +144,7 @@ def load_data(dataset: str, data_dir: str | None, download: bool = True,
         root = Path(data_dir) if data_dir else SHIPPED_MNIST
         x, y = load_mnist(root, train=False)
         tr, te = seeded_split(len(x), int(0.8 * len(x)), split_seed)
-        info.update(source=str(root), split_seed=split_seed,
+        info.update(source=_where(root), split_seed=split_seed,
                     split=f"seeded {len(tr)}/{len(te)} split of the MNIST test split")
         x_tr, y_tr, x_te, y_te = x[tr], y[tr], x[te], y[te]
     else:
@@ -147,7 +157,7 @@ def load_data(dataset: str, data_dir: str | None, download: bool = True,
         try:
             x_tr, y_tr = load_mnist(root, True, can_download, dataset)
             x_te, y_te = load_mnist(root, False, can_download, dataset)
-            info.update(source=str(root), split="official train/test")
+            info.update(source=_where(root), split="official train/test")
         except DataError as err:
             if data_dir or dataset != "mnist":
                 raise
@@ -685,3 +695,365 @@ def time_per_step(step: Callable[[], Any], n: int, device: torch.device, warmup:
     if device.type == "cuda":
         torch.cuda.synchronize()
     return (time.perf_counter() - start) / n
+
+
+# --------------------------------------------------------------------------------------------
+# InfoMax runs: flags, objective, training loop, checkpoints (mnist_gauss.py, mnist_uniform.py)
+# --------------------------------------------------------------------------------------------
+
+RUNTIME_FLAGS = ("out", "resume", "device", "quiet", "bench", "compile")
+"""Flags that --resume takes from the command line; every other setting comes from args.json."""
+
+
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+    return value
+
+
+def nonnegative_float(text: str) -> float:
+    """argparse type: a finite number >= 0."""
+    value = float(text)
+    if not value >= 0 or math.isinf(value):
+        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {text}")
+    return value
+
+
+def add_run_flags(p: argparse.ArgumentParser, critics: Sequence[str], default_critic: str,
+                  paper: dict[str, Any]) -> None:
+    """The flags every InfoMax script shares; the script adds its noise flag (--sigma, --eps)."""
+    p.add_argument("--dim", type=positive_int, default=2,
+                   help="embedding dimension d (Figure 1: 2)")
+    p.add_argument("--aug-sigma", type=nonnegative_float, default=0.6,
+                   help="std of the pixel noise X -> X' (Appendix C: 0.6)")
+    p.add_argument("--critic", choices=critics, default=default_critic,
+                   help="gaussian: the parameter-free Theorem 4.1 critic (needs sigma > 0); "
+                        "concat: Table 2 (the paper's); separable/bilinear: Tschannen et al.")
+    p.add_argument("--loss", choices=sorted(LOSSES), default="infonce",
+                   help="MI bound (paper: infonce, eq. 2); redv/renwj: Choi & Lee")
+    p.add_argument("--reg-weight", type=nonnegative_float, default=0.1,
+                   help="lambda of the redv/renwj penalty (Choi & Lee try 0.1, 0.01, 0.001)")
+    p.add_argument("--batch-size", type=positive_int, default=256, help="paper: 1024")
+    p.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate (Appendix C: 1e-3)")
+    p.add_argument("--steps", type=int, default=2000,
+                   help="optimizer steps (paper: 2000 epochs = 117k steps on 60k images)")
+    p.add_argument("--epochs", type=positive_int, default=None,
+                   help="train for this many passes over the training set instead of --steps")
+    p.add_argument("--seed", type=int, default=0, help="fixes data order, noise and init")
+    p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, cuda:1")
+    p.add_argument("--dataset", choices=["mnist", "fashion-mnist", "mnist-test-split"],
+                   default="mnist",
+                   help="mnist falls back to the shipped MNIST test split (8k/2k) when the full "
+                        "set is neither on disk nor downloadable")
+    p.add_argument("--data-dir", default=None, help="folder with the IDX files (optionally .gz)")
+    p.add_argument("--no-download", action="store_true", help="never try to download data")
+    p.add_argument("--out", default=None, help="run directory (default: runs/<script>/<run>)")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out")
+    p.add_argument("--subsample", type=positive_int, default=128,
+                   help="subsample size of the bootstrapped normality tests (sets their power)")
+    p.add_argument("--eval-every", type=int, default=0,
+                   help="full evaluation every N steps, stored as a convergence curve (0: off)")
+    p.add_argument("--log-every", type=positive_int, default=10, help="progress update interval")
+    p.add_argument("--ckpt-every", type=positive_int, default=500, help="checkpoint interval")
+    p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=True,
+                   help="bf16 autocast for encoder and learned critics (fp16 on GPUs without "
+                        "bf16); --no-amp: float32, faster on CPUs without native bf16")
+    p.add_argument("--compile", action="store_true", help="torch.compile the encoder (CUDA)")
+    p.add_argument("--bench", type=positive_int, default=0, metavar="N",
+                   help="time N training steps on synthetic data, print ms/step, and exit")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--paper", action="store_true",
+                   help="the paper's settings: " + ", ".join(f"{k}={v}" for k, v in paper.items()))
+
+
+def check_run_args(p: argparse.ArgumentParser, args: argparse.Namespace, paper: dict[str, Any],
+                   default_out: Callable[[argparse.Namespace], str]) -> argparse.Namespace:
+    """Apply --paper and --resume, pick a fresh --out, and reject inconsistent settings."""
+    if args.paper:
+        vars(args).update(paper)
+    if args.resume:
+        if args.out is None or not (Path(args.out) / "args.json").is_file():
+            p.error("--resume needs --out pointing at a run directory with args.json")
+        saved = json.loads((Path(args.out) / "args.json").read_text())
+        vars(args).update({k: v for k, v in saved.items() if k not in RUNTIME_FLAGS})
+    elif args.out is not None and Path(args.out).exists() and any(Path(args.out).iterdir()):
+        p.error(f"--out {args.out} already holds files; pass --resume to continue that run "
+                "or choose another directory")
+    elif args.out is None:
+        stem = f"{default_out(args)}_{time.strftime('%Y%m%d-%H%M%S')}"
+        args.out = next(name for name in (stem, *(f"{stem}-{i}" for i in range(2, 1000)))
+                        if not Path(name).exists())
+    if args.steps is not None and args.steps < 0:
+        p.error("--steps must be >= 0")
+    if args.lr <= 0:
+        p.error("--lr must be > 0")
+    return args
+
+
+def fail(message: str, code: int = 2) -> NoReturn:
+    """One line on stderr and a non-zero exit: bad input is not a stack trace."""
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(code)
+
+
+def make_critic(name: str, dim: int, sigma: float = 0.0) -> nn.Module:
+    """The critic called `name` for d-dimensional embeddings (sigma for the Gaussian one)."""
+    if name == "gaussian":
+        return GaussianCritic(sigma)
+    return {"concat": ConcatCritic, "separable": SeparableCritic,
+            "bilinear": BilinearCritic}[name](dim)
+
+
+def mi_loss(name: str, reg_weight: float = 0.1) -> Callable[[torch.Tensor], tuple]:
+    """The loss called `name`, with the penalty weight bound for redv / renwj."""
+    loss = LOSSES[name]
+    return partial(loss, weight=reg_weight) if name in ("redv", "renwj") else loss
+
+
+def infomax_objective(models: nn.ModuleDict, x: torch.Tensor, aug_sigma: float,
+                      loss_fn: Callable[[torch.Tensor], tuple], amp: bool = True
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(loss, MI estimate) of I(f(X'); f(X) + Z) on one batch of clean images x (Section 3).
+
+    models holds the encoder f, the noise head (normalization + Z) and the critic T. The head is
+    called once per branch, so each branch is normalized over its own batch (Theorems 3.4 and 3.5
+    constrain f(X) alone), and Z goes on the clean branch only.
+    """
+    x_aug = x + aug_sigma * torch.randn_like(x)
+    with autocast(x.device, amp):
+        f, f_aug = models["encoder"](x), models["encoder"](x_aug)
+        b = models["head"](f.float())
+        a = models["head"](f_aug.float(), noisy=False)
+        scores = models["critic"](a, b).float()
+    return loss_fn(scores)
+
+
+def objective_of(args: argparse.Namespace) -> Callable[[nn.ModuleDict, torch.Tensor], tuple]:
+    """infomax_objective with the run's augmentation, loss and precision bound."""
+    loss_fn = mi_loss(args.loss, args.reg_weight)
+    return lambda models, x: infomax_objective(models, x, args.aug_sigma, loss_fn, args.amp)
+
+
+def make_train_step(models: nn.ModuleDict, opt: torch.optim.Optimizer,
+                    args: argparse.Namespace) -> Callable[[torch.Tensor], tuple]:
+    """One Adam step on a batch; returns the (loss, MI estimate) tensors without syncing."""
+    objective = objective_of(args)
+    if args.compile:
+        models = nn.ModuleDict({"encoder": torch.compile(models["encoder"]),
+                                "head": models["head"], "critic": models["critic"]})
+
+    def step(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        loss, mi = objective(models, x)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        return loss.detach(), mi
+    return step
+
+
+def _rng_devices(device: torch.device) -> list[torch.device]:
+    return [device] if device.type == "cuda" else []
+
+
+def measure_step(build: Callable[[], nn.ModuleDict], args: argparse.Namespace,
+                 device: torch.device, n: int, warmup: int = 2) -> float:
+    """Seconds per training step on synthetic images, with throw-away models and RNG."""
+    with torch.random.fork_rng(devices=_rng_devices(device)):
+        models = build()
+        step = make_train_step(models, torch.optim.Adam(models.parameters(), lr=args.lr), args)
+        x = torch.rand(args.batch_size, 1, 24, 24, device=device).contiguous(
+            memory_format=torch.channels_last)
+        return time_per_step(lambda: step(x), n, device, warmup)
+
+
+def epoch_order(n: int, seed: int, epoch: int, device: torch.device) -> torch.Tensor:
+    """Permutation of epoch `epoch`, a function of (seed, epoch) so that --resume needs no state."""
+    gen = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    return torch.randperm(n, generator=gen).to(device)
+
+
+@torch.no_grad()
+def heldout_mi(models: nn.ModuleDict, x: torch.Tensor,
+               args: argparse.Namespace) -> tuple[float, float]:
+    """Mean and standard error over held-out batches of the training objective's MI estimate.
+
+    Train-mode pass: each branch is normalized over its own batch exactly as in training; the
+    running statistics it touches are recomputed afterwards by `embed_train_test`.
+    """
+    models.train()
+    objective, bs = objective_of(args), min(args.batch_size, len(x))
+    with torch.random.fork_rng(devices=_rng_devices(x.device)):
+        torch.manual_seed(args.seed + 1)
+        values = [objective(models, x[i:i + bs])[1].item() for i in range(0, len(x) - bs + 1, bs)]
+    se = float(np.std(values, ddof=1) / math.sqrt(len(values))) if len(values) > 1 else math.nan
+    return float(np.mean(values)), se
+
+
+@torch.no_grad()
+def embed_train_test(models: nn.ModuleDict, x_tr: torch.Tensor, x_te: torch.Tensor,
+                     batch_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """Evaluation embeddings (clean branch, eval mode, no noise, float32) of train and test.
+
+    The BatchNorm statistics are first recomputed on the clean training images.
+    """
+    recompute_bn_stats(models, lambda x: models["head"](models["encoder"](x), noisy=False),
+                       x_tr, batch_size)
+    models.eval()
+
+    def embed(x: torch.Tensor) -> np.ndarray:
+        return torch.cat([models["head"](models["encoder"](x[i:i + 2048]))
+                          for i in range(0, len(x), 2048)]).float().cpu().numpy()
+    return embed(x_tr), embed(x_te)
+
+
+def save_checkpoint(out: Path, models: nn.ModuleDict, opt: torch.optim.Optimizer, step: int,
+                    history: list, curve: list) -> None:
+    """Everything --resume needs: weights, optimizer, RNG state, logs (written atomically)."""
+    atomic_save({"step": step, "models": models.state_dict(), "optimizer": opt.state_dict(),
+                 "rng": torch.get_rng_state(), "history": history, "curve": curve},
+                out / "checkpoint.pt")
+
+
+def load_checkpoint(out: Path, models: nn.ModuleDict, opt: torch.optim.Optimizer,
+                    device: torch.device) -> tuple[int, list, list]:
+    """Restore a checkpoint written by save_checkpoint; returns (step, history, curve)."""
+    ckpt = torch.load(out / "checkpoint.pt", map_location=device, weights_only=False)
+    models.load_state_dict(ckpt["models"])
+    opt.load_state_dict(ckpt["optimizer"])
+    torch.set_rng_state(ckpt["rng"])
+    return ckpt["step"], ckpt["history"], ckpt["curve"]
+
+
+def train_infomax(models: nn.ModuleDict, opt: torch.optim.Optimizer, x_tr: torch.Tensor,
+                  args: argparse.Namespace, out: Path, start: int, history: list, curve: list,
+                  evaluate: Callable[[], dict], desc: str) -> None:
+    """Adam on the InfoMax objective from step `start` to args.steps.
+
+    Logs mean (step, loss, MI) every --log-every steps to `history`, evaluates every
+    --eval-every steps into `curve`, checkpoints every --ckpt-every steps, and stops with exit
+    code 3 (keeping the last good checkpoint) when the loss stops being finite.
+    """
+    per_epoch = len(x_tr) // args.batch_size
+    step_fn = make_train_step(models, opt, args)
+    bar = tqdm(range(start, args.steps), initial=start, total=args.steps, disable=args.quiet,
+               desc=desc, dynamic_ncols=True)
+    losses, mis = [], []
+    for step in bar:
+        epoch, k = divmod(step, per_epoch)
+        if k == 0 or step == start:
+            order = epoch_order(len(x_tr), args.seed, epoch, x_tr.device)
+        models.train()
+        loss, mi = step_fn(x_tr[order[k * args.batch_size:(k + 1) * args.batch_size]])
+        losses.append(loss)
+        mis.append(mi)
+        done = step + 1
+        if done % args.log_every == 0 or done % args.ckpt_every == 0 or done == args.steps:
+            mean_loss, mean_mi = torch.stack(losses).mean().item(), torch.stack(mis).mean().item()
+            losses, mis = [], []
+            if not (math.isfinite(mean_loss) and math.isfinite(mean_mi)):
+                fail(f"the loss became {mean_loss} at step {done}; the last good checkpoint is "
+                     f"kept in {out / 'checkpoint.pt'}", code=3)
+            history.append([done, mean_loss, mean_mi])
+            bar.set_postfix(epoch=epoch, loss=f"{mean_loss:.3f}", mi=f"{mean_mi:.3f}",
+                            refresh=False)
+        if args.eval_every and done % args.eval_every == 0 and done < args.steps:
+            m = evaluate()
+            curve.append({"step": done, "mi_heldout": m["mi_heldout"],
+                          "knn_acc": m["downstream"]["knn_acc"],
+                          "henze_zirkler_p": m["normality"]["henze_zirkler_p"]})
+        if done % args.ckpt_every == 0 or done == args.steps:
+            save_checkpoint(out, models, opt, done, history, curve)
+
+
+def summary(metrics: dict[str, Any]) -> str:
+    """The end-of-run report: capacity, MI, gap, normality, downstream, time."""
+    n, d = metrics["normality"], metrics["downstream"]
+    return "\n".join([
+        f"capacity C = {metrics['capacity']:.3f} nats   (class information log 10 = {LOG10:.3f})",
+        f"MI estimate (held-out) = {metrics['mi_heldout']:.3f} +- {metrics['mi_heldout_se']:.3f}"
+        f"   DM gap C - I = {metrics['dm_gap']:.3f}",
+        f"normality p (subsample {n['subsample']}): D'Agostino {n['dagostino_p']:.3f}   "
+        f"Shapiro-Wilk {n['shapiro_p']:.3f}   Henze-Zirkler {n['henze_zirkler_p']:.3f}",
+        f"accuracy: k-NN {d['knn_acc']:.4f}   GaussianNB {d['gnb_acc']:.4f}   "
+        f"MLP {d['mlp_acc']:.4f}   silhouette {d['silhouette']:.3f}",
+        f"wall time {metrics['wall_time_s']:.0f} s ({metrics['steps']} steps)"])
+
+
+def run_infomax(args: argparse.Namespace, paper: dict[str, Any],
+                build: Callable[[torch.device], nn.ModuleDict],
+                evaluate: Callable[[nn.ModuleDict, tuple], dict],
+                figures: Callable[[dict, np.ndarray, np.ndarray], dict[str, Any]],
+                desc: str) -> dict | None:
+    """One run, start to end: --bench, data, models, --resume, training, evaluation, saving.
+
+    build(device) makes the ModuleDict (encoder, head, critic); evaluate(models, data) returns
+    the metrics plus "embeddings": (z_train, z_test); figures(metrics, z_test, y_test) names the
+    figures to save. Returns the metrics (None for --bench).
+    """
+    device = pick_device(args.device)
+    torch.manual_seed(args.seed)
+    if args.bench:
+        sec = measure_step(lambda: build(device), args, device, args.bench)
+        # --epochs counts passes over the full 60k-image MNIST training split
+        steps = args.steps if args.epochs is None else args.epochs * (60_000 // args.batch_size)
+        precision = "bf16 autocast" if args.amp else "float32"
+        print(f"{device.type} ({precision}), batch {args.batch_size}, critic {args.critic}, "
+              f"loss {args.loss}: {1e3 * sec:.1f} ms/step, {args.batch_size / sec:.0f} pairs/s; "
+              f"{steps} steps would take {sec * steps / 60:.1f} min")
+        return None
+    started = time.time()
+    try:
+        x_tr, y_tr, x_te, y_te, data_info = load_data(args.dataset, args.data_dir,
+                                                      download=not args.no_download)
+    except DataError as err:
+        fail(str(err))
+    if "note" in data_info:
+        print(data_info["note"])
+    if args.batch_size > len(x_tr):
+        fail(f"--batch-size {args.batch_size} exceeds the {len(x_tr)} training images")
+    if args.epochs is not None:
+        args.steps = args.epochs * (len(x_tr) // args.batch_size)
+    data = (x_tr.to(device).contiguous(memory_format=torch.channels_last), y_tr.to(device),
+            x_te.to(device).contiguous(memory_format=torch.channels_last), y_te.to(device))
+
+    out = Path(args.out)
+    if args.resume and (out / "metrics.json").is_file():
+        metrics = json.loads((out / "metrics.json").read_text())
+        print(f"{out} is finished:\n" + summary(metrics))
+        return metrics
+    out.mkdir(parents=True, exist_ok=True)
+    write_json({k: v for k, v in vars(args).items() if k not in RUNTIME_FLAGS}, out / "args.json")
+
+    models = build(device)
+    opt = torch.optim.Adam(models.parameters(), lr=args.lr)
+    start, history, curve = 0, [], []
+    if args.resume and (out / "checkpoint.pt").is_file():
+        start, history, curve = load_checkpoint(out, models, opt, device)
+        print(f"resuming {out} at step {start}")
+    if args.paper:
+        print("paper settings (Table 2, Appendix C): "
+              + ", ".join(f"{k}={getattr(args, k)}" for k in paper)
+              + f" -> {args.steps} steps; timing 3 steps ...", flush=True)
+        sec = measure_step(lambda: build(device), args, device, 2, warmup=1)
+        print(f"{sec:.2f} s/step on {device.type}: the run takes about "
+              f"{sec * (args.steps - start) / 3600:.1f} h", flush=True)
+
+    train_infomax(models, opt, data[0], args, out, start, history, curve,
+                  lambda: evaluate(models, data), desc)
+    metrics = evaluate(models, data)
+    z_tr, z_te = metrics.pop("embeddings")
+    y_tr_np, y_te_np = data[1].cpu().numpy(), data[3].cpu().numpy()
+    with atomic_path(out / "embeddings.npz") as tmp, open(tmp, "wb") as fh:
+        np.savez(fh, z_train=z_tr, y_train=y_tr_np, z_test=z_te, y_test=y_te_np)
+    atomic_save({"models": models.state_dict(), "args": vars(args)}, out / "model.pt")
+    metrics.update(dim=args.dim, critic=args.critic, loss=args.loss, steps=args.steps,
+                   batch_size=args.batch_size, seed=args.seed, data=data_info,
+                   device=str(device), wall_time_s=time.time() - started,
+                   train_history=history, curve=curve)
+    for name, fig in figures(metrics, z_te, y_te_np).items():
+        save_figure(fig, out / name)
+    write_json(metrics, out / "metrics.json")
+    print(summary(metrics) + f"\nsaved to {out}")
+    return metrics

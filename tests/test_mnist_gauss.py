@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 
+import common
 import mnist_gauss
 from common import SHIPPED_MNIST, load_mnist
 from test_core import write_idx
@@ -77,14 +78,14 @@ def test_same_seed_same_metrics_and_resume_continues_exactly(tiny_mnist, tmp_pat
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tiny_mnist, tmp_path, monkeypatch):
     calls = []
 
-    def loss_turning_nan(args):
+    def loss_turning_nan(name, reg_weight):
         def loss(scores):
             calls.append(1)
             value = scores.mean() * (float("nan") if len(calls) > 3 else 1.0)
             return value, value.detach()
         return loss
 
-    monkeypatch.setattr(mnist_gauss, "loss_function", loss_turning_nan)
+    monkeypatch.setattr(common, "mi_loss", loss_turning_nan)
     with pytest.raises(SystemExit) as exc:
         run(tiny_mnist, tmp_path / "run", "--steps", "6", "--ckpt-every", "2", "--log-every", "2")
     assert exc.value.code == 3
