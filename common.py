@@ -659,17 +659,22 @@ def write_json(obj: Any, path: str | Path) -> None:
 
 def save_figure(fig: Any, path: str | Path) -> None:
     """Save a matplotlib figure atomically, in the format named by the path's suffix."""
-    import matplotlib.pyplot as plt
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format=Path(path).suffix[1:], dpi=150, bbox_inches="tight")
-    plt.close(fig)
+    pyplot().close(fig)
+
+
+def pyplot() -> Any:
+    """matplotlib.pyplot on the file-only Agg backend (no display needed)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    return plt
 
 
 def scatter_embeddings(z: np.ndarray, y: np.ndarray, title: str) -> Any:
     """Figure 2: test embeddings coloured by label; for d > 2, the first two principal axes."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
     z = np.asarray(z, dtype=np.float64)
     xlabel, ylabel = "$z_1$", "$z_2$"
     if z.shape[1] > 2:
@@ -742,6 +747,9 @@ def add_run_flags(p: argparse.ArgumentParser, critics: Sequence[str], default_cr
     p.add_argument("--epochs", type=positive_int, default=None,
                    help="train for this many passes over the training set instead of --steps")
     p.add_argument("--seed", type=int, default=0, help="fixes data order, noise and init")
+    p.add_argument("--seeds", type=positive_int, default=1,
+                   help="sweep: N runs with seeds --seed ... --seed + N - 1, each in its own "
+                        "sub-directory of --out")
     p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, cuda:1")
     p.add_argument("--dataset", choices=["mnist", "fashion-mnist", "mnist-test-split"],
                    default="mnist",
@@ -769,11 +777,17 @@ def add_run_flags(p: argparse.ArgumentParser, critics: Sequence[str], default_cr
 
 
 def check_run_args(p: argparse.ArgumentParser, args: argparse.Namespace, paper: dict[str, Any],
-                   default_out: Callable[[argparse.Namespace], str]) -> argparse.Namespace:
-    """Apply --paper and --resume, pick a fresh --out, and reject inconsistent settings."""
+                   default_out: str, sweep: bool = False) -> argparse.Namespace:
+    """Apply --paper and --resume, pick a fresh --out, and reject inconsistent settings.
+
+    A sweep's --out is a parent directory that may already exist: repeating the sweep's command
+    skips its finished runs and resumes the others (see sweep_runs).
+    """
     if args.paper:
         vars(args).update(paper)
-    if args.resume:
+    if sweep:
+        args.out = args.out or f"{default_out}_{time.strftime('%Y%m%d-%H%M%S')}"
+    elif args.resume:
         if args.out is None or not (Path(args.out) / "args.json").is_file():
             p.error("--resume needs --out pointing at a run directory with args.json")
         saved = json.loads((Path(args.out) / "args.json").read_text())
@@ -782,7 +796,7 @@ def check_run_args(p: argparse.ArgumentParser, args: argparse.Namespace, paper: 
         p.error(f"--out {args.out} already holds files; pass --resume to continue that run "
                 "or choose another directory")
     elif args.out is None:
-        stem = f"{default_out(args)}_{time.strftime('%Y%m%d-%H%M%S')}"
+        stem = f"{default_out}_{time.strftime('%Y%m%d-%H%M%S')}"
         args.out = next(name for name in (stem, *(f"{stem}-{i}" for i in range(2, 1000)))
                         if not Path(name).exists())
     if args.steps is not None and args.steps < 0:
@@ -790,6 +804,32 @@ def check_run_args(p: argparse.ArgumentParser, args: argparse.Namespace, paper: 
     if args.lr <= 0:
         p.error("--lr must be > 0")
     return args
+
+
+def sweep_runs(args: argparse.Namespace, key: str, values: Sequence[float],
+               list_flag: str) -> Iterator[argparse.Namespace]:
+    """One run's arguments per (value, seed) of a sweep, each in --out/<key><value>_seed<seed>.
+
+    A finished run (metrics.json) is skipped by run_infomax, a started one is resumed, and a run
+    directory written with other settings stops the sweep with an error.
+    """
+    parent = Path(args.out)
+    for value in values:
+        for seed in range(args.seed, args.seed + args.seeds):
+            run = argparse.Namespace(**{**vars(args), key: value, "seed": seed, "seeds": 1,
+                                        list_flag: None,
+                                        "out": str(parent / f"{key}{value:g}_seed{seed}")})
+            saved_file = Path(run.out) / "args.json"
+            run.resume = saved_file.is_file()
+            if run.resume:
+                saved = json.loads(saved_file.read_text())
+                differ = [k for k, v in vars(run).items()
+                          if k in saved and saved[k] != v and k not in RUNTIME_FLAGS
+                          and not (k == "steps" and run.epochs is not None)]
+                if differ:
+                    fail(f"{run.out} was run with other settings ({', '.join(differ)}); "
+                         "choose another --out")
+            yield run
 
 
 def fail(message: str, code: int = 2) -> NoReturn:
@@ -976,6 +1016,8 @@ def summary(metrics: dict[str, Any]) -> str:
         f"   DM gap C - I = {metrics['dm_gap']:.3f}",
         f"normality p (subsample {n['subsample']}): D'Agostino {n['dagostino_p']:.3f}   "
         f"Shapiro-Wilk {n['shapiro_p']:.3f}   Henze-Zirkler {n['henze_zirkler_p']:.3f}",
+        *([f"uniformity: Kolmogorov-Smirnov mean p {metrics['uniformity']['ks_p_mean']:.3f}   "
+           f"max D {metrics['uniformity']['ks_stat_max']:.3f}"] if "uniformity" in metrics else []),
         f"accuracy: k-NN {d['knn_acc']:.4f}   GaussianNB {d['gnb_acc']:.4f}   "
         f"MLP {d['mlp_acc']:.4f}   silhouette {d['silhouette']:.3f}",
         f"wall time {metrics['wall_time_s']:.0f} s ({metrics['steps']} steps)"])

@@ -19,7 +19,7 @@ from torch import nn
 from common import (LOG10, ConvEncoder, GaussianNoise, add_run_flags, check_run_args,
                     downstream_report, embed_train_test, gaussian_capacity, heldout_mi,
                     make_critic, nonnegative_float, normality_report, run_infomax,
-                    scatter_embeddings)
+                    scatter_embeddings, sweep_runs)
 
 PAPER = {"batch_size": 1024, "epochs": 2000, "steps": None, "critic": "concat", "loss": "infonce",
          "lr": 1e-3, "aug_sigma": 0.6}
@@ -31,11 +31,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--sigma", type=nonnegative_float, default=0.5,
                    help="std of the injected noise Z ~ N(0, sigma^2 I) (Theorem 3.4); 0: plain DIM")
+    p.add_argument("--sigmas", type=nonnegative_float, nargs="+", default=None,
+                   help="sweep: one run per sigma (times --seeds) in sub-directories of --out")
     add_run_flags(p, critics=["gaussian", "concat", "separable", "bilinear"],
                   default_critic="gaussian", paper=PAPER)
-    args = check_run_args(p, p.parse_args(argv), PAPER,
-                          default_out=lambda a: f"runs/mnist_gauss/sigma{a.sigma:g}_seed{a.seed}")
-    if args.critic == "gaussian" and args.sigma == 0:
+    args = p.parse_args(argv)
+    sweep = args.sigmas is not None or args.seeds > 1
+    args = check_run_args(p, args, PAPER, sweep=sweep,
+                          default_out="runs/mnist_gauss/sweep" if sweep
+                          else f"runs/mnist_gauss/sigma{args.sigma:g}_seed{args.seed}")
+    if args.critic == "gaussian" and 0 in (args.sigmas or [args.sigma]):
         p.error("--critic gaussian (Theorem 4.1) divides by sigma^2: use --sigma > 0 or a learned "
                 "critic (--critic separable / concat / bilinear)")
     return args
@@ -69,11 +74,14 @@ def figures(metrics: dict, z_te, y_te) -> dict:
     return {"scatter.png": scatter_embeddings(z_te, y_te, title)}
 
 
-def main(argv: list[str] | None = None) -> dict | None:
+def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    return run_infomax(args, PAPER, build=lambda device: build_models(args, device),
-                       evaluate=lambda models, data: evaluate(models, data, args),
-                       figures=figures, desc=f"sigma={args.sigma:g}")
+    runs = ([args] if args.sigmas is None and args.seeds == 1
+            else sweep_runs(args, "sigma", args.sigmas or [args.sigma], "sigmas"))
+    for run in runs:
+        run_infomax(run, PAPER, build=lambda device, run=run: build_models(run, device),
+                    evaluate=lambda models, data, run=run: evaluate(models, data, run),
+                    figures=figures, desc=f"sigma={run.sigma:g} seed={run.seed}")
 
 
 if __name__ == "__main__":

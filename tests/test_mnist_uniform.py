@@ -1,0 +1,72 @@
+"""Tests of mnist_uniform.py (Section 3.2) and of the sweeps of both MNIST scripts."""
+import json
+import math
+
+import numpy as np
+import pytest
+
+import mnist_gauss
+import mnist_uniform
+from test_mnist_gauss import tiny_mnist  # noqa: F401  (pytest fixture)
+
+FLAGS = ("--batch-size", "64", "--subsample", "32", "--quiet")
+
+
+@pytest.mark.parametrize("eps", ["0.7", "0", "0.5", "-0.1"])
+def test_eps_outside_open_half_interval_is_rejected(eps, capsys):
+    with pytest.raises(SystemExit) as exc:
+        mnist_uniform.parse_args(["--eps", eps])
+    assert exc.value.code == 2
+    assert "(0, 1/2)" in capsys.readouterr().err
+
+
+def test_short_uniform_run_writes_metrics(tiny_mnist, tmp_path):  # noqa: F811
+    out = tmp_path / "run"
+    mnist_uniform.main(["--data-dir", str(tiny_mnist), "--out", str(out), "--steps", "3",
+                        "--eps", "0.2", *FLAGS])
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["capacity"] == pytest.approx(2 * math.log(1 + 1 / 0.4))
+    assert metrics["mi_at_uniform"] == pytest.approx(2 * (0.2 - math.log(0.4)))
+    assert metrics["mi_at_uniform"] < metrics["capacity"]
+    assert 0 <= metrics["uniformity"]["ks_p_mean"] <= 1
+    assert 0 <= metrics["normality"]["henze_zirkler_p"] <= 1
+    u = np.load(out / "embeddings.npz")["z_test"]
+    assert u.shape == (200, 2) and u.min() >= 0 and u.max() <= 1
+    assert (out / "scatter.png").is_file()
+
+
+def test_uniformity_report_separates_uniform_from_peaked():
+    rng = np.random.default_rng(0)
+    assert mnist_uniform.uniformity_report(rng.uniform(size=(2000, 2)))["ks_p_mean"] > 0.05
+    peaked = mnist_uniform.uniformity_report(rng.beta(2, 2, size=(2000, 2)))
+    assert peaked["ks_p_mean"] < 1e-6 and peaked["ks_stat_max"] > 0.05
+
+
+def test_sweep_runs_every_combination_and_skips_finished_runs(tiny_mnist, tmp_path):  # noqa: F811
+    parent = tmp_path / "sweep"
+    argv = ["--data-dir", str(tiny_mnist), "--out", str(parent), "--steps", "2",
+            "--epss", "0.1", "0.3", "--seeds", "2", "--seed", "5", *FLAGS]
+    mnist_uniform.main(argv)
+    names = sorted(p.name for p in parent.iterdir())
+    assert names == ["eps0.1_seed5", "eps0.1_seed6", "eps0.3_seed5", "eps0.3_seed6"]
+    saved = json.loads((parent / "eps0.3_seed6" / "args.json").read_text())
+    assert (saved["eps"], saved["seed"], saved["seeds"], saved["epss"]) == (0.3, 6, 1, None)
+    stamps = {n: (parent / n / "metrics.json").stat().st_mtime_ns for n in names}
+    mnist_uniform.main(argv)  # the same command again: every run is finished
+    assert stamps == {n: (parent / n / "metrics.json").stat().st_mtime_ns for n in names}
+    with pytest.raises(SystemExit) as exc:  # other settings into the same parent
+        mnist_uniform.main([*argv, "--lr", "0.01"])
+    assert exc.value.code == 2
+
+
+def test_gaussian_sweep_with_seeds_only(tiny_mnist, tmp_path, capsys):  # noqa: F811
+    parent = tmp_path / "sweep"
+    mnist_gauss.main(["--data-dir", str(tiny_mnist), "--out", str(parent), "--steps", "2",
+                      "--sigma", "0.4", "--seeds", "2", *FLAGS])
+    assert sorted(p.name for p in parent.iterdir()) == ["sigma0.4_seed0", "sigma0.4_seed1"]
+    a, b = (json.loads((parent / n / "metrics.json").read_text())
+            for n in ("sigma0.4_seed0", "sigma0.4_seed1"))
+    assert a["mi_heldout"] != b["mi_heldout"]
+    with pytest.raises(SystemExit):
+        mnist_gauss.parse_args(["--sigmas", "0.5", "0", "--critic", "gaussian"])
+    assert "Theorem 4.1" in capsys.readouterr().err
