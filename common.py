@@ -543,6 +543,14 @@ def to_gaussian(u, eps: float = 1e-6) -> np.ndarray:
     return scipy.stats.norm.ppf(np.clip(u, eps, 1.0 - eps))
 
 
+def uniformity_report(u: np.ndarray) -> dict:
+    """Kolmogorov-Smirnov test of each coordinate against U[0, 1]: mean p-value, largest D."""
+    tests = [scipy.stats.kstest(u[:, i], "uniform") for i in range(u.shape[1])]
+    return {"ks_p_mean": float(np.mean([t.pvalue for t in tests])),
+            "ks_stat_max": float(max(t.statistic for t in tests)),
+            "ks_p": [float(t.pvalue) for t in tests]}
+
+
 def normality_report(z, seed: int = 0, subsample: int = 128,
                      n_proj: int = 10, n_boot: int = 20) -> dict:
     """All normality tests of paper Section 5 on one embedding sample.
@@ -1023,6 +1031,31 @@ def summary(metrics: dict[str, Any]) -> str:
         f"wall time {metrics['wall_time_s']:.0f} s ({metrics['steps']} steps)"])
 
 
+def run_data(args: argparse.Namespace, device: torch.device
+             ) -> tuple[tuple[torch.Tensor, ...], dict[str, Any]]:
+    """(x_train, y_train, x_test, y_test) of a run on its device, and the record of the data.
+
+    Images are channels-last; missing data ends the program with one line (exit code 2).
+    """
+    try:
+        x_tr, y_tr, x_te, y_te, info = load_data(args.dataset, args.data_dir,
+                                                 download=not args.no_download)
+    except DataError as err:
+        fail(str(err))
+    if "note" in info:
+        print(info["note"])
+    return (x_tr.to(device).contiguous(memory_format=torch.channels_last), y_tr.to(device),
+            x_te.to(device).contiguous(memory_format=torch.channels_last), y_te.to(device)), info
+
+
+def run_record(args: argparse.Namespace, device: torch.device, data_info: dict[str, Any],
+               started: float) -> dict[str, Any]:
+    """The settings and circumstances metrics.json stores beside the numbers."""
+    return {"dim": args.dim, "critic": args.critic, "loss": args.loss, "steps": args.steps,
+            "batch_size": args.batch_size, "seed": args.seed, "data": data_info,
+            "device": str(device), "wall_time_s": time.time() - started}
+
+
 def run_infomax(args: argparse.Namespace, paper: dict[str, Any],
                 build: Callable[[torch.device], nn.ModuleDict],
                 evaluate: Callable[[nn.ModuleDict, tuple], dict],
@@ -1046,19 +1079,11 @@ def run_infomax(args: argparse.Namespace, paper: dict[str, Any],
               f"{steps} steps would take {sec * steps / 60:.1f} min")
         return None
     started = time.time()
-    try:
-        x_tr, y_tr, x_te, y_te, data_info = load_data(args.dataset, args.data_dir,
-                                                      download=not args.no_download)
-    except DataError as err:
-        fail(str(err))
-    if "note" in data_info:
-        print(data_info["note"])
-    if args.batch_size > len(x_tr):
-        fail(f"--batch-size {args.batch_size} exceeds the {len(x_tr)} training images")
+    data, data_info = run_data(args, device)
+    if args.batch_size > len(data[0]):
+        fail(f"--batch-size {args.batch_size} exceeds the {len(data[0])} training images")
     if args.epochs is not None:
-        args.steps = args.epochs * (len(x_tr) // args.batch_size)
-    data = (x_tr.to(device).contiguous(memory_format=torch.channels_last), y_tr.to(device),
-            x_te.to(device).contiguous(memory_format=torch.channels_last), y_te.to(device))
+        args.steps = args.epochs * (len(data[0]) // args.batch_size)
 
     out = Path(args.out)
     if args.resume and (out / "metrics.json").is_file():
@@ -1090,10 +1115,8 @@ def run_infomax(args: argparse.Namespace, paper: dict[str, Any],
     with atomic_path(out / "embeddings.npz") as tmp, open(tmp, "wb") as fh:
         np.savez(fh, z_train=z_tr, y_train=y_tr_np, z_test=z_te, y_test=y_te_np)
     atomic_save({"models": models.state_dict(), "args": vars(args)}, out / "model.pt")
-    metrics.update(dim=args.dim, critic=args.critic, loss=args.loss, steps=args.steps,
-                   batch_size=args.batch_size, seed=args.seed, data=data_info,
-                   device=str(device), wall_time_s=time.time() - started,
-                   train_history=history, curve=curve)
+    metrics.update(run_record(args, device, data_info, started), train_history=history,
+                   curve=curve)
     for name, fig in figures(metrics, z_te, y_te_np).items():
         save_figure(fig, out / name)
     write_json(metrics, out / "metrics.json")

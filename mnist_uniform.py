@@ -16,14 +16,13 @@ import argparse
 import math
 
 import numpy as np
-import scipy.stats
 import torch
 from torch import nn
 
 from common import (LOG10, ConvEncoder, UniformNoise, add_run_flags, check_run_args,
                     downstream_report, embed_train_test, heldout_mi, make_critic,
                     normality_report, pyplot, run_infomax, sweep_runs, to_gaussian,
-                    uniform_capacity)
+                    uniform_capacity, uniformity_report)
 
 PAPER = {"batch_size": 1024, "epochs": 2000, "steps": None, "critic": "concat", "loss": "infonce",
          "lr": 1e-3, "aug_sigma": 0.6}
@@ -60,14 +59,6 @@ def build_models(args: argparse.Namespace, device: torch.device) -> nn.ModuleDic
                             "head": UniformNoise(args.dim, args.eps),
                             "critic": make_critic(args.critic, args.dim)})
     return models.to(device).to(memory_format=torch.channels_last)
-
-
-def uniformity_report(u: np.ndarray) -> dict:
-    """Kolmogorov-Smirnov test of each coordinate against U[0, 1]: mean p-value, largest D."""
-    tests = [scipy.stats.kstest(u[:, i], "uniform") for i in range(u.shape[1])]
-    return {"ks_p_mean": float(np.mean([t.pvalue for t in tests])),
-            "ks_stat_max": float(max(t.statistic for t in tests)),
-            "ks_p": [float(t.pvalue) for t in tests]}
 
 
 def evaluate(models: nn.ModuleDict, data: tuple, args: argparse.Namespace) -> dict:

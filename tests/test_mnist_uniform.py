@@ -4,10 +4,11 @@ import math
 
 import numpy as np
 import pytest
+from test_mnist_gauss import tiny_mnist  # noqa: F401  (pytest fixture)
 
 import mnist_gauss
 import mnist_uniform
-from test_mnist_gauss import tiny_mnist  # noqa: F401  (pytest fixture)
+from common import uniformity_report
 
 FLAGS = ("--batch-size", "64", "--subsample", "32", "--quiet")
 
@@ -37,8 +38,8 @@ def test_short_uniform_run_writes_metrics(tiny_mnist, tmp_path):  # noqa: F811
 
 def test_uniformity_report_separates_uniform_from_peaked():
     rng = np.random.default_rng(0)
-    assert mnist_uniform.uniformity_report(rng.uniform(size=(2000, 2)))["ks_p_mean"] > 0.05
-    peaked = mnist_uniform.uniformity_report(rng.beta(2, 2, size=(2000, 2)))
+    assert uniformity_report(rng.uniform(size=(2000, 2)))["ks_p_mean"] > 0.05
+    peaked = uniformity_report(rng.beta(2, 2, size=(2000, 2)))
     assert peaked["ks_p_mean"] < 1e-6 and peaked["ks_stat_max"] > 0.05
 
 

@@ -1,0 +1,262 @@
+"""Tests of evaluate.py: Figure 1 aggregation (Section 5), embedding tests, checkpoint re-runs."""
+import csv
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import evaluate
+import mnist_uniform
+from test_mnist_gauss import run, tiny_mnist  # noqa: F401  (pytest fixture)
+
+REPO = Path(__file__).resolve().parents[1]
+DATA = {"dataset": "mnist-test-split", "split": "seeded 8000/2000 split of the MNIST test split",
+        "n_train": 8000, "n_test": 2000}
+
+
+def write_run(root, name, sigma=0.5, seed=0, mi=1.0, se=0.01, knn=0.5, **changes):
+    """A fake run directory whose metrics.json has the layout of mnist_gauss.py's."""
+    capacity = math.inf if sigma == 0 else math.log1p(1 / sigma ** 2)  # eq. 5 with d = 2
+    metrics = {"capacity": capacity, "mi_heldout": mi, "mi_heldout_se": se,
+               "dm_gap": capacity - mi, "class_information": math.log(10),
+               "normality": {"dagostino_p": 0.1 + 0.1 * seed, "shapiro_p": 0.2,
+                             "henze_zirkler_p": 0.3, "henze_zirkler_stat": 2.0,
+                             "subsample": 128, "n_proj": 10, "n_boot": 20},
+               "downstream": {"gnb_acc": 0.4, "knn_acc": knn, "mlp_acc": 0.6, "silhouette": 0.0},
+               "sigma": sigma, "dim": 2, "critic": "gaussian" if sigma else "separable",
+               "loss": "infonce", "steps": 2000, "batch_size": 256, "seed": seed, "data": DATA,
+               "device": "cpu", "wall_time_s": 1.0, "train_history": [], "curve": [], **changes}
+    out = root / name
+    out.mkdir(parents=True)
+    (out / "metrics.json").write_text(json.dumps({k: str(v) if v == math.inf else v
+                                                  for k, v in metrics.items()}))
+    return out
+
+
+@pytest.fixture
+def sweep(tmp_path):
+    """2 noise values x 3 seeds, a sigma = 0 baseline (2 seeds) and an untrained encoder."""
+    root = tmp_path / "sweep"
+    for seed, knn, mi in zip(range(3), (0.5, 0.6, 0.7), (1.4, 1.5, 1.6), strict=True):
+        write_run(root, f"sigma0.5_seed{seed}", 0.5, seed, mi=mi, knn=knn)
+    # C = log 2 = 0.693: seed 1 lies above C but within 3 SE, seed 2 is a planted violation
+    for seed, mi in zip(range(3), (0.69, 0.70, 0.90), strict=True):
+        write_run(root, f"sigma1_seed{seed}", 1.0, seed, mi=mi, knn=0.3)
+    for seed, knn in ((0, 0.8), (1, 0.9)):
+        write_run(root, f"sigma0_seed{seed}", 0.0, seed, mi=3.6, knn=knn)
+    write_run(root, "untrained_seed0", 0.5, 0, mi=-5.0, knn=0.1, steps=0)
+    return root
+
+
+def read_csv(path):
+    return {(row["kind"], float(row["sigma"])): row for row in csv.DictReader(open(path))}
+
+
+def test_ci99_of_five_values_by_hand():
+    # mean 0.3; s = sqrt(sum (x - 0.3)^2 / 4) = sqrt(0.1 / 4) = 0.158114; s / sqrt(5) = 0.0707107;
+    # z_0.995 = 2.5758293 -> half-width 2.5758293 * 0.0707107 = 0.1821386
+    mean, half = evaluate.mean_ci99([0.1, 0.2, 0.3, 0.4, 0.5])
+    assert mean == pytest.approx(0.3)
+    assert half == pytest.approx(0.1821386, abs=1e-7)
+    assert evaluate.Z99 == pytest.approx(2.5758293, abs=1e-7)
+    assert math.isnan(evaluate.mean_ci99([0.7])[1])
+
+
+def test_figure1_table_files_and_mi_check(sweep, tmp_path, capsys):
+    prefix = tmp_path / "out" / "fig1"
+    evaluate.main([str(sweep), "--out", str(prefix)])
+    printed = capsys.readouterr().out
+    for suffix in ("png", "pdf", "md", "csv"):
+        assert Path(f"{prefix}.{suffix}").stat().st_size > 0
+    rows = read_csv(f"{prefix}.csv")
+    assert list(rows) == [("trained", 0.5), ("trained", 1.0), ("no noise", 0.0),
+                          ("untrained", 0.5)]
+    # knn 0.5, 0.6, 0.7: s = 0.1, half-width 2.5758293 * 0.1 / sqrt(3) = 0.1487156
+    half = float(rows["trained", 0.5]["knn_acc_ci99"])
+    assert float(rows["trained", 0.5]["knn_acc_mean"]) == pytest.approx(0.6)
+    assert half == pytest.approx(0.1487156, abs=1e-7)
+    # MI 0.69, 0.70, 0.90: mean 0.763333, s = 0.1184624, half-width 0.1761720
+    assert float(rows["trained", 1.0]["mi_heldout_mean"]) == pytest.approx(0.7633333, abs=1e-7)
+    assert float(rows["trained", 1.0]["mi_heldout_ci99"]) == pytest.approx(0.1761720, abs=1e-7)
+    assert float(rows["trained", 1.0]["knn_acc_ci99"]) == 0.0
+    # baselines: knn 0.8, 0.9 -> 0.85 +- 2.5758293 * 0.0707107 / sqrt(2) = 0.1287915; one seed
+    assert float(rows["no noise", 0.0]["knn_acc_mean"]) == pytest.approx(0.85)
+    assert float(rows["no noise", 0.0]["knn_acc_ci99"]) == pytest.approx(0.1287915, abs=1e-7)
+    assert rows["no noise", 0.0]["capacity"] == "inf"
+    assert rows["untrained", 0.5]["seeds"] == "1"
+    assert math.isnan(float(rows["untrained", 0.5]["knn_acc_ci99"]))
+    table = Path(f"{prefix}.md").read_text()
+    assert table in printed
+    assert "| trained | 0.5 | 1.609 | 3 | 0.200 ± 0.149 |" in table
+    assert "0.600 ± 0.149" in table and "| untrained | 0.5 | 1.609 | 1 |" in table
+    assert "| 0.100 |" in table  # one seed: no interval
+    assert "1 of 6 trained runs exceed the bound" in printed
+    flagged = [line for line in printed.splitlines() if line.startswith("  ")]
+    assert len(flagged) == 1 and "sigma1_seed2" in flagged[0]
+
+
+def test_one_clean_run_passes_the_mi_check(tmp_path, capsys):
+    write_run(tmp_path, "a", 0.5, mi=1.6, se=0.01)
+    evaluate.main([str(tmp_path / "a"), "--out", str(tmp_path / "fig")])
+    assert "no trained run exceeds the bound (1 checked)" in capsys.readouterr().out
+
+
+def write_uniform_run(root, name, eps=0.1, seed=0, ks_p=0.5):
+    """A fake mnist_uniform.py run: eps instead of sigma, eq. 6 capacity, KS uniformity tests."""
+    out = write_run(root, name, 0.5, seed, capacity=2 * math.log1p(1 / (2 * eps)),
+                    uniformity={"ks_p_mean": ks_p, "ks_stat_max": 0.1, "ks_p": [ks_p, ks_p]})
+    metrics = json.loads((out / "metrics.json").read_text())
+    del metrics["sigma"]
+    (out / "metrics.json").write_text(json.dumps({**metrics, "eps": eps}))
+    return out
+
+
+def test_uniform_runs_add_kolmogorov_smirnov_columns(tmp_path, capsys):
+    for seed, ks_p in ((0, 0.4), (1, 0.6)):
+        write_uniform_run(tmp_path / "runs", f"eps0.1_seed{seed}", 0.1, seed, ks_p)
+    write_uniform_run(tmp_path / "runs", "eps0.2_seed0", 0.2)
+    evaluate.main([str(tmp_path / "runs"), "--out", str(tmp_path / "fig")])
+    rows = {float(row["eps"]): row for row in csv.DictReader(open(tmp_path / "fig.csv"))}
+    assert float(rows[0.1]["capacity"]) == pytest.approx(2 * math.log(6))  # eq. 6, d = 2
+    assert float(rows[0.1]["ks_p_mean_mean"]) == pytest.approx(0.5)
+    assert "| trained | 0.1 | 3.584 | 2 |" in capsys.readouterr().out
+
+
+def mixed(root):
+    write_run(root, "gauss", 0.5)
+    write_uniform_run(root, "uniform")
+    return [str(root)]
+
+
+def corrupt(root):
+    (write_run(root, "a") / "metrics.json").write_text("{not json")
+    return [str(root)]
+
+
+@pytest.mark.parametrize("make,message", [
+    (mixed, "cannot mix Gaussian"),
+    (lambda root: [str(root / "missing")], "does not exist"),
+    (lambda root: [str(root)], "holds no metrics.json"),
+    (corrupt, "not a valid metrics.json"),
+    (lambda root: [str(write_run(root, "a")), str(write_run(root, "b", seed=1, dim=3))],
+     "differ in dim"),
+    (lambda root: [str(write_run(root, "a")), str(write_run(root, "b", steps=500))],
+     "differ in steps"),
+    (lambda root: [str(write_run(root, "a")), str(write_run(root, "b"))], "both seed 0"),
+])
+def test_bad_run_sets_are_one_line_and_exit_2(tmp_path, capsys, make, message):
+    with pytest.raises(SystemExit) as exc:
+        evaluate.main([*make(tmp_path), "--out", str(tmp_path / "fig")])
+    err = capsys.readouterr().err
+    assert exc.value.code == 2
+    assert len(err.strip().splitlines()) == 1 and message in err
+    assert not (tmp_path / "fig.png").exists()
+
+
+def test_command_line_missing_path_has_no_traceback(tmp_path):
+    proc = subprocess.run([sys.executable, str(REPO / "evaluate.py"), str(tmp_path / "nope")],
+                          capture_output=True, text=True, cwd=tmp_path, timeout=120)
+    assert proc.returncode == 2
+    assert len(proc.stderr.strip().splitlines()) == 1 and "Traceback" not in proc.stderr
+
+
+def embeddings(tmp_path, capsys, name, flags=(), **arrays):
+    """Save arrays, run --embeddings on them, return the printed JSON report."""
+    file = tmp_path / name
+    if name.endswith(".npy"):
+        np.save(file, arrays["z"])
+    else:
+        np.savez(file, **arrays)
+    evaluate.main(["--embeddings", str(file), *flags])
+    return json.loads(capsys.readouterr().out)
+
+
+def test_embeddings_normality_of_gaussian_and_uniform_samples(tmp_path, capsys):
+    rng = np.random.default_rng(0)
+    normal = embeddings(tmp_path, capsys, "gauss.npy", z=rng.standard_normal((1000, 2)))
+    for key in ("dagostino_p", "shapiro_p", "henze_zirkler_p"):
+        assert normal["normality"][key] > 0.3
+    assert normal["n"] == 1000 and "downstream" not in normal
+    u = rng.uniform(size=(1000, 2))
+    json_out = tmp_path / "report.json"
+    pit = embeddings(tmp_path, capsys, "u.npz", ("--uniform", "--json-out", str(json_out)),
+                     z_test=u)
+    for key in ("dagostino_p", "shapiro_p", "henze_zirkler_p"):
+        assert pit["normality"][key] > 0.3
+    assert pit["uniformity"]["ks_p_mean"] > 0.1 and len(pit["uniformity"]["ks_p"]) == 2
+    assert json.loads(json_out.read_text()) == pit
+    raw = embeddings(tmp_path, capsys, "u2.npz", z_test=u)
+    assert raw["normality"]["henze_zirkler_p"] < 0.01
+
+
+def test_embeddings_with_labels_give_downstream_scores(tmp_path, capsys):
+    rng = np.random.default_rng(1)
+    y_tr, y_te = rng.integers(0, 3, 300), rng.integers(0, 3, 200)
+    centers = 5.0 * np.eye(3)[:, :2]  # three well separated clusters in the plane
+
+    def points(y):
+        return centers[y] + rng.standard_normal((len(y), 2)) * 0.5
+    report = embeddings(tmp_path, capsys, "e.npz", z_train=points(y_tr), y_train=y_tr,
+                        z_test=points(y_te), y_test=y_te)
+    for key in ("gnb_acc", "knn_acc", "mlp_acc"):
+        assert report["downstream"][key] > 0.9
+    assert report["downstream"]["silhouette"] > 0.5
+
+
+@pytest.mark.parametrize("name,save,flags,message", [
+    ("z.npy", lambda file: file.write_text("not an array"), (), "not a NumPy"),
+    ("z.npy", lambda file: np.save(file, np.full((20, 2), 2.0)), ("--uniform",),
+     "embeddings in [0, 1]"),
+    ("z.npz", lambda file: np.savez(file, z=np.zeros((20, 2))), (), "holds no z_test"),
+])
+def test_bad_embeddings_are_one_line(tmp_path, capsys, name, save, flags, message):
+    file = tmp_path / name
+    save(file)
+    with pytest.raises(SystemExit) as exc:
+        evaluate.main(["--embeddings", str(file), *flags])
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and len(err.strip().splitlines()) == 1 and message in err
+
+
+def test_checkpoint_reproduces_gaussian_run(tiny_mnist, tmp_path, capsys):  # noqa: F811
+    out = tmp_path / "run"
+    saved = run(tiny_mnist, out, "--steps", "2", "--sigma", "0.5", "--device", "cpu")
+    capsys.readouterr()
+    evaluate.main(["--checkpoint", str(out), "--device", "cpu"])
+    printed = capsys.readouterr().out
+    again = json.loads((out / "metrics_recomputed.json").read_text())
+    for key in ("capacity", "mi_heldout", "mi_heldout_se", "normality", "downstream"):
+        assert again[key] == saved[key]
+    assert "identical to" in printed and "MI estimate (held-out)" in printed
+
+
+def test_checkpoint_reproduces_uniform_run(tiny_mnist, tmp_path, capsys):  # noqa: F811
+    out = tmp_path / "run"
+    mnist_uniform.main(["--data-dir", str(tiny_mnist), "--out", str(out), "--steps", "2",
+                        "--eps", "0.2", "--batch-size", "64", "--subsample", "32", "--quiet",
+                        "--device", "cpu"])
+    saved = json.loads((out / "metrics.json").read_text())
+    evaluate.main(["--checkpoint", str(out), "--device", "cpu"])
+    again = json.loads((out / "metrics_recomputed.json").read_text())
+    for key in ("mi_heldout", "normality", "uniformity", "downstream"):
+        assert again[key] == saved[key]
+
+
+def test_checkpoint_of_broken_run_dir_is_one_line(tmp_path, capsys):
+    (tmp_path / "args.json").write_text("{broken")
+    with pytest.raises(SystemExit) as exc:
+        evaluate.main(["--checkpoint", str(tmp_path)])
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and len(err.strip().splitlines()) == 1 and "args.json" in err
+
+
+def test_help_documents_the_three_modes(capsys):
+    with pytest.raises(SystemExit) as exc:
+        evaluate.main(["--help"])
+    text = capsys.readouterr().out
+    assert exc.value.code == 0
+    assert "Figure 1" in text and "--embeddings" in text and "--checkpoint" in text
