@@ -714,6 +714,9 @@ def time_per_step(step: Callable[[], Any], n: int, device: torch.device, warmup:
 # InfoMax runs: flags, objective, training loop, checkpoints (mnist_gauss.py, mnist_uniform.py)
 # --------------------------------------------------------------------------------------------
 
+PAPER = {"batch_size": 1024, "epochs": 2000, "steps": None, "critic": "concat", "loss": "infonce",
+         "lr": 1e-3, "aug_sigma": 0.6}
+"""Appendix C: batch 1024, 2000 epochs, Adam 1e-3, Table 2 critic, InfoNCE, pixel noise 0.6."""
 RUNTIME_FLAGS = ("out", "resume", "device", "quiet", "bench", "compile")
 """Flags that --resume takes from the command line; every other setting comes from args.json."""
 
@@ -734,8 +737,7 @@ def nonnegative_float(text: str) -> float:
     return value
 
 
-def add_run_flags(p: argparse.ArgumentParser, critics: Sequence[str], default_critic: str,
-                  paper: dict[str, Any]) -> None:
+def add_run_flags(p: argparse.ArgumentParser, critics: Sequence[str], default_critic: str) -> None:
     """The flags every InfoMax script shares; the script adds its noise flag (--sigma, --eps)."""
     p.add_argument("--dim", type=positive_int, default=2,
                    help="embedding dimension d (Figure 1: 2)")
@@ -781,18 +783,18 @@ def add_run_flags(p: argparse.ArgumentParser, critics: Sequence[str], default_cr
                    help="time N training steps on synthetic data, print ms/step, and exit")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument("--paper", action="store_true",
-                   help="the paper's settings: " + ", ".join(f"{k}={v}" for k, v in paper.items()))
+                   help="the paper's settings: " + ", ".join(f"{k}={v}" for k, v in PAPER.items()))
 
 
-def check_run_args(p: argparse.ArgumentParser, args: argparse.Namespace, paper: dict[str, Any],
-                   default_out: str, sweep: bool = False) -> argparse.Namespace:
+def check_run_args(p: argparse.ArgumentParser, args: argparse.Namespace, default_out: str,
+                   sweep: bool = False) -> argparse.Namespace:
     """Apply --paper and --resume, pick a fresh --out, and reject inconsistent settings.
 
     A sweep's --out is a parent directory that may already exist: repeating the sweep's command
     skips its finished runs and resumes the others (see sweep_runs).
     """
     if args.paper:
-        vars(args).update(paper)
+        vars(args).update(PAPER)
     if sweep:
         args.out = args.out or f"{default_out}_{time.strftime('%Y%m%d-%H%M%S')}"
     elif args.resume:
@@ -956,6 +958,25 @@ def embed_train_test(models: nn.ModuleDict, x_tr: torch.Tensor, x_te: torch.Tens
     return embed(x_tr), embed(x_te)
 
 
+def evaluate_infomax(models: nn.ModuleDict, data: tuple, args: argparse.Namespace,
+                     capacity: float,
+                     transform: Callable[[np.ndarray], np.ndarray] | None = None) -> dict:
+    """Section 5 protocol: held-out MI against the capacity C (and the DM gap C - I, Lemmas B.1
+    and B.4), normality tests of the test embeddings (after `transform`: Phi^-1 for uniform DM,
+    Section 3.3), downstream accuracies and silhouette; "embeddings" holds (z_train, z_test).
+    """
+    x_tr, y_tr, x_te, y_te = data
+    mi, mi_se = heldout_mi(models, x_te, args)
+    z_tr, z_te = embed_train_test(models, x_tr, x_te, args.batch_size)
+    return {"capacity": capacity, "mi_heldout": mi, "mi_heldout_se": mi_se,
+            "dm_gap": capacity - mi, "class_information": LOG10,
+            "normality": normality_report(z_te if transform is None else transform(z_te),
+                                          seed=args.seed, subsample=args.subsample),
+            "downstream": downstream_report(z_tr, y_tr.cpu().numpy(), z_te, y_te.cpu().numpy(),
+                                            seed=args.seed),
+            "embeddings": (z_tr, z_te)}
+
+
 def save_checkpoint(out: Path, models: nn.ModuleDict, opt: torch.optim.Optimizer, step: int,
                     history: list, curve: list) -> None:
     """Everything --resume needs: weights, optimizer, RNG state, logs (written atomically)."""
@@ -1056,8 +1077,7 @@ def run_record(args: argparse.Namespace, device: torch.device, data_info: dict[s
             "device": str(device), "wall_time_s": time.time() - started}
 
 
-def run_infomax(args: argparse.Namespace, paper: dict[str, Any],
-                build: Callable[[torch.device], nn.ModuleDict],
+def run_infomax(args: argparse.Namespace, build: Callable[[torch.device], nn.ModuleDict],
                 evaluate: Callable[[nn.ModuleDict, tuple], dict],
                 figures: Callable[[dict, np.ndarray, np.ndarray], dict[str, Any]],
                 desc: str) -> dict | None:
@@ -1101,7 +1121,7 @@ def run_infomax(args: argparse.Namespace, paper: dict[str, Any],
         print(f"resuming {out} at step {start}")
     if args.paper:
         print("paper settings (Table 2, Appendix C): "
-              + ", ".join(f"{k}={getattr(args, k)}" for k in paper)
+              + ", ".join(f"{k}={getattr(args, k)}" for k in PAPER)
               + f" -> {args.steps} steps; timing 3 steps ...", flush=True)
         sec = measure_step(lambda: build(device), args, device, 2, warmup=1)
         print(f"{sec:.2f} s/step on {device.type}: the run takes about "
@@ -1122,3 +1142,17 @@ def run_infomax(args: argparse.Namespace, paper: dict[str, Any],
     write_json(metrics, out / "metrics.json")
     print(summary(metrics) + f"\nsaved to {out}")
     return metrics
+
+
+def run_all(args: argparse.Namespace, key: str,
+            build_models: Callable[[argparse.Namespace, torch.device], nn.ModuleDict],
+            evaluate: Callable[[nn.ModuleDict, tuple, argparse.Namespace], dict],
+            figures: Callable[[dict, np.ndarray, np.ndarray], dict[str, Any]]) -> None:
+    """The single run of `args`, or every (value, seed) of its sweep (--<key>s, --seeds)."""
+    values = getattr(args, f"{key}s")
+    runs = ([args] if values is None and args.seeds == 1
+            else sweep_runs(args, key, values or [getattr(args, key)], f"{key}s"))
+    for run in runs:
+        run_infomax(run, build=partial(build_models, run),
+                    evaluate=lambda models, data, run=run: evaluate(models, data, run),
+                    figures=figures, desc=f"{key}={getattr(run, key):g} seed={run.seed}")

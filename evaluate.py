@@ -32,9 +32,23 @@ import torch
 
 import mnist_gauss
 import mnist_uniform
-from common import (LOG10, atomic_path, downstream_report, fail, normality_report, pick_device,
-                    positive_int, pyplot, run_data, run_record, save_figure, summary,
-                    to_gaussian, uniformity_report, write_json)
+from common import (
+    LOG10,
+    atomic_path,
+    downstream_report,
+    fail,
+    normality_report,
+    pick_device,
+    positive_int,
+    pyplot,
+    run_data,
+    run_record,
+    save_figure,
+    summary,
+    to_gaussian,
+    uniformity_report,
+    write_json,
+)
 
 Z99 = float(scipy.stats.norm.ppf(0.995))
 """z_{0.995}: the 99% two-sided asymptotic confidence interval is mean +- Z99 * s / sqrt(n)."""

@@ -16,14 +16,18 @@ import argparse
 import torch
 from torch import nn
 
-from common import (LOG10, ConvEncoder, GaussianNoise, add_run_flags, check_run_args,
-                    downstream_report, embed_train_test, gaussian_capacity, heldout_mi,
-                    make_critic, nonnegative_float, normality_report, run_infomax,
-                    scatter_embeddings, sweep_runs)
-
-PAPER = {"batch_size": 1024, "epochs": 2000, "steps": None, "critic": "concat", "loss": "infonce",
-         "lr": 1e-3, "aug_sigma": 0.6}
-"""Appendix C: batch 1024, 2000 epochs, Adam 1e-3, Table 2 critic, InfoNCE, pixel noise 0.6."""
+from common import (
+    ConvEncoder,
+    GaussianNoise,
+    add_run_flags,
+    check_run_args,
+    evaluate_infomax,
+    gaussian_capacity,
+    make_critic,
+    nonnegative_float,
+    run_all,
+    scatter_embeddings,
+)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -34,10 +38,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--sigmas", type=nonnegative_float, nargs="+", default=None,
                    help="sweep: one run per sigma (times --seeds) in sub-directories of --out")
     add_run_flags(p, critics=["gaussian", "concat", "separable", "bilinear"],
-                  default_critic="gaussian", paper=PAPER)
+                  default_critic="gaussian")
     args = p.parse_args(argv)
     sweep = args.sigmas is not None or args.seeds > 1
-    args = check_run_args(p, args, PAPER, sweep=sweep,
+    args = check_run_args(p, args, sweep=sweep,
                           default_out="runs/mnist_gauss/sweep" if sweep
                           else f"runs/mnist_gauss/sigma{args.sigma:g}_seed{args.seed}")
     if args.critic == "gaussian" and 0 in (args.sigmas or [args.sigma]):
@@ -55,17 +59,9 @@ def build_models(args: argparse.Namespace, device: torch.device) -> nn.ModuleDic
 
 
 def evaluate(models: nn.ModuleDict, data: tuple, args: argparse.Namespace) -> dict:
-    """Section 5 protocol: MI vs capacity, normality tests, downstream accuracy, silhouette."""
-    x_tr, y_tr, x_te, y_te = data
-    capacity = gaussian_capacity(args.dim, args.sigma)
-    mi, mi_se = heldout_mi(models, x_te, args)
-    z_tr, z_te = embed_train_test(models, x_tr, x_te, args.batch_size)
-    return {"sigma": args.sigma, "capacity": capacity, "mi_heldout": mi, "mi_heldout_se": mi_se,
-            "dm_gap": capacity - mi, "class_information": LOG10,
-            "normality": normality_report(z_te, seed=args.seed, subsample=args.subsample),
-            "downstream": downstream_report(z_tr, y_tr.cpu().numpy(), z_te, y_te.cpu().numpy(),
-                                            seed=args.seed),
-            "embeddings": (z_tr, z_te)}
+    """Section 5 protocol with the Gaussian capacity C = d/2 log(1 + 1/sigma^2) (eq. 5)."""
+    return {"sigma": args.sigma,
+            **evaluate_infomax(models, data, args, gaussian_capacity(args.dim, args.sigma))}
 
 
 def figures(metrics: dict, z_te, y_te) -> dict:
@@ -75,13 +71,7 @@ def figures(metrics: dict, z_te, y_te) -> dict:
 
 
 def main(argv: list[str] | None = None) -> None:
-    args = parse_args(argv)
-    runs = ([args] if args.sigmas is None and args.seeds == 1
-            else sweep_runs(args, "sigma", args.sigmas or [args.sigma], "sigmas"))
-    for run in runs:
-        run_infomax(run, PAPER, build=lambda device, run=run: build_models(run, device),
-                    evaluate=lambda models, data, run=run: evaluate(models, data, run),
-                    figures=figures, desc=f"sigma={run.sigma:g} seed={run.seed}")
+    run_all(parse_args(argv), "sigma", build_models, evaluate, figures)
 
 
 if __name__ == "__main__":

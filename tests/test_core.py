@@ -9,10 +9,29 @@ import torch
 from scipy.stats import multivariate_normal
 
 import common
-from common import (BilinearCritic, ConcatCritic, ConvEncoder, DataError, GaussianCritic,
-                    GaussianNoise, SeparableCritic, UniformNoise, dv, gaussian_capacity, infonce,
-                    atomic_path, js, load_data, load_mnist, nwj, read_idx, recompute_bn_stats,
-                    redv, renwj, uniform_capacity)
+from common import (
+    BilinearCritic,
+    ConcatCritic,
+    ConvEncoder,
+    DataError,
+    GaussianCritic,
+    GaussianNoise,
+    SeparableCritic,
+    UniformNoise,
+    atomic_path,
+    dv,
+    gaussian_capacity,
+    infonce,
+    js,
+    load_data,
+    load_mnist,
+    nwj,
+    read_idx,
+    recompute_bn_stats,
+    redv,
+    renwj,
+    uniform_capacity,
+)
 
 S = torch.tensor([[2.0, 0.5, -1.0],
                   [0.0, 1.5, 0.3],

@@ -8,10 +8,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from test_mnist_gauss import run, tiny_mnist  # noqa: F401  (pytest fixture)
 
 import evaluate
 import mnist_uniform
-from test_mnist_gauss import run, tiny_mnist  # noqa: F401  (pytest fixture)
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = {"dataset": "mnist-test-split", "split": "seeded 8000/2000 split of the MNIST test split",

@@ -7,11 +7,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from test_core import write_idx
 
 import common
 import mnist_gauss
 from common import SHIPPED_MNIST, load_mnist
-from test_core import write_idx
 
 REPO = Path(__file__).resolve().parents[1]
 
