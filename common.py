@@ -767,7 +767,9 @@ def add_run_flags(p: argparse.ArgumentParser, critics: Sequence[str], default_cr
                         "set is neither on disk nor downloadable")
     p.add_argument("--data-dir", default=None, help="folder with the IDX files (optionally .gz)")
     p.add_argument("--no-download", action="store_true", help="never try to download data")
-    p.add_argument("--out", default=None, help="run directory (default: runs/<script>/<run>)")
+    p.add_argument("--out", default=None,
+                   help="run directory, or a sweep's parent directory; None: a new directory "
+                        "under runs/<script>/")
     p.add_argument("--resume", action="store_true", help="continue the run in --out")
     p.add_argument("--subsample", type=positive_int, default=128,
                    help="subsample size of the bootstrapped normality tests (sets their power)")

@@ -33,8 +33,10 @@ from common import (
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--sigma", type=nonnegative_float, default=0.5,
-                   help="std of the injected noise Z ~ N(0, sigma^2 I) (Theorem 3.4); 0: plain DIM")
+    p.add_argument("--sigma", type=nonnegative_float, default=0.3,
+                   help="std of the injected noise Z ~ N(0, sigma^2 I) (Theorem 3.4); 0: plain "
+                        "DIM; 0.3 (C = 2.49 > log 10) passed the normality tests best in the "
+                        "README's measurements")
     p.add_argument("--sigmas", type=nonnegative_float, nargs="+", default=None,
                    help="sweep: one run per sigma (times --seeds) in sub-directories of --out")
     add_run_flags(p, critics=["gaussian", "concat", "separable", "bilinear"],
