@@ -107,7 +107,7 @@ def test_every_critic_and_loss_trains(tiny_mnist, tmp_path, critic, loss):
 @pytest.mark.parametrize("flags,message", [
     (["--sigma", "-1"], "--sigma"),
     (["--dim", "0"], "--dim"),
-    (["--sigma", "0"], "Theorem 4.1"),
+    (["--sigma", "0", "--critic", "gaussian"], "Theorem 4.1"),
     (["--steps", "-5"], "--steps"),
     (["--resume"], "--resume"),
 ])
