@@ -289,7 +289,9 @@ def aggregate(paths: list[str], prefix: str) -> None:
     metrics = METRICS + (UNIFORM_METRICS if noise_key == "eps" else [])
     settings = runs[0]["settings"]
     trained = [run for run in runs if run["kind"] == "trained"]
+    first = trained[0]["settings"]
     about = (f"{family} DM, d = {settings['dim']}, {settings['data.dataset']}, "
+             f"{first['critic']} critic, {first['steps']} steps, "
              f"normality tests on {settings['normality.subsample']}-point subsamples")
     caption = (f"Figure 1 ({about}): mean ± 99% CI half-width over seeds "
                f"(z = {Z99:.3f}, none for one seed); C from {equation}")
