@@ -140,14 +140,8 @@ def load_data(dataset: str, data_dir: str | None, download: bool = True,
     raises DataError.
     """
     info: dict[str, Any] = {"dataset": dataset}
-    if dataset == "mnist-test-split":
-        root = Path(data_dir) if data_dir else SHIPPED_MNIST
-        x, y = load_mnist(root, train=False)
-        tr, te = seeded_split(len(x), int(0.8 * len(x)), split_seed)
-        info.update(source=_where(root), split_seed=split_seed,
-                    split=f"seeded {len(tr)}/{len(te)} split of the MNIST test split")
-        x_tr, y_tr, x_te, y_te = x[tr], y[tr], x[te], y[te]
-    else:
+    unavailable = None
+    if dataset != "mnist-test-split":
         if data_dir:
             root, can_download = Path(data_dir), False
         elif dataset == "fashion-mnist" and _find_idx(FASHION_MNIST_DEBIAN, IDX_FILES[True][0]):
@@ -161,10 +155,17 @@ def load_data(dataset: str, data_dir: str | None, download: bool = True,
         except DataError as err:
             if data_dir or dataset != "mnist":
                 raise
-            x_tr, y_tr, x_te, y_te, info = load_data("mnist-test-split", None,
-                                                     split_seed=split_seed)
-            info["note"] = (f"full MNIST unavailable ({err}): using the MNIST test split shipped "
-                            f"in data/mnist/, {info['split'].split(' split')[0]} train/test")
+            unavailable, dataset = err, "mnist-test-split"
+    if dataset == "mnist-test-split":
+        root = Path(data_dir) if data_dir else SHIPPED_MNIST
+        x, y = load_mnist(root, train=False)
+        tr, te = seeded_split(len(x), int(0.8 * len(x)), split_seed)
+        x_tr, y_tr, x_te, y_te = x[tr], y[tr], x[te], y[te]
+        info.update(dataset=dataset, source=_where(root), split_seed=split_seed,
+                    split=f"seeded {len(tr)}/{len(te)} split of the MNIST test split")
+        if unavailable:
+            info["note"] = (f"full MNIST unavailable ({unavailable}): using the MNIST test split "
+                            f"shipped in data/mnist/, seeded {len(tr)}/{len(te)} train/test")
     info.update(n_train=len(x_tr), n_test=len(x_te))
     return center_crop(x_tr), y_tr, center_crop(x_te), y_te, info
 
@@ -823,29 +824,29 @@ def check_run_args(p: argparse.ArgumentParser, args: argparse.Namespace, default
 
 
 def sweep_runs(args: argparse.Namespace, key: str, values: Sequence[float],
-               list_flag: str) -> Iterator[argparse.Namespace]:
+               list_flag: str) -> list[argparse.Namespace]:
     """One run's arguments per (value, seed) of a sweep, each in --out/<key><value>_seed<seed>.
 
-    A finished run (metrics.json) is skipped by run_infomax, a started one is resumed, and a run
-    directory written with other settings stops the sweep with an error.
+    A finished run (metrics.json) is skipped by run_infomax and a started one is resumed; if any
+    run directory was written with other settings, nothing runs and the sweep stops with an error.
     """
-    parent = Path(args.out)
+    runs = []
     for value in values:
         for seed in range(args.seed, args.seed + args.seeds):
+            out = Path(args.out) / f"{key}{value:g}_seed{seed}"
             run = argparse.Namespace(**{**vars(args), key: value, "seed": seed, "seeds": 1,
-                                        list_flag: None,
-                                        "out": str(parent / f"{key}{value:g}_seed{seed}")})
-            saved_file = Path(run.out) / "args.json"
-            run.resume = saved_file.is_file()
+                                        list_flag: None, "out": str(out),
+                                        "resume": (out / "args.json").is_file()})
             if run.resume:
-                saved = json.loads(saved_file.read_text())
+                saved = json.loads((out / "args.json").read_text())
                 differ = [k for k, v in vars(run).items()
                           if k in saved and saved[k] != v and k not in RUNTIME_FLAGS
                           and not (k == "steps" and run.epochs is not None)]
                 if differ:
-                    fail(f"{run.out} was run with other settings ({', '.join(differ)}); "
+                    fail(f"{out} was run with other settings ({', '.join(differ)}); "
                          "choose another --out")
-            yield run
+            runs.append(run)
+    return runs
 
 
 def fail(message: str, code: int = 2) -> NoReturn:

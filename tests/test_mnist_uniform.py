@@ -55,9 +55,10 @@ def test_sweep_runs_every_combination_and_skips_finished_runs(tiny_mnist, tmp_pa
     stamps = {n: (parent / n / "metrics.json").stat().st_mtime_ns for n in names}
     mnist_uniform.main(argv)  # the same command again: every run is finished
     assert stamps == {n: (parent / n / "metrics.json").stat().st_mtime_ns for n in names}
-    with pytest.raises(SystemExit) as exc:  # other settings into the same parent
-        mnist_uniform.main([*argv, "--lr", "0.01"])
+    with pytest.raises(SystemExit) as exc:  # other settings into the same parent: nothing runs
+        mnist_uniform.main([*argv, "--lr", "0.01", "--epss", "0.45", "0.1"])
     assert exc.value.code == 2
+    assert not (parent / "eps0.45_seed5").exists()
 
 
 def test_gaussian_sweep_with_seeds_only(tiny_mnist, tmp_path, capsys):  # noqa: F811
