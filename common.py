@@ -793,17 +793,24 @@ def add_run_flags(p: argparse.ArgumentParser, critics: Sequence[str], default_cr
                    help="the paper's settings: " + ", ".join(f"{k}={v}" for k, v in PAPER.items()))
 
 
-def check_run_args(p: argparse.ArgumentParser, args: argparse.Namespace, default_out: str,
-                   sweep: bool = False) -> argparse.Namespace:
+def is_sweep(args: argparse.Namespace, key: str) -> bool:
+    """Whether the command asks for a sweep: a --<key>s list or more than one seed."""
+    return getattr(args, f"{key}s") is not None or args.seeds > 1
+
+
+def check_run_args(p: argparse.ArgumentParser, args: argparse.Namespace, key: str,
+                   script: str) -> argparse.Namespace:
     """Apply --paper and --resume, pick a fresh --out, and reject inconsistent settings.
 
-    A sweep's --out is a parent directory that may already exist: repeating the sweep's command
-    skips its finished runs and resumes the others (see sweep_runs).
+    key names the noise flag ("sigma", "eps"); the default --out is a new directory under
+    runs/<script>/. A sweep's --out is a parent directory that may already exist: repeating the
+    sweep's command skips its finished runs and resumes the others (see sweep_runs).
     """
     if args.paper:
         vars(args).update(PAPER)
-    if sweep:
-        args.out = args.out or f"{default_out}_{time.strftime('%Y%m%d-%H%M%S')}"
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    if is_sweep(args, key):
+        args.out = args.out or f"runs/{script}/sweep_{stamp}"
     elif args.resume:
         if args.out is None or not (Path(args.out) / "args.json").is_file():
             p.error("--resume needs --out pointing at a run directory with args.json")
@@ -813,7 +820,7 @@ def check_run_args(p: argparse.ArgumentParser, args: argparse.Namespace, default
         p.error(f"--out {args.out} already holds files; pass --resume to continue that run "
                 "or choose another directory")
     elif args.out is None:
-        stem = f"{default_out}_{time.strftime('%Y%m%d-%H%M%S')}"
+        stem = f"runs/{script}/{key}{getattr(args, key):g}_seed{args.seed}_{stamp}"
         args.out = next(name for name in (stem, *(f"{stem}-{i}" for i in range(2, 1000)))
                         if not Path(name).exists())
     if args.steps is not None and args.steps < 0:
@@ -1156,9 +1163,8 @@ def run_all(args: argparse.Namespace, key: str,
             evaluate: Callable[[nn.ModuleDict, tuple, argparse.Namespace], dict],
             figures: Callable[[dict, np.ndarray, np.ndarray], dict[str, Any]]) -> None:
     """The single run of `args`, or every (value, seed) of its sweep (--<key>s, --seeds)."""
-    values = getattr(args, f"{key}s")
-    runs = ([args] if values is None and args.seeds == 1
-            else sweep_runs(args, key, values or [getattr(args, key)], f"{key}s"))
+    runs = (sweep_runs(args, key, getattr(args, f"{key}s") or [getattr(args, key)], f"{key}s")
+            if is_sweep(args, key) else [args])
     for run in runs:
         run_infomax(run, build=partial(build_models, run),
                     evaluate=lambda models, data, run=run: evaluate(models, data, run),

@@ -40,11 +40,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="sweep: one run per sigma (times --seeds) in sub-directories of --out")
     add_run_flags(p, critics=["separable", "gaussian", "concat", "bilinear"],
                   default_critic="separable")
-    args = p.parse_args(argv)
-    sweep = args.sigmas is not None or args.seeds > 1
-    args = check_run_args(p, args, sweep=sweep,
-                          default_out="runs/mnist_gauss/sweep" if sweep
-                          else f"runs/mnist_gauss/sigma{args.sigma:g}_seed{args.seed}")
+    args = check_run_args(p, p.parse_args(argv), key="sigma", script="mnist_gauss")
     if args.critic == "gaussian" and 0 in (args.sigmas or [args.sigma]):
         p.error("--critic gaussian (Theorem 4.1) divides by sigma^2: use --sigma > 0 or a learned "
                 "critic (--critic separable / concat / bilinear)")

@@ -50,11 +50,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--epss", type=half_width, nargs="+", default=None,
                    help="sweep: one run per eps (times --seeds) in sub-directories of --out")
     add_run_flags(p, critics=["separable", "concat", "bilinear"], default_critic="separable")
-    args = p.parse_args(argv)
-    sweep = args.epss is not None or args.seeds > 1
-    return check_run_args(p, args, sweep=sweep,
-                          default_out="runs/mnist_uniform/sweep" if sweep
-                          else f"runs/mnist_uniform/eps{args.eps:g}_seed{args.seed}")
+    return check_run_args(p, p.parse_args(argv), key="eps", script="mnist_uniform")
 
 
 def build_models(args: argparse.Namespace, device: torch.device) -> nn.ModuleDict:
