@@ -11,6 +11,7 @@ import argparse
 import gzip
 import json
 import math
+import multiprocessing
 import os
 import struct
 import sys
@@ -264,22 +265,88 @@ def recompute_bn_stats(model: nn.Module, forward: Callable[[torch.Tensor], Any],
 # Critics: (a, b) -> S with S[i, j] = T(a_i, b_j), a = f(X') rows, b = f(X) + Z columns
 # --------------------------------------------------------------------------------------------
 
+class _PairwiseMLP(torch.autograd.Function):
+    """Scores s[i, j] = w3 . lrelu(W2 lrelu(p[i] + q[j]) + b2) + b3 without storing B x B x H.
+
+    p = W_a a + b1 and q = W_b b are the first layer split by input (W [a; b] = W_a a + W_b b),
+    so the B x B x 2d pair tensor is never built. Rows are processed in chunks of `rows`, small
+    enough to stay in cache; the backward pass recomputes each chunk's activations instead of
+    keeping them, so memory is O(rows x B x H) at the price of one extra matmul per chunk.
+    """
+
+    @staticmethod
+    def forward(ctx, p, q, w2, b2, w3, b3, dtype, rows):
+        ctx.save_for_backward(p, q, w2, b2, w3, b3)
+        ctx.dtype, ctx.rows = dtype, rows
+        p_, q_, w2_, b2_, w3_ = (t.to(dtype) for t in (p, q, w2, b2, w3))
+        out = torch.empty(len(p), len(q), dtype=torch.float32, device=p.device)
+        for i in range(0, len(p), rows):
+            h1 = F.leaky_relu_(p_[i:i + rows, None, :] + q_[None, :, :], 0.01).flatten(0, 1)
+            h2 = F.leaky_relu_(torch.addmm(b2_, h1, w2_.T), 0.01)
+            out[i:i + rows] = (h2 @ w3_.T).view(-1, len(q)).float()
+        return out + b3
+
+    @staticmethod
+    def backward(ctx, grad):
+        p, q, w2, b2, w3, b3 = ctx.saved_tensors
+        dtype, rows, n_q = ctx.dtype, ctx.rows, len(q)
+        p_, q_, w2_, b2_, w3_ = (t.to(dtype) for t in (p, q, w2, b2, w3))
+        dp = torch.empty_like(p)
+        dq, dw2, db2, dw3 = (torch.zeros_like(t) for t in (q, w2, b2, w3))
+        for i in range(0, len(p), rows):
+            h1 = F.leaky_relu_(p_[i:i + rows, None, :] + q_[None, :, :], 0.01).flatten(0, 1)
+            h2 = F.leaky_relu_(torch.addmm(b2_, h1, w2_.T), 0.01)
+            g = grad[i:i + rows].reshape(-1, 1).to(dtype)
+            dw3 += (g.T @ h2).float()
+            # leaky_relu_backward with self_is_result: the slope is read off the output's sign
+            g2 = torch.ops.aten.leaky_relu_backward(g * w3_, h2, 0.01, True)
+            dw2 += (g2.T @ h1).float()
+            db2 += g2.sum(0).float()
+            g1 = torch.ops.aten.leaky_relu_backward(g2 @ w2_, h1, 0.01, True)
+            g1 = g1.view(-1, n_q, g1.shape[-1])
+            dp[i:i + rows] = g1.sum(1).float()
+            dq += g1.sum(0).float()
+        return dp, dq, dw2, db2, dw3, grad.sum().reshape(b3.shape), None, None
+
+
 class ConcatCritic(nn.Module):
     """Table 2 critic T([a; b]): Dense(2d,256), LeakyReLU, Dense(256,256), LeakyReLU, Dense(256,1).
 
-    Scores all B_a x B_b pairs by materialising them: simple and memory-hungry (B^2 x 256).
+    Two implementations of the same function and parameters. `reference` materialises all
+    B_a x B_b concatenated pairs and runs the MLP on them: the definition, simple and
+    memory-hungry (B^2 x 256 activations kept for backward). `fast` (default) splits the first
+    layer, W [a; b] = W_a a + W_b b, computes it once per row and column, and scores row chunks
+    in the autocast dtype (bfloat16) with activations recomputed in backward (_PairwiseMLP).
     """
 
-    def __init__(self, dim: int, hidden: int = 256):
+    def __init__(self, dim: int, hidden: int = 256, fast: bool = True, rows: int | None = None):
         super().__init__()
         self.net = nn.Sequential(nn.Linear(2 * dim, hidden), nn.LeakyReLU(0.01),
                                  nn.Linear(hidden, hidden), nn.LeakyReLU(0.01),
                                  nn.Linear(hidden, 1))
+        self.fast, self.rows = fast, rows
 
-    def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    def reference(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         pairs = torch.cat([a[:, None, :].expand(-1, len(b), -1),
                            b[None, :, :].expand(len(a), -1, -1)], dim=-1)
         return self.net(pairs).squeeze(-1)
+
+    def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        if not self.fast:
+            return self.reference(a, b)
+        first, second, last = self.net[0], self.net[2], self.net[4]
+        device = a.device.type
+        dtype = (torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device)
+                 else torch.float32)
+        # CPU: about 2M activations per chunk stay in cache; CUDA: one chunk
+        rows = self.rows or (max(1, 2 ** 21 // (len(b) * first.out_features))
+                             if device == "cpu" else len(a))
+        with torch.autocast(device, enabled=False):
+            d = a.shape[1]
+            p = F.linear(a.float(), first.weight[:, :d], first.bias)
+            q = F.linear(b.float(), first.weight[:, d:])
+            return _PairwiseMLP.apply(p, q, second.weight, second.bias, last.weight, last.bias,
+                                      dtype, rows)
 
 
 class SeparableCritic(nn.Module):
@@ -718,7 +785,7 @@ def time_per_step(step: Callable[[], Any], n: int, device: torch.device, warmup:
 PAPER = {"batch_size": 1024, "epochs": 2000, "steps": None, "critic": "concat", "loss": "infonce",
          "lr": 1e-3, "aug_sigma": 0.6}
 """Appendix C: batch 1024, 2000 epochs, Adam 1e-3, Table 2 critic, InfoNCE, pixel noise 0.6."""
-RUNTIME_FLAGS = ("out", "resume", "device", "quiet", "bench", "compile")
+RUNTIME_FLAGS = ("out", "resume", "device", "quiet", "bench", "compile", "jobs")
 """Flags that --resume takes from the command line; every other setting comes from args.json."""
 
 
@@ -751,6 +818,9 @@ def add_run_flags(p: argparse.ArgumentParser, critics: Sequence[str], default_cr
              "bilinear": "a^T W b"}
     p.add_argument("--critic", choices=critics, default=default_critic,
                    help="; ".join(f"{name}: {about[name]}" for name in critics))
+    p.add_argument("--critic-impl", choices=["fast", "reference"], default="fast",
+                   help="concat critic: fast (first layer split, bfloat16 row chunks, same "
+                        "function) or reference (all B x B pairs materialised, the definition)")
     p.add_argument("--loss", choices=sorted(LOSSES), default="infonce",
                    help="MI bound (paper: infonce, eq. 2); redv/renwj: Choi & Lee")
     p.add_argument("--reg-weight", type=nonnegative_float, default=0.1,
@@ -765,6 +835,9 @@ def add_run_flags(p: argparse.ArgumentParser, critics: Sequence[str], default_cr
     p.add_argument("--seeds", type=positive_int, default=1,
                    help="sweep: N runs with seeds --seed ... --seed + N - 1, each in its own "
                         "sub-directory of --out")
+    p.add_argument("--jobs", type=positive_int, default=1,
+                   help="sweep: runs at once, each in its own process with CPU cores / N threads "
+                        "(on 2 cores --jobs 2 gave the most runs per hour, README)")
     p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, cuda:1")
     p.add_argument("--dataset", choices=["mnist", "fashion-mnist", "mnist-test-split"],
                    default="mnist",
@@ -785,9 +858,12 @@ def add_run_flags(p: argparse.ArgumentParser, critics: Sequence[str], default_cr
     p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=True,
                    help="bf16 autocast for encoder and learned critics (fp16 on GPUs without "
                         "bf16); --no-amp: float32, faster on CPUs without native bf16")
-    p.add_argument("--compile", action="store_true", help="torch.compile the encoder (CUDA)")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile the encoder and the critic (for CUDA)")
     p.add_argument("--bench", type=positive_int, default=0, metavar="N",
-                   help="time N training steps on synthetic data, print ms/step, and exit")
+                   help="time N training steps on synthetic data with this run's settings and "
+                        "with the reference path (concat critic's definition, float32), print "
+                        "ms/step, their ratio and projected run times, and exit")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument("--paper", action="store_true",
                    help="the paper's settings: " + ", ".join(f"{k}={v}" for k, v in PAPER.items()))
@@ -862,12 +938,14 @@ def fail(message: str, code: int = 2) -> NoReturn:
     sys.exit(code)
 
 
-def make_critic(name: str, dim: int, sigma: float = 0.0) -> nn.Module:
-    """The critic called `name` for d-dimensional embeddings (sigma for the Gaussian one)."""
+def make_critic(name: str, dim: int, sigma: float = 0.0, fast: bool = True) -> nn.Module:
+    """The critic called `name` for d-dimensional embeddings (sigma for the Gaussian one;
+    fast=False: the concat critic's reference implementation)."""
     if name == "gaussian":
         return GaussianCritic(sigma)
-    return {"concat": ConcatCritic, "separable": SeparableCritic,
-            "bilinear": BilinearCritic}[name](dim)
+    if name == "concat":
+        return ConcatCritic(dim, fast=fast)
+    return {"separable": SeparableCritic, "bilinear": BilinearCritic}[name](dim)
 
 
 def mi_loss(name: str, reg_weight: float = 0.1) -> Callable[[torch.Tensor], tuple]:
@@ -906,7 +984,8 @@ def make_train_step(models: nn.ModuleDict, opt: torch.optim.Optimizer,
     objective = objective_of(args)
     if args.compile:
         models = nn.ModuleDict({"encoder": torch.compile(models["encoder"]),
-                                "head": models["head"], "critic": models["critic"]})
+                                "head": models["head"],
+                                "critic": torch.compile(models["critic"])})
 
     def step(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         loss, mi = objective(models, x)
@@ -921,15 +1000,54 @@ def _rng_devices(device: torch.device) -> list[torch.device]:
     return [device] if device.type == "cuda" else []
 
 
-def measure_step(build: Callable[[], nn.ModuleDict], args: argparse.Namespace,
-                 device: torch.device, n: int, warmup: int = 2) -> float:
-    """Seconds per training step on synthetic images, with throw-away models and RNG."""
+def measure_step(build_models: Callable[[argparse.Namespace, torch.device], nn.ModuleDict],
+                 args: argparse.Namespace, device: torch.device, n: int,
+                 warmup: int = 2) -> float:
+    """Seconds per training step of `args` on synthetic images, with throw-away models and RNG."""
     with torch.random.fork_rng(devices=_rng_devices(device)):
-        models = build()
+        models = build_models(args, device)
         step = make_train_step(models, torch.optim.Adam(models.parameters(), lr=args.lr), args)
         x = torch.rand(args.batch_size, 1, 24, 24, device=device).contiguous(
             memory_format=torch.channels_last)
         return time_per_step(lambda: step(x), n, device, warmup)
+
+
+def _describe(args: argparse.Namespace) -> str:
+    impl = {"fast": "first layer split, row chunks",
+            "reference": "all pairs materialised"}[args.critic_impl]
+    return (f"critic {args.critic}{f' ({impl})' if args.critic == 'concat' else ''}, "
+            f"{'bf16 autocast' if args.amp else 'float32'}{', compiled' if args.compile else ''}")
+
+
+def bench(args: argparse.Namespace,
+          build_models: Callable[[argparse.Namespace, torch.device], nn.ModuleDict],
+          device: torch.device) -> dict[str, float]:
+    """--bench N: ms per training step of this run's settings next to the reference path (the
+    concat critic's definition, float32), their ratio, and the projected time of this run and
+    of --paper (2000 epochs of the 60k MNIST training split at batch 1024, Appendix C).
+    Returns the seconds per step of "run", "reference" and "paper".
+    """
+    def variant(**changes: Any) -> argparse.Namespace:
+        return argparse.Namespace(**{**vars(args), **changes})
+
+    runs = {"run": args, "reference": variant(critic_impl="reference", amp=False, compile=False),
+            "paper": variant(**PAPER)}
+    sec = {"run": measure_step(build_models, args, device, args.bench)}
+    print(f"{device.type}, batch {args.batch_size}, loss {args.loss}, {args.bench} steps each")
+    print(f"  this run:  {1e3 * sec['run']:8.1f} ms/step   {_describe(args)}", flush=True)
+    sec["reference"] = measure_step(build_models, runs["reference"], device, args.bench)
+    print(f"  reference: {1e3 * sec['reference']:8.1f} ms/step   {_describe(runs['reference'])}"
+          f"\n  speed-up {sec['reference'] / sec['run']:.1f}x; "
+          f"{args.batch_size / sec['run']:.0f} pairs/s", flush=True)
+    same = all(getattr(args, k) == v for k, v in PAPER.items() if k != "steps")
+    sec["paper"] = sec["run"] if same else measure_step(build_models, runs["paper"], device,
+                                                        args.bench)
+    steps = args.steps if args.epochs is None else args.epochs * (60_000 // args.batch_size)
+    paper_steps = PAPER["epochs"] * (60_000 // PAPER["batch_size"])
+    print(f"  projected: this run ({steps} steps) {sec['run'] * steps / 60:.1f} min; --paper "
+          f"({paper_steps} steps at batch {PAPER['batch_size']}, {_describe(runs['paper'])}: "
+          f"{1e3 * sec['paper']:.0f} ms/step) {sec['paper'] * paper_steps / 3600:.1f} h")
+    return sec
 
 
 def epoch_order(n: int, seed: int, epoch: int, device: torch.device) -> torch.Tensor:
@@ -1091,26 +1209,21 @@ def run_record(args: argparse.Namespace, device: torch.device, data_info: dict[s
             "device": str(device), "wall_time_s": time.time() - started}
 
 
-def run_infomax(args: argparse.Namespace, build: Callable[[torch.device], nn.ModuleDict],
+def run_infomax(args: argparse.Namespace,
+                build_models: Callable[[argparse.Namespace, torch.device], nn.ModuleDict],
                 evaluate: Callable[[nn.ModuleDict, tuple], dict],
                 figures: Callable[[dict, np.ndarray, np.ndarray], dict[str, Any]],
                 desc: str) -> dict | None:
     """One run, start to end: --bench, data, models, --resume, training, evaluation, saving.
 
-    build(device) makes the ModuleDict (encoder, head, critic); evaluate(models, data) returns
-    the metrics plus "embeddings": (z_train, z_test); figures(metrics, z_test, y_test) names the
-    figures to save. Returns the metrics (None for --bench).
+    build_models(args, device) makes the ModuleDict (encoder, head, critic); evaluate(models,
+    data) returns the metrics plus "embeddings": (z_train, z_test); figures(metrics, z_test,
+    y_test) names the figures to save. Returns the metrics (None for --bench).
     """
     device = pick_device(args.device)
     torch.manual_seed(args.seed)
     if args.bench:
-        sec = measure_step(lambda: build(device), args, device, args.bench)
-        # --epochs counts passes over the full 60k-image MNIST training split
-        steps = args.steps if args.epochs is None else args.epochs * (60_000 // args.batch_size)
-        precision = "bf16 autocast" if args.amp else "float32"
-        print(f"{device.type} ({precision}), batch {args.batch_size}, critic {args.critic}, "
-              f"loss {args.loss}: {1e3 * sec:.1f} ms/step, {args.batch_size / sec:.0f} pairs/s; "
-              f"{steps} steps would take {sec * steps / 60:.1f} min")
+        bench(args, build_models, device)
         return None
     started = time.time()
     data, data_info = run_data(args, device)
@@ -1127,7 +1240,7 @@ def run_infomax(args: argparse.Namespace, build: Callable[[torch.device], nn.Mod
     out.mkdir(parents=True, exist_ok=True)
     write_json({k: v for k, v in vars(args).items() if k not in RUNTIME_FLAGS}, out / "args.json")
 
-    models = build(device)
+    models = build_models(args, device)
     opt = torch.optim.Adam(models.parameters(), lr=args.lr)
     start, history, curve = 0, [], []
     if args.resume and (out / "checkpoint.pt").is_file():
@@ -1137,7 +1250,7 @@ def run_infomax(args: argparse.Namespace, build: Callable[[torch.device], nn.Mod
         print("paper settings (Table 2, Appendix C): "
               + ", ".join(f"{k}={getattr(args, k)}" for k in PAPER)
               + f" -> {args.steps} steps; timing 3 steps ...", flush=True)
-        sec = measure_step(lambda: build(device), args, device, 2, warmup=1)
+        sec = measure_step(build_models, args, device, 2, warmup=1)
         print(f"{sec:.2f} s/step on {device.type}: the run takes about "
               f"{sec * (args.steps - start) / 3600:.1f} h", flush=True)
 
@@ -1158,14 +1271,93 @@ def run_infomax(args: argparse.Namespace, build: Callable[[torch.device], nn.Mod
     return metrics
 
 
+def _sweep_job(job: tuple) -> tuple[str, int]:
+    """Run one run of a sweep; returns its label and exit code (0: finished)."""
+    run, key, build_models, evaluate, figures = job
+    label = f"{key}={getattr(run, key):g} seed={run.seed}"
+    try:
+        run_infomax(run, build_models, partial(evaluate, args=run), figures, label)
+    except SystemExit as stop:
+        return label, stop.code if isinstance(stop.code, int) else 1
+    return label, 0
+
+
 def run_all(args: argparse.Namespace, key: str,
             build_models: Callable[[argparse.Namespace, torch.device], nn.ModuleDict],
-            evaluate: Callable[[nn.ModuleDict, tuple, argparse.Namespace], dict],
+            evaluate: Callable[..., dict],
             figures: Callable[[dict, np.ndarray, np.ndarray], dict[str, Any]]) -> None:
-    """The single run of `args`, or every (value, seed) of its sweep (--<key>s, --seeds)."""
-    runs = (sweep_runs(args, key, getattr(args, f"{key}s") or [getattr(args, key)], f"{key}s")
-            if is_sweep(args, key) else [args])
-    for run in runs:
-        run_infomax(run, build=partial(build_models, run),
-                    evaluate=lambda models, data, run=run: evaluate(models, data, run),
-                    figures=figures, desc=f"{key}={getattr(run, key):g} seed={run.seed}")
+    """The single run of `args`, or every (value, seed) of its sweep (--<key>s, --seeds).
+
+    evaluate(models, data, args) computes a run's metrics. With --jobs N the sweep's runs go to
+    N worker processes with CPU cores / N threads each; a failed run is reported at the end and
+    sets the exit code, the others complete.
+    """
+    if not is_sweep(args, key):
+        run_infomax(args, build_models, partial(evaluate, args=args), figures,
+                    f"{key}={getattr(args, key):g} seed={args.seed}")
+        return
+    runs = sweep_runs(args, key, getattr(args, f"{key}s") or [getattr(args, key)], f"{key}s")
+    jobs = [(run, key, build_models, evaluate, figures) for run in runs]
+    if args.jobs == 1:
+        codes = [_sweep_job(job)[1] for job in jobs]
+    else:
+        for run in runs:
+            run.quiet = True
+        threads = max(1, torch.get_num_threads() // args.jobs)
+        context = multiprocessing.get_context("spawn")
+        codes = []
+        with context.Pool(min(args.jobs, len(jobs)), initializer=torch.set_num_threads,
+                          initargs=(threads,), maxtasksperchild=1) as pool:
+            for done, (label, code) in enumerate(pool.imap_unordered(_sweep_job, jobs), 1):
+                status = f"failed (exit code {code})" if code else "finished"
+                print(f"[{done}/{len(jobs)}] {label} {status}", flush=True)
+                codes.append(code)
+    failed = [code for code in codes if code]
+    if failed:
+        fail(f"{len(failed)} of {len(codes)} runs failed; repeat the command to resume them",
+             code=max(failed))
+
+
+# --------------------------------------------------------------------------------------------
+# Self-supervised losses of Table 1 (cifar_ssl.py): SimCLR and VICReg on two views' projections
+# --------------------------------------------------------------------------------------------
+
+def nt_xent(z1: torch.Tensor, z2: torch.Tensor, temperature: float = 0.2) -> torch.Tensor:
+    """NT-Xent, the SimCLR loss (Chen et al. 2020, eq. 1), averaged over all 2N anchors.
+
+    z1[k] and z2[k] (N x d) are projections of two views of image k. With u = z / ||z|| over the
+    2N rows, l(i, j) = -log exp(u_i.u_j / t) / sum_{m != i} exp(u_i.u_m / t), and the loss is the
+    mean of l(k, k + N) and l(k + N, k) over k. It is InfoNCE (Section 4) with 2N - 1 candidates
+    per anchor. Temperature t = 0.2 in Appendix C.
+    """
+    u = F.normalize(torch.cat([z1, z2]).float(), dim=1)
+    n = len(z1)
+    logits = (u @ u.T / temperature).fill_diagonal_(-math.inf)
+    positives = torch.cat([torch.arange(n, 2 * n), torch.arange(n)]).to(u.device)
+    return F.cross_entropy(logits, positives)
+
+
+def vicreg_loss(z1: torch.Tensor, z2: torch.Tensor, sim_weight: float = 25.0,
+                var_weight: float = 25.0, cov_weight: float = 1.0,
+                eps: float = 1e-4) -> torch.Tensor:
+    """VICReg (Bardes et al. 2022, eq. 6): sim s(Z, Z') + var [v(Z) + v(Z')] + cov [c(Z) + c(Z')].
+
+    s: mean squared difference over all N x d entries (the authors' code, for which the weights
+    25 / 25 / 1 of Appendix C were tuned); v(Z) = mean_j max(0, 1 - sqrt(Var z_j + eps)) (eq. 1,
+    gamma = 1); c(Z) = sum of squared off-diagonal entries of the covariance (divisor N - 1) / d
+    (eq. 3).
+    """
+    z1, z2 = z1.float(), z2.float()
+
+    def variance(z: torch.Tensor) -> torch.Tensor:
+        return F.relu(1.0 - torch.sqrt(z.var(dim=0) + eps)).mean()
+
+    def covariance(z: torch.Tensor) -> torch.Tensor:
+        n, d = z.shape
+        centred = z - z.mean(dim=0)
+        cov = centred.T @ centred / (n - 1)
+        return (cov.pow(2).sum() - cov.diagonal().pow(2).sum()) / d
+
+    return (sim_weight * F.mse_loss(z1, z2)
+            + var_weight * (variance(z1) + variance(z2))
+            + cov_weight * (covariance(z1) + covariance(z2)))

@@ -51,7 +51,8 @@ def build_models(args: argparse.Namespace, device: torch.device) -> nn.ModuleDic
     """Encoder f (Table 2), Gaussian noise head (BatchNorm + Z) and critic T."""
     models = nn.ModuleDict({"encoder": ConvEncoder(args.dim),
                             "head": GaussianNoise(args.dim, args.sigma),
-                            "critic": make_critic(args.critic, args.dim, args.sigma)})
+                            "critic": make_critic(args.critic, args.dim, args.sigma,
+                                                  fast=args.critic_impl == "fast")})
     return models.to(device).to(memory_format=torch.channels_last)
 
 

@@ -57,7 +57,8 @@ def build_models(args: argparse.Namespace, device: torch.device) -> nn.ModuleDic
     """Encoder f (Table 2), uniform noise head (Phi(BatchNorm) + Z) and a learned critic T."""
     models = nn.ModuleDict({"encoder": ConvEncoder(args.dim),
                             "head": UniformNoise(args.dim, args.eps),
-                            "critic": make_critic(args.critic, args.dim)})
+                            "critic": make_critic(args.critic, args.dim,
+                                                  fast=args.critic_impl == "fast")})
     return models.to(device).to(memory_format=torch.channels_last)
 
 

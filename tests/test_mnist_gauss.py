@@ -1,5 +1,6 @@
 """End-to-end tests of mnist_gauss.py on a tiny data set in MNIST's IDX format."""
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -137,9 +138,18 @@ def test_missing_data_dir_is_one_clear_line(tmp_path):
     assert not (tmp_path / "run").exists()
 
 
-def test_bench_prints_ms_per_step(capsys):
-    mnist_gauss.main(["--bench", "2", "--batch-size", "32", "--device", "cpu"])
-    assert "ms/step" in capsys.readouterr().out
+def test_bench_prints_fast_and_reference_side_by_side(capsys):
+    mnist_gauss.main(["--bench", "1", "--batch-size", "32", "--critic", "concat",
+                      "--device", "cpu"])
+    out = capsys.readouterr().out
+    run, reference = (re.search(rf"{name}: +([0-9.]+) ms/step .*critic concat \(([a-z ,]+)\)",
+                                out) for name in ("this run", "reference"))
+    assert run.group(2).startswith("first layer split") and "bf16" in out.splitlines()[1]
+    assert reference.group(2) == "all pairs materialised" and "float32" in out.splitlines()[2]
+    ratio = float(reference.group(1)) / float(run.group(1))
+    speed_up = float(re.search(r"speed-up ([0-9.]+)x", out).group(1))
+    assert speed_up == pytest.approx(ratio, rel=0.02, abs=0.06)
+    assert "--paper (116000 steps at batch 1024" in out and "2000 steps" in out
 
 
 @pytest.mark.cuda

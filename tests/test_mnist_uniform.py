@@ -4,7 +4,8 @@ import math
 
 import numpy as np
 import pytest
-from test_mnist_gauss import tiny_mnist  # noqa: F401  (pytest fixture)
+import torch
+from test_mnist_gauss import comparable, tiny_mnist  # noqa: F401  (pytest fixture)
 
 import mnist_gauss
 import mnist_uniform
@@ -72,3 +73,27 @@ def test_gaussian_sweep_with_seeds_only(tiny_mnist, tmp_path, capsys):  # noqa: 
     with pytest.raises(SystemExit):
         mnist_gauss.parse_args(["--sigmas", "0.5", "0", "--critic", "gaussian"])
     assert "Theorem 4.1" in capsys.readouterr().err
+
+
+def test_parallel_sweep_reproduces_the_sequential_one(tiny_mnist, tmp_path, capsys):  # noqa: F811
+    argv = ["--data-dir", str(tiny_mnist), "--steps", "3", "--sigmas", "0.2", "0.5", *FLAGS]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # what each of the two workers gets on 2 cores
+    try:
+        mnist_gauss.main([*argv, "--out", str(tmp_path / "sequential")])
+    finally:
+        torch.set_num_threads(threads)
+    mnist_gauss.main([*argv, "--out", str(tmp_path / "parallel"), "--jobs", "2"])
+    assert "[2/2] sigma=" in capsys.readouterr().out
+    for name in ("sigma0.2_seed0", "sigma0.5_seed0"):
+        a, b = (json.loads((tmp_path / mode / name / "metrics.json").read_text())
+                for mode in ("sequential", "parallel"))
+        assert comparable(a) == comparable(b)
+
+
+def test_failed_runs_of_a_parallel_sweep_set_the_exit_code(tiny_mnist, tmp_path, capsys):  # noqa: F811
+    with pytest.raises(SystemExit) as exc:
+        mnist_gauss.main(["--data-dir", str(tiny_mnist), "--steps", "3", "--sigmas", "0.2", "0.5",
+                          "--lr", "1e30", "--jobs", "2", "--out", str(tmp_path), *FLAGS])
+    assert exc.value.code == 3
+    assert "2 of 2 runs failed" in capsys.readouterr().err
