@@ -129,10 +129,11 @@ def _where(root: Path) -> str:
     return str(root.relative_to(REPO)) if root.is_relative_to(REPO) else str(root)
 
 
-def load_data(dataset: str, data_dir: str | None, download: bool = True,
-              split_seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor,
-                                            torch.Tensor, dict[str, Any]]:
-    """Train and test images cropped to 24x24, their labels, and a record of what was used.
+def load_data(dataset: str, data_dir: str | None, download: bool = True, split_seed: int = 0,
+              crop: int | None = 24) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor,
+                                                torch.Tensor, dict[str, Any]]:
+    """Train and test images center-cropped to crop x crop (Table 2: 24; None: the full 28x28),
+    their labels, and a record of what was used.
 
     dataset: "mnist" (60k/10k), "fashion-mnist" (60k/10k) or "mnist-test-split" (the 10k MNIST
     test split, seeded 8k/2k split, since its first and last 5k come from different writers).
@@ -168,7 +169,9 @@ def load_data(dataset: str, data_dir: str | None, download: bool = True,
             info["note"] = (f"full MNIST unavailable ({unavailable}): using the MNIST test split "
                             f"shipped in data/mnist/, seeded {len(tr)}/{len(te)} train/test")
     info.update(n_train=len(x_tr), n_test=len(x_te))
-    return center_crop(x_tr), y_tr, center_crop(x_te), y_te, info
+    if crop is not None:
+        x_tr, x_te = center_crop(x_tr, crop), center_crop(x_te, crop)
+    return x_tr, y_tr, x_te, y_te, info
 
 
 # --------------------------------------------------------------------------------------------
@@ -733,6 +736,23 @@ def write_json(obj: Any, path: str | Path) -> None:
         Path(tmp).write_text(json.dumps(clean(obj), indent=2) + "\n")
 
 
+def read_json(path: str | Path) -> Any:
+    """A file written by write_json, with its "nan" / "inf" / "-inf" strings as floats again;
+    one line and exit code 2 when it cannot be read."""
+    special = {"nan": math.nan, "inf": math.inf, "-inf": -math.inf}
+
+    def restore(v: Any) -> Any:
+        if isinstance(v, dict):
+            return {k: restore(x) for k, x in v.items()}
+        if isinstance(v, list):
+            return [restore(x) for x in v]
+        return special.get(v, v) if isinstance(v, str) else v
+    try:
+        return restore(json.loads(Path(path).read_text()))
+    except (OSError, ValueError) as err:
+        fail(f"{path} is not valid JSON ({err})")
+
+
 def save_figure(fig: Any, path: str | Path) -> None:
     """Save a matplotlib figure atomically, in the format named by the path's suffix."""
     with atomic_path(path) as tmp:
@@ -794,6 +814,14 @@ def positive_int(text: str) -> int:
     value = int(text)
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+    return value
+
+
+def positive_float(text: str) -> float:
+    """argparse type: a finite number > 0."""
+    value = float(text)
+    if not value > 0 or math.isinf(value):
+        raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text}")
     return value
 
 
@@ -874,6 +902,25 @@ def is_sweep(args: argparse.Namespace, key: str) -> bool:
     return getattr(args, f"{key}s") is not None or args.seeds > 1
 
 
+def resolve_out(p: argparse.ArgumentParser, args: argparse.Namespace, stem: str) -> None:
+    """The --out / --resume rules of every script. --resume takes every setting except the
+    RUNTIME_FLAGS from --out/args.json; an --out that holds files is refused without --resume;
+    no --out gives a new directory named `stem` + a time stamp (not needed for --bench).
+    """
+    if args.resume:
+        if args.out is None or not (Path(args.out) / "args.json").is_file():
+            p.error("--resume needs --out pointing at a run directory with args.json")
+        saved = read_json(Path(args.out) / "args.json")
+        vars(args).update({k: v for k, v in saved.items() if k not in RUNTIME_FLAGS})
+    elif args.out is not None and Path(args.out).exists() and any(Path(args.out).iterdir()):
+        p.error(f"--out {args.out} already holds files; pass --resume to continue that run "
+                "or choose another directory")
+    elif args.out is None and not args.bench:
+        base = f"{stem}_{time.strftime('%Y%m%d-%H%M%S')}"
+        args.out = next(name for name in (base, *(f"{base}-{i}" for i in range(2, 1000)))
+                        if not Path(name).exists())
+
+
 def check_run_args(p: argparse.ArgumentParser, args: argparse.Namespace, key: str,
                    script: str) -> argparse.Namespace:
     """Apply --paper and --resume, pick a fresh --out, and reject inconsistent settings.
@@ -884,21 +931,10 @@ def check_run_args(p: argparse.ArgumentParser, args: argparse.Namespace, key: st
     """
     if args.paper:
         vars(args).update(PAPER)
-    stamp = time.strftime("%Y%m%d-%H%M%S")
     if is_sweep(args, key):
-        args.out = args.out or f"runs/{script}/sweep_{stamp}"
-    elif args.resume:
-        if args.out is None or not (Path(args.out) / "args.json").is_file():
-            p.error("--resume needs --out pointing at a run directory with args.json")
-        saved = json.loads((Path(args.out) / "args.json").read_text())
-        vars(args).update({k: v for k, v in saved.items() if k not in RUNTIME_FLAGS})
-    elif args.out is not None and Path(args.out).exists() and any(Path(args.out).iterdir()):
-        p.error(f"--out {args.out} already holds files; pass --resume to continue that run "
-                "or choose another directory")
-    elif args.out is None:
-        stem = f"runs/{script}/{key}{getattr(args, key):g}_seed{args.seed}_{stamp}"
-        args.out = next(name for name in (stem, *(f"{stem}-{i}" for i in range(2, 1000)))
-                        if not Path(name).exists())
+        args.out = args.out or f"runs/{script}/sweep_{time.strftime('%Y%m%d-%H%M%S')}"
+    else:
+        resolve_out(p, args, f"runs/{script}/{key}{getattr(args, key):g}_seed{args.seed}")
     if args.steps is not None and args.steps < 0:
         p.error("--steps must be >= 0")
     if args.lr <= 0:
@@ -1234,7 +1270,7 @@ def run_infomax(args: argparse.Namespace,
 
     out = Path(args.out)
     if args.resume and (out / "metrics.json").is_file():
-        metrics = json.loads((out / "metrics.json").read_text())
+        metrics = read_json(out / "metrics.json")
         print(f"{out} is finished:\n" + summary(metrics))
         return metrics
     out.mkdir(parents=True, exist_ok=True)

@@ -1,12 +1,17 @@
-"""Evaluate saved runs of mnist_gauss.py / mnist_uniform.py (Section 5, Figure 1).
+"""Evaluate saved runs of mnist_gauss.py / mnist_uniform.py / cifar_ssl.py (Section 5).
 
-Three modes:
+Four modes:
 
     python evaluate.py runs/sweep [RUN_DIR ...] --out figure1
         Figure 1: every metric against the capacity C, mean over seeds with 99% confidence
         intervals, the sigma = 0 and untrained-encoder baselines as horizontal lines; writes
         PREFIX.png, PREFIX.pdf, PREFIX.md and PREFIX.csv, prints the table, and lists every run
-        whose MI estimate exceeds its bound C by more than 3 standard errors.
+        whose MI estimate exceeds its bound C by more than 3 standard errors. For a sigma sweep
+        of cifar_ssl.py runs (poster Figure 2) the panels are the normality p-values of the
+        normalized projector outputs and the probe accuracies, against sigma.
+    python evaluate.py --table runs/cifar_ssl [RUN_DIR ...] --out table1
+        Table 1: linear-probe top-1 / top-5 of cifar_ssl.py runs by method and sigma, next to
+        the paper's numbers; prints it and writes PREFIX.md.
     python evaluate.py --embeddings RUN_DIR/embeddings.npz [--uniform]
         The normality tests (and downstream accuracies when labels are present) of Section 5 on
         saved embeddings (an .npz of a run, or an (n, d) .npy array), printed as JSON.
@@ -66,13 +71,32 @@ UNIFORM_METRICS = [("ks_p_mean", "uniformity.ks_p_mean", "Kolmogorov-Smirnov p (
                    ("ks_stat_max", "uniformity.ks_stat_max", "Kolmogorov-Smirnov D (max)")]
 """Extra panels for uniform DM (Section 3.2): per-coordinate tests against U[0, 1]."""
 
-FAMILIES = {"sigma": ("Gaussian", "σ", "eq. 5"), "eps": ("uniform", "ε", "eq. 6")}
-"""Noise key in metrics.json -> (name, symbol, capacity equation)."""
+SSL_METRICS = METRICS[:3] + [
+    ("top1", "probe.top1", "linear probe top-1"),
+    ("top5", "probe.top5", "linear probe top-5"),
+    ("online_top1", "online_probe.test_top1", "online probe top-1")]
+"""The panels for cifar_ssl.py runs: normality of the normalized projector outputs, probes."""
+
+FAMILIES = {"sigma": ("Gaussian", "σ", "eq. 5"), "eps": ("uniform", "ε", "eq. 6"),
+            "ssl": ("SSL Gaussian", "σ", "eq. 5")}
+"""Kind of run -> (name, symbol, capacity equation): mnist_gauss.py, mnist_uniform.py,
+cifar_ssl.py."""
 SHARED = ("dim", "data.dataset", "data.split", "data.n_train", "data.n_test",
           "normality.subsample")
 """Settings every run of one figure must share: embedding size, data, power of the tests."""
 TRAINING = ("critic", "loss", "steps", "batch_size")
 """Settings shared by all trained runs, and within each baseline."""
+SSL_SHARED = ("dim", "data.dataset", "data.n_train", "probe_images.train", "probe_images.test",
+              "normality.subsample")
+SSL_TRAINING = ("method", "arch", "steps", "batch_size")
+"""The same for cifar_ssl.py runs."""
+
+PAPER_TABLE1 = {
+    ("simclr", 0.0): (90.83, 99.76, 65.64, 89.91), ("simclr", 0.1): (90.96, 99.72, 67.03, 90.49),
+    ("simclr", 0.3): (91.56, 99.77, 65.72, 89.76), ("simclr", 0.5): (90.51, 99.74, 65.58, 89.56),
+    ("vicreg", 0.0): (90.63, 99.67, 65.71, 88.96), ("vicreg", 0.1): (91.09, 99.68, 68.92, 90.50),
+    ("vicreg", 0.3): (90.75, 99.61, 67.31, 89.89), ("vicreg", 0.5): (91.02, 99.75, 66.52, 89.66)}
+"""Paper Table 1 (800 epochs): (CIFAR-10 top-1, top-5, CIFAR-100 top-1, top-5) in %."""
 
 
 # --------------------------------------------------------------------------------------------
@@ -108,25 +132,39 @@ def find_runs(paths: list[str]) -> list[Path]:
         runs = sorted(file.parent for file in path.rglob("metrics.json")) if path.is_dir() else []
         if not runs:
             fail(f"{path} holds no metrics.json: expected a run directory of mnist_gauss.py / "
-                 "mnist_uniform.py or a folder of them")
+                 "mnist_uniform.py / cifar_ssl.py or a folder of them")
         found.update((run.resolve(), None) for run in runs)
     return list(found)
 
 
+def panels(family: str) -> list[tuple[str, str, str]]:
+    """The metrics Figure 1 shows for runs of one family (a key of FAMILIES)."""
+    return {"sigma": METRICS, "eps": METRICS + UNIFORM_METRICS, "ssl": SSL_METRICS}[family]
+
+
+def settings_of(family: str) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """(settings all runs of a figure share, settings shared within trained runs / baselines)."""
+    return (SSL_SHARED, SSL_TRAINING) if family == "ssl" else (SHARED, TRAINING)
+
+
 def load_run(path: Path) -> dict[str, Any]:
-    """The entries of path/metrics.json that Figure 1 needs, as floats ("inf" -> inf)."""
+    """The entries of path/metrics.json that Figure 1 needs, as floats ("inf" -> inf; a test
+    that was not run, null, -> nan)."""
     file = path / "metrics.json"
     try:
         saved = json.loads(file.read_text())
-        noise_key = "eps" if "eps" in saved else "sigma"
-        metrics = METRICS + (UNIFORM_METRICS if noise_key == "eps" else [])
-        return {"path": path, "noise_key": noise_key, "noise": float(saved[noise_key]),
-                "capacity": float(saved["capacity"]), "seed": saved["seed"],
-                "mi_se": float(saved["mi_heldout_se"]),
+        family = "ssl" if "method" in saved else "eps" if "eps" in saved else "sigma"
+        noise_key = "eps" if family == "eps" else "sigma"
+        shared, training = settings_of(family)
+        return {"path": path, "family": family, "noise_key": noise_key,
+                "noise": float(saved[noise_key]), "capacity": float(saved["capacity"]),
+                "seed": saved["seed"], "mi_se": float(saved.get("mi_heldout_se", math.nan)),
                 "kind": ("untrained" if saved["steps"] == 0
                          else "no noise" if math.isinf(float(saved["capacity"])) else "trained"),
-                "values": {name: float(lookup(saved, key)) for name, key, _ in metrics},
-                "settings": {key: lookup(saved, key) for key in SHARED + TRAINING}}
+                "values": {name: math.nan if lookup(saved, key) is None
+                           else float(lookup(saved, key)) for name, key, _ in panels(family)},
+                "settings": {key: lookup(saved, key) for key in shared + training},
+                "saved": saved}
     except KeyError as err:
         fail(f"{file} lacks the entry {err}")
     except (OSError, ValueError, TypeError) as err:
@@ -147,20 +185,22 @@ def check_same(runs: list[dict[str, Any]], keys: tuple[str, ...], what: str) -> 
 def group_rows(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """One row per noise value of the trained runs, then one per baseline (kind, noise value).
 
-    Refuses Gaussian and uniform runs together, runs whose shared settings differ, and two
-    runs with the same seed in one row (averaging them would count one seed twice).
+    Refuses runs of different families (Gaussian, uniform, SSL) together, runs whose shared
+    settings differ, and two runs with the same seed in one row (averaging them would count one
+    seed twice).
     """
-    families = {run["noise_key"] for run in runs}
+    families = [family for family in FAMILIES if any(run["family"] == family for run in runs)]
     if len(families) > 1:
-        gauss = next(r for r in runs if r["noise_key"] == "sigma")
-        unif = next(r for r in runs if r["noise_key"] == "eps")
-        fail(f"cannot mix Gaussian (sigma) and uniform (eps) runs in one figure: "
-             f"{gauss['path']} is Gaussian, {unif['path']} is uniform")
-    check_same(runs, SHARED, "runs of one figure")
+        first, second = (next(r for r in runs if r["family"] == f) for f in families[:2])
+        fail(f"cannot mix {FAMILIES[families[0]][0]} ({families[0]}) and "
+             f"{FAMILIES[families[1]][0]} ({families[1]}) runs in one figure: {first['path']} is "
+             f"{FAMILIES[families[0]][0]}, {second['path']} is {FAMILIES[families[1]][0]}")
+    shared, training = settings_of(families[0])
+    check_same(runs, shared, "runs of one figure")
     trained = [run for run in runs if run["kind"] == "trained"]
     if not trained:
         fail(f"none of the {len(runs)} runs is a trained run with finite capacity C")
-    check_same(trained, TRAINING, "the trained runs of one figure")
+    check_same(trained, training, "the trained runs of one figure")
     groups: dict[tuple[int, float], list[dict[str, Any]]] = {}
     order = {"trained": 0, "no noise": 1, "untrained": 2}
     for run in runs:
@@ -169,7 +209,7 @@ def group_rows(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
     for (_, noise), members in sorted(groups.items()):
         kind = members[0]["kind"]
         if kind != "trained":
-            check_same(members, TRAINING, f"the {kind} baseline runs")
+            check_same(members, training, f"the {kind} baseline runs")
         seeds: dict[Any, Path] = {}
         for run in members:
             if run["seed"] in seeds:
@@ -242,11 +282,13 @@ def csv_text(rows: list[dict[str, Any]], metrics: list[tuple[str, str, str]],
 
 
 def plot_figure1(rows: list[dict[str, Any]], metrics: list[tuple[str, str, str]], symbol: str,
-                 title: str) -> Any:
+                 title: str, against_noise: bool = False) -> Any:
     """Figure 1: each metric against capacity C, mean over seeds with 99% CI error bars.
 
     Dashed: the bound I = C in the MI panel; dotted: C = log 10, below which the noisy channel
     cannot carry the digit; horizontal lines: the baselines (mean over their seeds).
+    `against_noise`: the noise level on the x-axis instead of C (cifar_ssl.py sweeps, where C
+    grows with the projector's dimension and the paper's tables are indexed by sigma).
     """
     plt = pyplot()
     ncols = 4
@@ -255,10 +297,12 @@ def plot_figure1(rows: list[dict[str, Any]], metrics: list[tuple[str, str, str]]
     trained = [row for row in rows if row["kind"] == "trained"]
     baselines = [row for row in rows if row["kind"] != "trained"]
     capacity = [row["capacity"] for row in trained]
+    x = [row["noise"] for row in trained] if against_noise else capacity
+    legend_ax = axes.flat[0]
     for ax, (name, _, panel) in zip(axes.flat, metrics, strict=False):
         mean = [row[name][0] for row in trained]
         half = np.nan_to_num([row[name][1] for row in trained])
-        ax.errorbar(capacity, mean, yerr=half, fmt="o-", capsize=3, color="C0",
+        ax.errorbar(x, mean, yerr=half, fmt="o-", capsize=3, color="C0",
                     label="trained: mean ± 99% CI")
         for i, row in enumerate(baselines):
             ax.axhline(row[name][0], color=f"C{i + 1}", linestyle="-.",
@@ -268,8 +312,11 @@ def plot_figure1(rows: list[dict[str, Any]], metrics: list[tuple[str, str, str]]
             ax.axline((capacity[0], capacity[0]), slope=1, color="k", linestyle="--",
                       linewidth=1, label="bound I = C")
             legend_ax = ax
-        ax.axvline(LOG10, color="gray", linestyle=":", label="C = log 10")
-        ax.set(title=panel, xlabel="capacity C (nats)")
+        if against_noise:
+            ax.set(title=panel, xlabel=f"noise {symbol}")
+        else:
+            ax.axvline(LOG10, color="gray", linestyle=":", label="C = log 10")
+            ax.set(title=panel, xlabel="capacity C (nats)")
     for ax in axes.flat[len(metrics):]:
         ax.remove()
     handles, labels = legend_ax.get_legend_handles_labels()
@@ -284,26 +331,31 @@ def aggregate(paths: list[str], prefix: str) -> None:
     """Mode 1: Figure 1, its table (markdown and CSV) and the MI-bound check for many runs."""
     runs = [load_run(path) for path in find_runs(paths)]
     rows = group_rows(runs)
-    noise_key = runs[0]["noise_key"]
-    family, symbol, equation = FAMILIES[noise_key]
-    metrics = METRICS + (UNIFORM_METRICS if noise_key == "eps" else [])
+    noise_key, ssl = runs[0]["noise_key"], runs[0]["family"] == "ssl"
+    family, symbol, equation = FAMILIES[runs[0]["family"]]
+    metrics = panels(runs[0]["family"])
     settings = runs[0]["settings"]
     trained = [run for run in runs if run["kind"] == "trained"]
     first = trained[0]["settings"]
-    about = (f"{family} DM, d = {settings['dim']}, {settings['data.dataset']}, "
-             f"{first['critic']} critic, {first['steps']} steps, "
+    model = (f"{first['method']} {first['arch']}, projector output" if ssl
+             else f"{first['critic']} critic,")
+    about = (f"{family} DM, {model} d = {settings['dim']}, {settings['data.dataset']}, "
+             f"{first['steps']} steps, "
              f"normality tests on {settings['normality.subsample']}-point subsamples")
     caption = (f"Figure 1 ({about}): mean ± 99% CI half-width over seeds "
                f"(z = {Z99:.3f}, none for one seed); C from {equation}")
-    violations = mi_bound_violations(runs)
-    check = (f"MI check (I <= C + 3 SE, {equation}): "
-             + (f"{len(violations)} of {len(trained)} trained runs exceed the bound:\n"
-                + "\n".join(violations) if violations
-                else f"no trained run exceeds the bound ({len(trained)} checked)"))
+    if ssl:  # the SSL losses give no MI estimate to hold against C
+        check = "MI check: none (cifar_ssl.py runs record no MI estimate)"
+    else:
+        violations = mi_bound_violations(runs)
+        check = (f"MI check (I <= C + 3 SE, {equation}): "
+                 + (f"{len(violations)} of {len(trained)} trained runs exceed the bound:\n"
+                    + "\n".join(violations) if violations
+                    else f"no trained run exceeds the bound ({len(trained)} checked)"))
     text = markdown(rows, metrics, symbol, caption) + "\n\n" + check + "\n"
     out = Path(prefix)
     out.parent.mkdir(parents=True, exist_ok=True)
-    fig = plot_figure1(rows, metrics, symbol, f"Figure 1: {about}")
+    fig = plot_figure1(rows, metrics, symbol, f"Figure 1: {about}", against_noise=ssl)
     for suffix in ("png", "pdf"):
         save_figure(fig, f"{out}.{suffix}")
     with atomic_path(f"{out}.md") as tmp:
@@ -314,7 +366,87 @@ def aggregate(paths: list[str], prefix: str) -> None:
 
 
 # --------------------------------------------------------------------------------------------
-# Mode 2: tests on saved embeddings
+# Mode 2: Table 1 from cifar_ssl.py runs
+# --------------------------------------------------------------------------------------------
+
+TABLE_DATASETS = {"cifar10": "CIFAR-10", "cifar100": "CIFAR-100"}
+METHOD_NAMES = {"simclr": "SimCLR", "vicreg": "VICReg"}
+UNTRAINED = ("untrained", 0.0)
+"""The Table 1 row of random-init encoders (--steps 0), whatever their method and sigma."""
+
+
+def table_cell(values: list[float], paper: float | None) -> str:
+    """Our mean in % (± 99% CI half-width over seeds when there are several), then the paper's
+    number in parentheses; "–" where there is no run or no paper number."""
+    ours = "–"
+    if values:
+        mean, half = mean_ci99(values)
+        ours = f"{100 * mean:.2f}" + ("" if math.isnan(half) else f" ± {100 * half:.2f}")
+    return ours + ("" if paper is None else f" ({paper:.2f})")
+
+
+def table1_text(runs: list[dict[str, Any]]) -> str:
+    """Table 1 in the paper's layout (method x sigma rows; top-1 / top-5 per dataset), our runs
+    next to the paper's numbers; datasets beyond CIFAR get columns of their own, and random-init
+    encoders (--steps 0) a row of their own. Runs of one cell are seeds of one setting."""
+    cells: dict[tuple[tuple[str, float], str], list[dict[str, Any]]] = {}
+    for run in runs:
+        row = (UNTRAINED if run["kind"] == "untrained"
+               else (run["saved"]["method"], run["noise"]))
+        cells.setdefault((row, run["saved"]["dataset"]), []).append(run)
+    for (row, dataset), members in cells.items():
+        what = f"the runs of {row[0]} sigma = {row[1]:g} on {dataset}"
+        check_same(members, ("arch", "steps", "batch_size", "probe_images.train",
+                             "probe_images.test"), what)
+        seeds: dict[Any, Path] = {}
+        for run in members:
+            if run["seed"] in seeds:
+                fail(f"{seeds[run['seed']]} and {run['path']} are both seed {run['seed']} of "
+                     f"{what}: pass only one of them")
+            seeds[run["seed"]] = run["path"]
+    datasets = list(TABLE_DATASETS) + sorted({key[1] for key in cells} - set(TABLE_DATASETS))
+    rows = sorted(set(PAPER_TABLE1) | {key[0] for key in cells} - {UNTRAINED})
+    rows += [UNTRAINED] if any(key[0] == UNTRAINED for key in cells) else []
+    header = ["", *(f"{TABLE_DATASETS.get(d, d)} top-{k}" for d in datasets for k in (1, 5))]
+    lines = ["| " + " | ".join(header) + " |", "| --- |" + " ---: |" * (len(header) - 1)]
+    for method, sigma in rows:
+        label = ("random-init encoder" if (method, sigma) == UNTRAINED
+                 else METHOD_NAMES[method] + ("" if sigma == 0 else f" σ = {sigma:g}"))
+        row = [label]
+        for d in datasets:
+            probes = [run["saved"]["probe"] for run in cells.get(((method, sigma), d), [])]
+            paper = PAPER_TABLE1.get((method, sigma)) if d in TABLE_DATASETS else None
+            offset = 2 * list(TABLE_DATASETS).index(d) if paper else 0
+            for k, key in enumerate(("top1", "top5")):
+                row.append(table_cell([probe[key] for probe in probes],
+                                      paper[offset + k] if paper else None))
+        lines.append("| " + " | ".join(row) + " |")
+    settings = sorted({(r["saved"]["dataset"], r["saved"]["arch"], round(r["saved"]["epochs"], 2),
+                        r["saved"]["batch_size"], r["saved"]["probe_images"]["train"])
+                       for r in runs})
+    notes = "; ".join(f"{d}: {arch}, {epochs:g} epochs, batch {batch}, probe on {n} images"
+                      for d, arch, epochs, batch, n in settings)
+    return ("Table 1: linear-probe accuracy (%) on the test split, ours (paper's in parentheses: "
+            "ResNet-18, 800 epochs, batch 256)\n\n" + "\n".join(lines)
+            + f"\n\nour runs ({len(runs)}): {notes}\n")
+
+
+def table1(paths: list[str], prefix: str) -> None:
+    """Mode 2: print Table 1 from cifar_ssl.py run directories and write PREFIX.md."""
+    runs = [load_run(path) for path in find_runs(paths)]
+    for run in runs:
+        if run["family"] != "ssl":
+            fail(f"{run['path']} is not a cifar_ssl.py run (its metrics.json has no method)")
+    text = table1_text(runs)
+    out = Path(prefix)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(f"{out}.md") as tmp:
+        Path(tmp).write_text(text)
+    print(text + f"\nsaved {out}.md")
+
+
+# --------------------------------------------------------------------------------------------
+# Mode 3: tests on saved embeddings
 # --------------------------------------------------------------------------------------------
 
 def embeddings_report(file: Path, uniform: bool, subsample: int, seed: int) -> dict[str, Any]:
@@ -356,7 +488,7 @@ def embeddings_report(file: Path, uniform: bool, subsample: int, seed: int) -> d
 
 
 # --------------------------------------------------------------------------------------------
-# Mode 3: recompute a run's metrics from its saved model
+# Mode 4: recompute a run's metrics from its saved model
 # --------------------------------------------------------------------------------------------
 
 def recompute(run_dir: Path, device_name: str) -> dict[str, Any]:
@@ -419,10 +551,13 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescript
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("runs", nargs="*", metavar="RUN_DIR",
-                   help="Figure 1 mode: run directories, or folders searched recursively for "
-                        "run directories (those holding metrics.json)")
-    p.add_argument("--out", default="figure1", metavar="PREFIX",
-                   help="Figure 1 mode: write PREFIX.png, PREFIX.pdf, PREFIX.md, PREFIX.csv")
+                   help="Figure 1 and Table 1 modes: run directories, or folders searched "
+                        "recursively for run directories (those holding metrics.json)")
+    p.add_argument("--table", action="store_true",
+                   help="Table 1 mode: the RUN_DIRs are cifar_ssl.py runs")
+    p.add_argument("--out", default=None, metavar="PREFIX",
+                   help="Figure 1 mode: write PREFIX.png, PREFIX.pdf, PREFIX.md, PREFIX.csv "
+                        "(default figure1); Table 1 mode: PREFIX.md (default table1)")
     p.add_argument("--embeddings", default=None, metavar="FILE",
                    help="embeddings mode: a run's embeddings.npz (z_test tested; z_train, "
                         "y_train, y_test give downstream scores) or an (n, d) .npy array")
@@ -445,13 +580,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error("give run directories, --embeddings FILE or --checkpoint RUN_DIR (one mode)")
     if args.embeddings is None and (args.uniform or args.json_out):
         p.error("--uniform and --json-out go with --embeddings")
+    if args.table and not args.runs:
+        p.error("--table needs the cifar_ssl.py run directories")
     return args
 
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    if args.runs:
-        aggregate(args.runs, args.out)
+    if args.table:
+        table1(args.runs, args.out or "table1")
+    elif args.runs:
+        aggregate(args.runs, args.out or "figure1")
     elif args.embeddings is not None:
         report = embeddings_report(Path(args.embeddings), args.uniform, args.subsample,
                                    args.seed)

@@ -1,0 +1,945 @@
+"""Table 1: SimCLR and VICReg with noise injection on CIFAR-10/100 (Section 5, Appendix C).
+
+A ResNet-18 with the CIFAR stem is trained on two augmented views of each image. The projector's
+output goes through the noise head before the loss: BatchNorm1d(affine=False), which gives every
+coordinate zero mean and unit variance over the batch (the constraint of Theorem 3.4), then
++ Z, Z ~ N(0, sigma^2 I), in training only. The head sits on the projector output because that is
+where the SSL loss (an InfoMax objective, Section 4) reads the representation; the 512-d backbone
+features that the linear probe uses are left untouched. Both views get the head: in SimCLR and
+VICReg both branches are augmented views encoded by the same network and the loss is symmetric,
+so there is no clean branch to single out. `--sigma 0` is exactly the standard method: no
+normalization and no noise. The run ends with a linear probe on the frozen backbone features
+(top-1 / top-5 on the test split), and the normality tests of Section 5 on the normalized
+projector outputs of the test images (poster Figure 2).
+
+    python cifar_ssl.py --method simclr --dataset cifar10 --sigma 0.3   # one Table 1 cell
+    python cifar_ssl.py --bench 20                                      # ms/step on this device
+
+Data lives in one uint8 tensor on the device (CIFAR pickles, Fashion-MNIST / MNIST, or an
+ImageFolder tree decoded once at --image-size, fine for small trees); each step indexes a batch
+and augments it there, on whole batches with per-sample parameters. A multi-process run would
+give each process its own slice of every epoch's permutation and gather the projections before
+the loss.
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import pickle
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+import torchvision
+from torch import nn
+from tqdm import tqdm
+
+from common import (
+    REPO,
+    RUNTIME_FLAGS,
+    DataError,
+    atomic_path,
+    atomic_save,
+    autocast,
+    epoch_order,
+    fail,
+    gaussian_capacity,
+    load_data,
+    nonnegative_float,
+    normality_report,
+    nt_xent,
+    pick_device,
+    positive_int,
+    projected_pvalues,
+    read_json,
+    recompute_bn_stats,
+    resolve_out,
+    save_figure,
+    scatter_embeddings,
+    seeded_split,
+    vicreg_loss,
+    write_json,
+)
+
+CIFAR_MEAN = (0.4914, 0.4822, 0.4465)
+CIFAR_STD = (0.247, 0.2435, 0.2616)
+"""Normalize() of Appendix C, used for CIFAR-10 and CIFAR-100."""
+CIFAR_FILES = {
+    "cifar10": ("cifar-10-batches-py", [f"data_batch_{i}" for i in range(1, 6)], ["test_batch"],
+                b"labels", torchvision.datasets.CIFAR10),
+    "cifar100": ("cifar-100-python", ["train"], ["test"], b"fine_labels",
+                 torchvision.datasets.CIFAR100),
+}
+"""Dataset -> (folder, train files, test files, label key, torchvision class that downloads it)."""
+PROJECTOR = {"simclr": (1, 256), "vicreg": (2, 2048)}
+"""Method -> (hidden layers of width --hidden, output dim): [2048, 256] and [2048, 2048, 2048]."""
+CIFAR10_TRAIN = 50_000
+
+
+# --------------------------------------------------------------------------------------------
+# Flags
+# --------------------------------------------------------------------------------------------
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--method", choices=sorted(PROJECTOR), default="simclr",
+                   help="SSL objective: NT-Xent (SimCLR) or VICReg, losses in common.py")
+    p.add_argument("--sigma", type=nonnegative_float, default=0.0,
+                   help="std of the noise Z ~ N(0, sigma^2 I) after BatchNorm on the projector "
+                        "output (Table 1: 0, 0.1, 0.3, 0.5); 0: the standard method, no BatchNorm")
+    p.add_argument("--dataset", choices=["cifar10", "cifar100", "folder", "fashion-mnist",
+                                         "mnist"], default="cifar10",
+                   help="folder: an ImageFolder tree in --data-dir with train/ and val/ (or "
+                        "test/); mnist / fashion-mnist: grey 28x28 zero-padded to 3x32x32, "
+                        "mnist falling back to the shipped test split")
+    p.add_argument("--data-dir", default=None,
+                   help="CIFAR: folder holding cifar-10-batches-py/ or cifar-100-python/ "
+                        "(default data/); folder: the ImageFolder root; MNIST: the IDX files")
+    p.add_argument("--download", action=argparse.BooleanOptionalAction, default=True,
+                   help="download CIFAR through torchvision when the files are missing")
+    p.add_argument("--image-size", type=positive_int, default=32,
+                   help="side of the stored and augmented images (CIFAR: 32, Appendix C)")
+    p.add_argument("--arch", choices=["resnet18", "resnet50"], default="resnet18",
+                   help="torchvision backbone (Appendix C: resnet18; features 512 / 2048)")
+    p.add_argument("--stem", choices=["auto", "cifar", "imagenet"], default="auto",
+                   help="cifar: 3x3 conv stride 1, no max-pool; imagenet: torchvision's 7x7 "
+                        "stride 2 + max-pool; auto: cifar up to 64 px")
+    p.add_argument("--hidden", type=positive_int, default=2048,
+                   help="projector hidden width (Appendix C: 2048)")
+    p.add_argument("--dim", type=positive_int, default=None,
+                   help="projector output dim (Appendix C: simclr 256, vicreg 2048; 2 for a "
+                        "2-D scatter of the embeddings)")
+    p.add_argument("--temperature", type=float, default=0.2, help="NT-Xent (Appendix C: 0.2)")
+    p.add_argument("--vicreg-weights", type=nonnegative_float, nargs=3, default=[25.0, 25.0, 1.0],
+                   metavar=("SIM", "VAR", "COV"), help="VICReg weights (Appendix C: 25 25 1)")
+    p.add_argument("--batch-size", type=positive_int, default=256, help="Appendix C: 256")
+    p.add_argument("--epochs", type=nonnegative_float, default=800.0,
+                   help="passes over the training images (Appendix C: 800); fractions allowed")
+    p.add_argument("--steps", type=int, default=None,
+                   help="optimizer steps instead of --epochs; 0: the random-init encoder "
+                        "through the same evaluation (baseline)")
+    p.add_argument("--lr", type=float, default=0.3,
+                   help="LARS base lr, scaled by batch/256 (Appendix C: 0.3)")
+    p.add_argument("--momentum", type=nonnegative_float, default=0.9, help="Appendix C: 0.9")
+    p.add_argument("--weight-decay", type=nonnegative_float, default=1e-4,
+                   help="Appendix C: 1e-4; not on biases and norm parameters")
+    p.add_argument("--trust", type=nonnegative_float, default=0.02,
+                   help="LARS trust coefficient (Appendix C: 0.02), rate clipped at the lr")
+    p.add_argument("--warmup-epochs", type=nonnegative_float, default=10.0,
+                   help="linear warm-up before the cosine decay (solo-learn's default: 10)")
+    p.add_argument("--online-lr", type=float, default=0.1,
+                   help="lr of the online linear probe, same schedule, no LARS scaling")
+    p.add_argument("--probe-steps", type=positive_int, default=500,
+                   help="L-BFGS iterations of the final linear probe")
+    p.add_argument("--probe-wd", type=nonnegative_float, default=1e-4,
+                   help="L2 weight of the final linear probe (on standardized features)")
+    p.add_argument("--probe-train", type=positive_int, default=None,
+                   help="seeded subset of training images for the final probe (default: all)")
+    p.add_argument("--probe-test", type=positive_int, default=None,
+                   help="seeded subset of test images for every evaluation (default: all)")
+    p.add_argument("--subsample", type=positive_int, default=128,
+                   help="subsample size of the bootstrapped normality tests (sets their power); "
+                        "Henze-Zirkler needs dim < subsample")
+    p.add_argument("--normality-points", type=positive_int, default=2000,
+                   help="test embeddings the normality tests draw from")
+    p.add_argument("--seed", type=int, default=0, help="fixes init, data order and augmentation")
+    p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, cuda:1")
+    p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=True,
+                   help="bf16 autocast (fp16 + GradScaler on GPUs without bf16); --no-amp: fp32")
+    p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=True,
+                   help="channels-last memory format for the backbone")
+    p.add_argument("--compile", action="store_true", help="torch.compile the network (CUDA)")
+    p.add_argument("--out", default=None,
+                   help="run directory (default: a new one under runs/cifar_ssl/)")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out")
+    p.add_argument("--ckpt-every", type=nonnegative_float, default=10.0,
+                   help="checkpoint every N epochs and at the end (0: only at the end)")
+    p.add_argument("--log-every", type=int, default=0,
+                   help="log the loss every N steps (0: about 100 points per run)")
+    p.add_argument("--bench", type=positive_int, default=0, metavar="N",
+                   help="time N training steps on synthetic data, print ms/step and the time "
+                        "of an 800-epoch CIFAR-10 run, and exit")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    args = p.parse_args(argv)
+    resolve_out(p, args, f"runs/cifar_ssl/{args.method}_{args.dataset}_sigma{args.sigma:g}"
+                            f"_seed{args.seed}")
+    args.dim = args.dim or PROJECTOR[args.method][1]
+    if args.steps is not None and args.steps < 0:
+        p.error("--steps must be >= 0")
+    if args.lr <= 0 or args.online_lr <= 0 or args.temperature <= 0:
+        p.error("--lr, --online-lr and --temperature must be > 0")
+    if args.dataset == "folder" and not args.data_dir:
+        p.error("--dataset folder needs --data-dir pointing at the ImageFolder root")
+    return args
+
+
+# --------------------------------------------------------------------------------------------
+# Data: every split is one uint8 tensor (N, 3, S, S) and int64 labels
+# --------------------------------------------------------------------------------------------
+
+def read_cifar_batches(files: list[Path], label_key: bytes) -> tuple[torch.Tensor, torch.Tensor]:
+    """Images (N, 3, 32, 32) uint8 and labels of CIFAR's pickled batches (b'data': N x 3072)."""
+    images, labels = [], []
+    for file in files:
+        with open(file, "rb") as fh:
+            batch = pickle.load(fh, encoding="bytes")
+        images.append(np.asarray(batch[b"data"], dtype=np.uint8).reshape(-1, 3, 32, 32))
+        labels.append(np.asarray(batch[label_key], dtype=np.int64))
+    return torch.from_numpy(np.concatenate(images)), torch.from_numpy(np.concatenate(labels))
+
+
+def load_cifar(dataset: str, root: Path, download: bool) -> tuple[torch.Tensor, ...]:
+    """CIFAR-10/100 from the pickled batches in root/<folder>/, downloaded there when missing.
+
+    The pickles are read directly (no checksum), so any data in this format works.
+    """
+    folder, train_files, test_files, label_key, tv_class = CIFAR_FILES[dataset]
+    names = train_files + test_files
+    if not all((root / folder / name).is_file() for name in names) and download:
+        try:
+            tv_class(str(root), train=True, download=True)
+        except Exception as err:  # network errors come in many types
+            raise DataError(f"{dataset} is not in {root / folder} and could not be downloaded "
+                            f"({str(err).splitlines()[0][:80]})") from err
+    missing = [name for name in names if not (root / folder / name).is_file()]
+    if missing:
+        raise DataError(f"{root / folder} lacks {', '.join(missing)} (CIFAR's python pickles); "
+                        "point --data-dir at the folder that holds "
+                        f"{folder}/ or allow --download")
+    x_tr, y_tr = read_cifar_batches([root / folder / n for n in train_files], label_key)
+    x_te, y_te = read_cifar_batches([root / folder / n for n in test_files], label_key)
+    return x_tr, y_tr, x_te, y_te
+
+
+def read_image_folder(root: Path, size: int) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+    """Every image of an ImageFolder tree (decoded by PIL as RGB), shorter side resized to
+    `size` (bicubic) and centre-cropped, as one uint8 tensor; labels; class names."""
+    from torchvision.transforms.v2 import functional as TF
+
+    tree = torchvision.datasets.ImageFolder(str(root))
+    images = []
+    for image, _ in tree:
+        image = TF.resize(image, size, interpolation=TF.InterpolationMode.BICUBIC)
+        images.append(TF.pil_to_tensor(TF.center_crop(image, [size, size])))
+    return torch.stack(images), torch.tensor(tree.targets), tree.classes
+
+
+def load_folder(root: Path, size: int) -> tuple[torch.Tensor, ...]:
+    """ImageFolder splits root/train and root/val (or root/test), decoded once at `size`."""
+    test_dir = next((root / name for name in ("val", "test") if (root / name).is_dir()), None)
+    if not (root / "train").is_dir() or test_dir is None:
+        raise DataError(f"{root} needs train/<class>/<image> and val/<class>/<image> (or test/) "
+                        "folders; point --data-dir at such a tree")
+    try:
+        x_tr, y_tr, classes = read_image_folder(root / "train", size)
+        x_te, y_te, test_classes = read_image_folder(test_dir, size)
+    except OSError as err:
+        raise DataError(f"{root}: {str(err).splitlines()[0]}") from err
+    if test_classes != classes:
+        raise DataError(f"{root}: train/ and {test_dir.name}/ hold different class folders")
+    return x_tr, y_tr, x_te, y_te
+
+
+def grey_to_rgb(x: torch.Tensor) -> torch.Tensor:
+    """(N, 1, 28, 28) floats in [0, 1] -> (N, 3, 32, 32) uint8: zero-padded, channel repeated."""
+    x = F.pad(x, (2, 2, 2, 2))
+    return (x * 255).round().to(torch.uint8).expand(-1, 3, -1, -1).contiguous()
+
+
+def load_images(args: argparse.Namespace) -> tuple[tuple[torch.Tensor, ...], dict[str, Any]]:
+    """(x_train, y_train, x_test, y_test) on the CPU, uint8 images at --image-size, and the record
+    of the data (source, sizes, classes, normalization) that metrics.json keeps."""
+    info: dict[str, Any] = {"dataset": args.dataset}
+    if args.dataset in CIFAR_FILES:
+        root = Path(args.data_dir) if args.data_dir else REPO / "data"
+        x_tr, y_tr, x_te, y_te = load_cifar(args.dataset, root, args.download)
+        info.update(source=str(root), mean=CIFAR_MEAN, std=CIFAR_STD)
+    elif args.dataset == "folder":
+        x_tr, y_tr, x_te, y_te = load_folder(Path(args.data_dir), args.image_size)
+        info.update(source=args.data_dir)
+    else:
+        x_tr, y_tr, x_te, y_te, record = load_data(args.dataset, args.data_dir, args.download,
+                                                   crop=None)
+        x_tr, x_te = grey_to_rgb(x_tr), grey_to_rgb(x_te)
+        info.update(record)
+        if "note" in record:
+            print(record["note"])
+    if x_tr.shape[-1] != args.image_size:
+        x_tr, x_te = (F.interpolate(x.float(), size=args.image_size, mode="bilinear",
+                                    antialias=True).round().clamp(0, 255).to(torch.uint8)
+                      for x in (x_tr, x_te))
+    if "mean" not in info:
+        pixels = x_tr.float().div(255).transpose(0, 1).reshape(3, -1)
+        info.update(mean=pixels.mean(1).tolist(), std=pixels.std(1).tolist())
+    info.update(n_train=len(x_tr), n_test=len(x_te), n_classes=int(y_tr.max()) + 1,
+                image_size=args.image_size)
+    return (x_tr, y_tr, x_te, y_te), info
+
+
+# --------------------------------------------------------------------------------------------
+# Augmentations of Appendix C on whole batches, each sample with its own parameters
+# --------------------------------------------------------------------------------------------
+
+CROP_SCALE = (0.08, 1.0)
+CROP_RATIO = (3 / 4, 4 / 3)
+JITTER = {"brightness": 0.4, "contrast": 0.4, "saturation": 0.2, "hue": 0.1}
+JITTER_P, GREY_P, FLIP_P = 0.8, 0.2, 0.5
+"""RandomResizedCrop(scale, ratio), RandomApply(ColorJitter(0.4, 0.4, 0.2, 0.1), p=0.8),
+RandomGrayscale(0.2), RandomHorizontalFlip(0.5): the PretrainTransform of Appendix C."""
+
+
+def jitter_ranges(strengths: dict[str, float]) -> dict[str, tuple[float, float]]:
+    """ColorJitter's factor ranges: [max(0, 1 - s), 1 + s], hue [-s, s] (torchvision)."""
+    return {name: (-s, s) if name == "hue" else (max(0.0, 1 - s), 1 + s)
+            for name, s in strengths.items()}
+
+
+def sample_crops(n: int, height: int, width: int, device: torch.device,
+                 scale: tuple[float, float] = CROP_SCALE,
+                 ratio: tuple[float, float] = CROP_RATIO) -> torch.Tensor:
+    """(n, 4) crop boxes (top, left, h, w), each drawn as RandomResizedCrop.get_params draws it.
+
+    Ten tries of area ~ U(scale) * H * W and log aspect ratio ~ U(log ratio); h and w are
+    rounded; the first try that fits is kept, else torchvision's central fallback crop.
+    """
+    uniform = torch.rand(n, 10, 2, device=device)
+    area = height * width * (scale[0] + (scale[1] - scale[0]) * uniform[..., 0])
+    log_lo, log_hi = math.log(ratio[0]), math.log(ratio[1])
+    aspect = torch.exp(log_lo + (log_hi - log_lo) * uniform[..., 1])
+    w = torch.round(torch.sqrt(area * aspect))
+    h = torch.round(torch.sqrt(area / aspect))
+    fits = (w > 0) & (w <= width) & (h > 0) & (h <= height)
+    first = fits.int().argmax(dim=1, keepdim=True)
+    w, h = w.gather(1, first).squeeze(1), h.gather(1, first).squeeze(1)
+    in_ratio = width / height
+    if in_ratio < min(ratio):
+        fallback_w, fallback_h = width, round(width / min(ratio))
+    elif in_ratio > max(ratio):
+        fallback_w, fallback_h = round(height * max(ratio)), height
+    else:
+        fallback_w, fallback_h = width, height
+    found = fits.any(dim=1)
+    w = torch.where(found, w, fallback_w)
+    h = torch.where(found, h, fallback_h)
+    position = torch.rand(n, 2, device=device)
+    top = torch.where(found, torch.floor(position[:, 0] * (height - h + 1)),
+                      (height - fallback_h) // 2)
+    left = torch.where(found, torch.floor(position[:, 1] * (width - w + 1)),
+                       (width - fallback_w) // 2)
+    return torch.stack([top, left, h, w], dim=1).long()
+
+
+def sample_augment_params(n: int, height: int, width: int,
+                          device: torch.device) -> dict[str, torch.Tensor]:
+    """Per-sample parameters of the Appendix C pipeline for a batch of n images.
+
+    crop (n, 4) boxes; jitter (n,) bool (p = 0.8); factors (n, 4) brightness, contrast,
+    saturation, hue, each uniform on ColorJitter's range; order (n, 4) a uniform random
+    permutation of the four jitter operations per sample, as ColorJitter draws one per image;
+    grey (n,) bool (p = 0.2); flip (n,) bool (p = 0.5).
+    """
+    ranges = torch.tensor(list(jitter_ranges(JITTER).values()), device=device)
+    return {"crop": sample_crops(n, height, width, device),
+            "jitter": torch.rand(n, device=device) < JITTER_P,
+            "factors": ranges[:, 0] + (ranges[:, 1] - ranges[:, 0]) * torch.rand(n, 4,
+                                                                                 device=device),
+            "order": torch.rand(n, 4, device=device).argsort(dim=1),
+            "grey": torch.rand(n, device=device) < GREY_P,
+            "flip": torch.rand(n, device=device) < FLIP_P}
+
+
+def bicubic_weights(start: torch.Tensor, length: torch.Tensor, in_size: int,
+                    out_size: int) -> torch.Tensor:
+    """(n, out_size, in_size) matrices resampling the window [start, start + length) of each row.
+
+    Antialiased bicubic as in PIL and torchvision's resize(antialias=True): the cubic kernel with
+    a = -0.5, stretched by the scale when shrinking, restricted to the window and renormalized.
+    """
+    scale = (length.float() / out_size)[:, None, None]
+    centre = start[:, None, None] + (torch.arange(out_size, device=start.device)[None, :, None]
+                                     + 0.5) * scale
+    pixel = torch.arange(in_size, device=start.device)[None, None, :] + 0.5
+    t = ((pixel - centre) / scale.clamp(min=1)).abs()
+    a = -0.5
+    weight = torch.where(t < 1, ((a + 2) * t - (a + 3)) * t * t + 1,
+                         torch.where(t < 2, a * (((t - 5) * t + 8) * t - 4), 0.0))
+    inside = (pixel >= start[:, None, None]) & (pixel < (start + length)[:, None, None])
+    weight = weight * inside
+    return weight / weight.sum(dim=2, keepdim=True)
+
+
+def resized_crop(x: torch.Tensor, boxes: torch.Tensor, size: int,
+                 flip: torch.Tensor) -> torch.Tensor:
+    """Crop each image to its box (top, left, h, w), resize to size x size (bicubic), and mirror
+    the flagged ones: two batched matrix products, out = W_rows @ x @ W_cols^T.
+
+    Mirroring reverses the rows of W_cols. It is done here rather than last, as in Appendix C,
+    because every later operation acts on pixels or whole-image statistics and commutes with it.
+    """
+    rows = bicubic_weights(boxes[:, 0], boxes[:, 2], x.shape[-2], size)
+    cols = bicubic_weights(boxes[:, 1], boxes[:, 3], x.shape[-1], size)
+    cols = torch.where(flip[:, None, None], cols.flip(1), cols)
+    out = rows[:, None] @ x @ cols[:, None].transpose(-1, -2)
+    return out.clamp(0.0, 1.0)  # bicubic overshoots; PIL's uint8 output is clipped likewise
+
+
+def grey(x: torch.Tensor) -> torch.Tensor:
+    """Luma (N, 1, H, W) with torchvision's rgb_to_grayscale weights."""
+    return (0.2989 * x[:, 0] + 0.587 * x[:, 1] + 0.114 * x[:, 2]).unsqueeze(1)
+
+
+def blend(x: torch.Tensor, other: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
+    """factor * x + (1 - factor) * other, clipped to [0, 1] (torchvision's _blend), per sample."""
+    factor = factor[:, None, None, None]
+    return (factor * x + (1 - factor) * other).clamp(0.0, 1.0)
+
+
+def shift_hue(x: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
+    """Rotate the hue of each image by shift[i] turns: RGB -> HSV, h + shift mod 1, -> RGB."""
+    value, _ = x.max(dim=1)
+    chroma = value - x.min(dim=1).values
+    safe = torch.where(chroma > 0, chroma, torch.ones_like(chroma))
+    r, g, b = x.unbind(dim=1)
+    hue = torch.where(value == r, (g - b) / safe,
+                      torch.where(value == g, 2 + (b - r) / safe, 4 + (r - g) / safe))
+    hue = torch.where(chroma > 0, hue / 6, torch.zeros_like(hue))
+    hue = torch.remainder(hue + shift[:, None, None], 1.0)
+    saturation = chroma / torch.where(value > 0, value, torch.ones_like(value))
+    channels = []
+    for n in (5.0, 3.0, 1.0):
+        k = torch.remainder(n + 6 * hue, 6.0)
+        channels.append(value - value * saturation * torch.minimum(k, 4 - k).clamp(0.0, 1.0))
+    return torch.stack(channels, dim=1)
+
+
+JITTER_OPS: list[Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = [
+    lambda x, f: blend(x, torch.zeros_like(x), f),                                # brightness
+    lambda x, f: blend(x, grey(x).mean(dim=(1, 2, 3), keepdim=True), f),          # contrast
+    lambda x, f: blend(x, grey(x), f),                                            # saturation
+    shift_hue,                                                                    # hue
+]
+"""ColorJitter's four operations, each with a per-sample factor, as torchvision defines them."""
+
+
+def augment(x: torch.Tensor, params: dict[str, torch.Tensor], size: int,
+            mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+    """The Appendix C pipeline on a uint8 batch: crop + resize (+ flip), colour jitter in each
+    sample's own order, greyscale, normalize. Returns float32 (N, 3, size, size).
+
+    Each jitter position runs every operation on the whole batch and keeps it where that sample
+    has that operation there: four times the arithmetic of a per-subset update, but no
+    data-dependent shapes, hence no host-device synchronization on a GPU.
+    """
+    x = resized_crop(x.float() / 255, params["crop"], size, params["flip"])
+    for position in range(4):
+        for op, fn in enumerate(JITTER_OPS):
+            chosen = params["jitter"] & (params["order"][:, position] == op)
+            x = torch.where(chosen[:, None, None, None], fn(x, params["factors"][:, op]), x)
+    x = torch.where(params["grey"][:, None, None, None], grey(x).expand_as(x), x)
+    return (x - mean[:, None, None]) / std[:, None, None]
+
+
+def normalize(x: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+    """The TestTransform of Appendix C: uint8 -> [0, 1] -> (x - mean) / std."""
+    return (x.float() / 255 - mean[:, None, None]) / std[:, None, None]
+
+
+# --------------------------------------------------------------------------------------------
+# Model: ResNet backbone, projector, noise head, online probe
+# --------------------------------------------------------------------------------------------
+
+def resnet_backbone(arch: str, cifar_stem: bool) -> tuple[nn.Module, int]:
+    """torchvision ResNet without its classifier; the CIFAR stem is a 3x3 stride-1 conv and no
+    max-pool (He et al. 2016, Sec. 4.2), as used for Table 1. Returns (network, feature dim)."""
+    net = getattr(torchvision.models, arch)(weights=None)
+    if cifar_stem:
+        net.conv1 = nn.Conv2d(3, 64, kernel_size=3, stride=1, padding=1, bias=False)
+        net.maxpool = nn.Identity()
+    features = net.fc.in_features
+    net.fc = nn.Identity()
+    return net, features
+
+
+def make_projector(method: str, in_dim: int, hidden: int, dim: int) -> nn.Sequential:
+    """SimCLR: Linear-ReLU-Linear, [2048, 256]; VICReg: two Linear-BN-ReLU blocks then Linear,
+    [2048, 2048, 2048] (Appendix C; layer types as in solo-learn and the VICReg paper)."""
+    layers: list[nn.Module] = []
+    width = in_dim
+    for _ in range(PROJECTOR[method][0]):
+        layers += [nn.Linear(width, hidden)]
+        layers += [nn.BatchNorm1d(hidden)] if method == "vicreg" else []
+        layers += [nn.ReLU(inplace=True)]
+        width = hidden
+    return nn.Sequential(*layers, nn.Linear(width, dim))
+
+
+class NoiseHead(nn.Module):
+    """BatchNorm1d(affine=False), then + Z ~ N(0, sigma^2 I) in training (Theorem 3.4).
+
+    The normalization gives E z = 0 and Var z_i = 1, the constraint under which the noisy channel
+    carries at most d/2 log(1 + 1/sigma^2) nats (eq. 5), with equality only for z ~ N(0, I).
+    """
+
+    def __init__(self, dim: int, sigma: float):
+        super().__init__()
+        self.sigma = sigma
+        self.norm = nn.BatchNorm1d(dim, affine=False)
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        z = self.norm(z.float())
+        if self.training:
+            z = z + self.sigma * torch.randn_like(z)
+        return z
+
+
+class SSLNet(nn.Module):
+    """backbone -> features h; projector -> noise head -> the z the SSL loss sees; probe on h.
+
+    At sigma = 0 the head is the identity, so the network is the standard method's exactly.
+    """
+
+    def __init__(self, method: str, sigma: float, arch: str, cifar_stem: bool, hidden: int,
+                 dim: int, n_classes: int):
+        super().__init__()
+        self.backbone, features = resnet_backbone(arch, cifar_stem)
+        self.projector = make_projector(method, features, hidden, dim)
+        self.head = NoiseHead(dim, sigma) if sigma > 0 else nn.Identity()
+        self.probe = nn.Linear(features, n_classes)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        h = self.backbone(x)
+        return h, self.head(self.projector(h))
+
+
+def build_model(args: argparse.Namespace, n_classes: int, device: torch.device) -> SSLNet:
+    cifar_stem = args.stem == "cifar" or (args.stem == "auto" and args.image_size <= 64)
+    model = SSLNet(args.method, args.sigma, args.arch, cifar_stem, args.hidden, args.dim,
+                   n_classes).to(device)
+    return model.to(memory_format=torch.channels_last) if args.channels_last else model
+
+
+# --------------------------------------------------------------------------------------------
+# Optimizer: LARS with clipping, warm-up and cosine schedule
+# --------------------------------------------------------------------------------------------
+
+class LARS(torch.optim.Optimizer):
+    """SGD with momentum and a layer-wise rate (You et al. 2017, eq. 6), clipped as in LARC.
+
+    For a parameter w with gradient g in a group with `adapt` (weights, not biases or norms):
+        d = g + wd w,  rate = trust ||w|| / (||g|| + wd ||w|| + eps)   (1 when ||w|| or ||g|| = 0)
+        rate <- min(rate / lr, 1)                                      (clipping, `clip`)
+        v <- momentum v + rate d,  w <- w - lr v
+    Groups without `adapt` take plain SGD steps, v <- momentum v + g (their weight decay is 0).
+    This is solo-learn's LARS (from PyTorch Lightning Bolts), which the paper's settings come
+    from; the first step sets v = rate d as there.
+    """
+
+    def __init__(self, params: Any, lr: float, momentum: float = 0.9, weight_decay: float = 0.0,
+                 trust: float = 0.02, eps: float = 1e-8, clip: bool = True):
+        super().__init__(params, dict(lr=lr, momentum=momentum, weight_decay=weight_decay,
+                                      trust=trust, eps=eps, clip=clip, adapt=True))
+
+    @torch.no_grad()
+    def step(self) -> None:  # type: ignore[override]  # no closure: one gradient per step
+        for group in self.param_groups:
+            for w in group["params"]:
+                if w.grad is None:
+                    continue
+                d = w.grad
+                if group["adapt"]:
+                    w_norm, g_norm = torch.linalg.vector_norm(w), torch.linalg.vector_norm(d)
+                    rate = group["trust"] * w_norm / (g_norm + group["weight_decay"] * w_norm
+                                                      + group["eps"])
+                    rate = torch.where((w_norm > 0) & (g_norm > 0), rate, 1.0)
+                    if group["clip"]:
+                        rate = (rate / group["lr"]).clamp(max=1.0)
+                    d = (d + group["weight_decay"] * w) * rate
+                state = self.state[w]
+                if "velocity" not in state:
+                    state["velocity"] = d.clone()
+                else:
+                    state["velocity"].mul_(group["momentum"]).add_(d)
+                w.add_(state["velocity"], alpha=-group["lr"])
+
+
+def make_optimizer(model: SSLNet, args: argparse.Namespace) -> LARS:
+    """LARS on backbone + projector (lr 0.3 x batch/256, Appendix C), biases and norm parameters
+    (every 1-D tensor) without weight decay or adaptation; the online probe as plain SGD."""
+    scaled = args.lr * args.batch_size / 256
+    ssl = [p for name, p in model.named_parameters() if not name.startswith("probe.")]
+    groups = [
+        {"params": [p for p in ssl if p.ndim > 1], "base_lr": scaled},
+        {"params": [p for p in ssl if p.ndim <= 1], "base_lr": scaled, "weight_decay": 0.0,
+         "adapt": False},
+        {"params": list(model.probe.parameters()), "base_lr": args.online_lr,
+         "weight_decay": 0.0, "adapt": False},
+    ]
+    return LARS(groups, lr=scaled, momentum=args.momentum, weight_decay=args.weight_decay,
+                trust=args.trust)
+
+
+def lr_factor(step: int, warmup: int, total: int) -> float:
+    """Linear warm-up over `warmup` steps, then cosine decay to 0 at `total` (SimCLR)."""
+    if step < warmup:
+        return (step + 1) / warmup
+    return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
+
+
+# --------------------------------------------------------------------------------------------
+# Training
+# --------------------------------------------------------------------------------------------
+
+def ssl_loss(args: argparse.Namespace) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """The Table 1 objective on the two views' noise-head outputs (common.py)."""
+    if args.method == "simclr":
+        return lambda z1, z2: nt_xent(z1, z2, args.temperature)
+    sim, var, cov = args.vicreg_weights
+    return lambda z1, z2: vicreg_loss(z1, z2, sim, var, cov)
+
+
+class Trainer:
+    """One training step: two augmented views, SSL loss + online-probe loss, LARS step."""
+
+    def __init__(self, model: SSLNet, args: argparse.Namespace, mean: torch.Tensor,
+                 std: torch.Tensor, device: torch.device):
+        self.model, self.args, self.mean, self.std, self.device = model, args, mean, std, device
+        self.net = torch.compile(model) if args.compile else model
+        self.opt = make_optimizer(model, args)
+        self.loss_fn = ssl_loss(args)
+        fp16 = (args.amp and device.type == "cuda" and not torch.cuda.is_bf16_supported())
+        self.scaler = torch.amp.GradScaler(device.type, enabled=fp16)
+
+    def views(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Two independently augmented views of a uint8 batch."""
+        n, _, height, width = x.shape
+        pair = [augment(x, sample_augment_params(n, height, width, self.device),
+                        self.args.image_size, self.mean, self.std) for _ in range(2)]
+        if self.args.channels_last:
+            pair = [v.contiguous(memory_format=torch.channels_last) for v in pair]
+        return pair[0], pair[1]
+
+    def step(self, v1: torch.Tensor, v2: torch.Tensor, y: torch.Tensor,
+             lr_scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """(SSL loss, online-probe accuracy) of one step, as tensors (no synchronization)."""
+        for group in self.opt.param_groups:
+            group["lr"] = group["base_lr"] * lr_scale
+        self.model.train()
+        with autocast(self.device, self.args.amp):
+            h1, z1 = self.net(v1)
+            h2, z2 = self.net(v2)
+            loss = self.loss_fn(z1, z2)
+            labels = torch.cat([y, y])
+            logits = self.model.probe(torch.cat([h1, h2]).detach())
+            probe_loss = F.cross_entropy(logits.float(), labels)
+        self.opt.zero_grad(set_to_none=True)
+        self.scaler.scale(loss + probe_loss).backward()
+        self.scaler.step(self.opt)
+        self.scaler.update()
+        return loss.detach(), (logits.argmax(1) == labels).float().mean()
+
+
+def save_checkpoint(out: Path, trainer: Trainer, step: int, history: list) -> None:
+    """Everything --resume needs: weights, optimizer, scaler, RNG states, log (atomic)."""
+    atomic_save({"step": step, "model": trainer.model.state_dict(),
+                 "optimizer": trainer.opt.state_dict(), "scaler": trainer.scaler.state_dict(),
+                 "rng": torch.get_rng_state(),
+                 "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+                 "history": history}, out / "checkpoint.pt")
+
+
+def load_checkpoint(out: Path, trainer: Trainer, device: torch.device) -> tuple[int, list]:
+    ckpt = torch.load(out / "checkpoint.pt", map_location=device, weights_only=False)
+    trainer.model.load_state_dict(ckpt["model"])
+    trainer.opt.load_state_dict(ckpt["optimizer"])
+    trainer.scaler.load_state_dict(ckpt["scaler"])
+    torch.set_rng_state(ckpt["rng"])
+    if ckpt["cuda_rng"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(ckpt["cuda_rng"])
+    return ckpt["step"], ckpt["history"]
+
+
+def train(trainer: Trainer, x_tr: torch.Tensor, y_tr: torch.Tensor, plan: dict[str, int],
+          out: Path, start: int, history: list) -> None:
+    """Steps `start` .. plan["steps"]: epoch permutations fixed by (seed, epoch), so --resume
+    needs no data-loader state; logs (step, loss, online-probe accuracy, lr) to `history`,
+    checkpoints every plan["ckpt_every"] steps and at the end, stops on a non-finite loss with
+    exit code 3 keeping the last good checkpoint."""
+    args, per_epoch = trainer.args, plan["per_epoch"]
+    bar = tqdm(range(start, plan["steps"]), initial=start, total=plan["steps"],
+               disable=args.quiet, desc=f"{args.method} sigma={args.sigma:g}", dynamic_ncols=True)
+    losses, accuracies = [], []
+    for step in bar:
+        epoch, k = divmod(step, per_epoch)
+        if k == 0 or step == start:
+            order = epoch_order(len(x_tr), args.seed, epoch, x_tr.device)
+        index = order[k * args.batch_size:(k + 1) * args.batch_size]
+        scale = lr_factor(step, plan["warmup"], plan["steps"])
+        loss, accuracy = trainer.step(*trainer.views(x_tr[index]), y_tr[index], scale)
+        losses.append(loss)
+        accuracies.append(accuracy)
+        done = step + 1
+        if done % plan["log_every"] == 0 or done % plan["ckpt_every"] == 0 or done == plan["steps"]:
+            mean_loss = torch.stack(losses).mean().item()
+            mean_acc = torch.stack(accuracies).mean().item()
+            losses, accuracies = [], []
+            if not math.isfinite(mean_loss):
+                fail(f"the loss became {mean_loss} at step {done}; the last good checkpoint is "
+                     f"kept in {out / 'checkpoint.pt'}", code=3)
+            history.append([done, mean_loss, mean_acc, args.lr * args.batch_size / 256 * scale])
+            bar.set_postfix(epoch=epoch, loss=f"{mean_loss:.3f}", online=f"{mean_acc:.3f}",
+                            refresh=False)
+        if done % plan["ckpt_every"] == 0 or done == plan["steps"]:
+            save_checkpoint(out, trainer, done, history)
+
+
+# --------------------------------------------------------------------------------------------
+# Evaluation: linear probe on frozen features, normality of the normalized projector outputs
+# --------------------------------------------------------------------------------------------
+
+@torch.no_grad()
+def embed(model: SSLNet, x: torch.Tensor, args: argparse.Namespace, mean: torch.Tensor,
+          std: torch.Tensor, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Eval-mode backbone features h and projector outputs (before the noise head), float32."""
+    model.eval()
+    features, projections = [], []
+    for i in range(0, len(x), 512):
+        batch = normalize(x[i:i + 512], mean, std)
+        if args.channels_last:
+            batch = batch.contiguous(memory_format=torch.channels_last)
+        with autocast(device, args.amp):
+            h = model.backbone(batch)
+            p = model.projector(h)
+        features.append(h.float())
+        projections.append(p.float())
+    return torch.cat(features), torch.cat(projections)
+
+
+def linear_probe(f_tr: torch.Tensor, y_tr: torch.Tensor, f_te: torch.Tensor, y_te: torch.Tensor,
+                 n_classes: int, steps: int = 500, weight_decay: float = 1e-4) -> dict[str, float]:
+    """Multinomial logistic regression on frozen features: standardized with the training
+    statistics, cross-entropy + weight_decay / 2 ||W||^2, full-batch L-BFGS (strong Wolfe).
+    Returns train top-1 and test top-1 / top-5 accuracy (Table 1's columns), as fractions."""
+    mu, sd = f_tr.mean(0), f_tr.std(0).clamp(min=1e-6)
+    a_tr, a_te = (f_tr - mu) / sd, (f_te - mu) / sd
+    linear = nn.Linear(f_tr.shape[1], n_classes).to(f_tr.device)
+    nn.init.zeros_(linear.weight)
+    nn.init.zeros_(linear.bias)
+    opt = torch.optim.LBFGS(linear.parameters(), lr=1.0, max_iter=steps, history_size=20,
+                            line_search_fn="strong_wolfe", tolerance_grad=1e-6,
+                            tolerance_change=1e-9)
+
+    def closure() -> torch.Tensor:
+        opt.zero_grad()
+        loss = (F.cross_entropy(linear(a_tr), y_tr)
+                + 0.5 * weight_decay * linear.weight.pow(2).sum())
+        loss.backward()
+        return loss
+
+    with torch.enable_grad():
+        opt.step(closure)
+    with torch.no_grad():
+        top5 = linear(a_te).topk(min(5, n_classes), dim=1).indices
+        return {"top1": (top5[:, 0] == y_te).float().mean().item(),
+                "top5": (top5 == y_te[:, None]).any(1).float().mean().item(),
+                "train_top1": (linear(a_tr).argmax(1) == y_tr).float().mean().item()}
+
+
+def normality(z: np.ndarray, seed: int, subsample: int, points: int) -> dict[str, Any]:
+    """Section 5 normality tests (common.normality_report) on up to `points` test embeddings.
+
+    Henze-Zirkler whitens with the subsample covariance, which is singular unless d < subsample:
+    above that, only the projected D'Agostino and Shapiro-Wilk tests are run and it is None.
+    """
+    rng = np.random.default_rng(seed)
+    z = z[rng.permutation(len(z))[:points]]
+    if z.shape[1] < min(subsample, len(z)):
+        return {**normality_report(z, seed=seed, subsample=subsample), "points": len(z)}
+    return {"dagostino_p": projected_pvalues(z, "dagostino", subsample=subsample, seed=seed),
+            "shapiro_p": projected_pvalues(z, "shapiro", subsample=subsample, seed=seed),
+            "henze_zirkler_p": None, "henze_zirkler_stat": None,
+            "subsample": int(min(subsample, len(z))), "n_proj": 10, "n_boot": 20,
+            "points": len(z)}
+
+
+def evaluate(model: SSLNet, data: tuple[torch.Tensor, ...], args: argparse.Namespace,
+             mean: torch.Tensor, std: torch.Tensor, n_classes: int,
+             device: torch.device) -> dict[str, Any]:
+    """Linear probe (top-1/top-5), online probe on the test features, and the normalized
+    projector outputs of the test images with their normality tests ("embeddings": (z, y)).
+
+    Every BatchNorm's statistics are first recomputed on the clean (unaugmented) probe-training
+    images, for every run alike: the momentum averages of training mix augmented views, and the
+    random-init baseline (--steps 0) has none. The projector outputs are then standardized with
+    their mean and variance over the same images: at sigma > 0 this is the noise head's
+    BatchNorm, at sigma = 0 the same standardization, for comparison.
+    """
+    x_tr, y_tr, x_te, y_te = data
+
+    def forward(x: torch.Tensor) -> None:
+        batch = normalize(x, mean, std)
+        if args.channels_last:
+            batch = batch.contiguous(memory_format=torch.channels_last)
+        with autocast(device, args.amp):
+            model(batch)
+
+    # a last batch of one image would break BatchNorm1d in training mode
+    recompute_bn_stats(model, forward, x_tr, 512 if len(x_tr) % 512 != 1 else 511)
+    f_tr, p_tr = embed(model, x_tr, args, mean, std, device)
+    f_te, p_te = embed(model, x_te, args, mean, std, device)
+    probe = linear_probe(f_tr, y_tr, f_te, y_te, n_classes, args.probe_steps, args.probe_wd)
+    with torch.no_grad():
+        online = (model.probe(f_te).argmax(1) == y_te).float().mean().item()
+    z_te = ((p_te - p_tr.mean(0)) / p_tr.std(0).clamp(min=1e-6)).cpu().numpy()
+    return {"probe": probe, "online_probe": {"test_top1": online},
+            "normality": normality(z_te, args.seed, args.subsample, args.normality_points),
+            "embeddings": (z_te, y_te.cpu().numpy())}
+
+
+def summary(metrics: dict[str, Any]) -> str:
+    n = metrics["normality"]
+    hz = "n/a (dim >= subsample)" if n["henze_zirkler_p"] is None else f"{n['henze_zirkler_p']:.3f}"
+    return "\n".join([
+        f"{metrics['method']} sigma = {metrics['sigma']:g} on {metrics['data']['dataset']}, "
+        f"{metrics['steps']} steps ({metrics['epochs']:.2f} epochs), final loss "
+        f"{metrics['final_loss']:.4f}",
+        f"linear probe: top-1 {100 * metrics['probe']['top1']:.2f} %   top-5 "
+        f"{100 * metrics['probe']['top5']:.2f} %   (online probe top-1 "
+        f"{100 * metrics['online_probe']['test_top1']:.2f} %)",
+        f"normality p of the normalized projector outputs (d = {metrics['dim']}, subsample "
+        f"{n['subsample']}): D'Agostino {n['dagostino_p']:.3f}   Shapiro-Wilk "
+        f"{n['shapiro_p']:.3f}   Henze-Zirkler {hz}",
+        f"wall time {metrics['wall_time_s']:.0f} s on {metrics['device']}"])
+
+
+# --------------------------------------------------------------------------------------------
+# --bench and the run
+# --------------------------------------------------------------------------------------------
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def bench(args: argparse.Namespace, device: torch.device) -> None:
+    """Time args.bench steps on synthetic uint8 images: augmentation and forward/backward/update
+    separately, and project an 800-epoch CIFAR-10 run (195 steps per epoch at batch 256)."""
+    torch.manual_seed(args.seed)
+    n_classes = 10
+    model = build_model(args, n_classes, device)
+    mean, std = torch.tensor(CIFAR_MEAN, device=device), torch.tensor(CIFAR_STD, device=device)
+    trainer = Trainer(model, args, mean, std, device)
+    x = torch.randint(0, 256, (args.batch_size, 3, args.image_size, args.image_size),
+                      dtype=torch.uint8, device=device)
+    y = torch.randint(0, n_classes, (args.batch_size,), device=device)
+    timings = {"augment": 0.0, "train": 0.0}
+    for i in range(2 + args.bench):
+        sync(device)
+        t0 = time.perf_counter()
+        views = trainer.views(x)
+        sync(device)
+        t1 = time.perf_counter()
+        trainer.step(*views, y, 1.0)[0].item()
+        t2 = time.perf_counter()
+        if i >= 2:  # two warm-up steps (allocator, autotuning, compilation)
+            timings["augment"] += (t1 - t0) / args.bench
+            timings["train"] += (t2 - t1) / args.bench
+    total = timings["augment"] + timings["train"]
+    precision = ("fp32" if not args.amp else "fp16 autocast" if trainer.scaler.is_enabled()
+                 else "bf16 autocast") + (", channels-last" if args.channels_last else "")
+    hours = total * 800 * (CIFAR10_TRAIN // args.batch_size) / 3600
+    print(f"{device.type} ({precision}{', compiled' if args.compile else ''}), {args.method} "
+          f"{args.arch}, batch {args.batch_size} x 2 views, {args.image_size}x{args.image_size}: "
+          f"augmentation {1e3 * timings['augment']:.1f} ms + forward/backward/update "
+          f"{1e3 * timings['train']:.1f} ms = {1e3 * total:.1f} ms/step, "
+          f"{args.batch_size / total:.0f} images/s; 800 CIFAR-10 epochs at this batch size "
+          f"would take {hours:.1f} h")
+
+
+def plan_of(args: argparse.Namespace, n_train: int) -> dict[str, int]:
+    """Steps per epoch (last partial batch dropped), total steps, warm-up, log and checkpoint
+    intervals, in steps."""
+    per_epoch = n_train // args.batch_size
+    steps = args.steps if args.steps is not None else round(args.epochs * per_epoch)
+    return {"per_epoch": per_epoch, "steps": steps,
+            "warmup": round(args.warmup_epochs * per_epoch),
+            "log_every": args.log_every or max(1, steps // 100),
+            "ckpt_every": max(1, round(args.ckpt_every * per_epoch) if args.ckpt_every
+                              else steps)}
+
+
+def subset(x: torch.Tensor, y: torch.Tensor, n: int | None,
+           seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """A seeded random subset of n images (all of them when n is None or too large)."""
+    if n is None or n >= len(x):
+        return x, y
+    index = seeded_split(len(x), n, seed)[0]
+    return x[index], y[index]
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any] | None:
+    args = parse_args(argv)
+    device = pick_device(args.device)
+    if args.bench:
+        bench(args, device)
+        return None
+    out = Path(args.out)
+    if args.resume and (out / "metrics.json").is_file():
+        metrics = read_json(out / "metrics.json")
+        print(f"{out} is finished:\n{summary(metrics)}")
+        return metrics
+    started = time.time()
+    torch.manual_seed(args.seed)
+    try:
+        (x_tr, y_tr, x_te, y_te), info = load_images(args)
+    except DataError as err:
+        fail(str(err))
+    if args.batch_size > len(x_tr):
+        fail(f"--batch-size {args.batch_size} exceeds the {len(x_tr)} training images")
+    x_tr, y_tr, x_te, y_te = (t.to(device) for t in (x_tr, y_tr, x_te, y_te))
+    mean = torch.tensor(info["mean"], device=device)
+    std = torch.tensor(info["std"], device=device)
+    plan = plan_of(args, len(x_tr))
+
+    out.mkdir(parents=True, exist_ok=True)
+    write_json({k: v for k, v in vars(args).items() if k not in RUNTIME_FLAGS}, out / "args.json")
+    model = build_model(args, info["n_classes"], device)
+    trainer = Trainer(model, args, mean, std, device)
+    start, history = 0, []
+    if args.resume and (out / "checkpoint.pt").is_file():
+        start, history = load_checkpoint(out, trainer, device)
+        print(f"resuming {out} at step {start}")
+    train(trainer, x_tr, y_tr, plan, out, start, history)
+
+    probe_data = (*subset(x_tr, y_tr, args.probe_train, args.seed),
+                  *subset(x_te, y_te, args.probe_test, args.seed))
+    metrics = evaluate(model, probe_data, args, mean, std, info["n_classes"], device)
+    z_te, y_te_np = metrics.pop("embeddings")
+    with atomic_path(out / "embeddings.npz") as tmp, open(tmp, "wb") as fh:
+        np.savez(fh, z_test=z_te, y_test=y_te_np)
+    atomic_save({"model": model.state_dict(), "args": vars(args)}, out / "model.pt")
+    metrics = {
+        "method": args.method, "sigma": args.sigma, "dataset": args.dataset, "arch": args.arch,
+        "dim": args.dim, "capacity": gaussian_capacity(args.dim, args.sigma),
+        "class_information": math.log(info["n_classes"]), "steps": plan["steps"],
+        "epochs": plan["steps"] / plan["per_epoch"], "batch_size": args.batch_size,
+        "seed": args.seed, "final_loss": history[-1][1] if history else math.nan,
+        "train_history": history, **metrics,
+        "probe_images": {"train": len(probe_data[0]), "test": len(probe_data[2])},
+        "settings": {k: v for k, v in vars(args).items() if k not in RUNTIME_FLAGS},
+        "data": info, "device": str(device), "wall_time_s": time.time() - started}
+    title = (f"{args.method}, sigma = {args.sigma:g}, {args.dataset} test: normalized projector "
+             "outputs")
+    if info["n_classes"] <= 10:
+        save_figure(scatter_embeddings(z_te, y_te_np, title), out / "scatter.png")
+    write_json(metrics, out / "metrics.json")
+    print(summary(metrics) + f"\nsaved to {out}")
+    return metrics
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,523 @@
+"""Tests of cifar_ssl.py (Table 1) and the SSL losses in common.py, on tiny generated data."""
+import csv
+import itertools
+import json
+import math
+import pickle
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import scipy.stats
+import torch
+import torchvision
+from PIL import Image
+from test_evaluate import write_run
+from torch import nn
+from torchvision.transforms.v2 import functional as TF
+
+import cifar_ssl
+import evaluate
+from common import nt_xent, vicreg_loss
+
+REPO = Path(__file__).resolve().parents[1]
+FAST = ["--image-size", "16", "--batch-size", "8", "--hidden", "64", "--dim", "8",
+        "--probe-steps", "30", "--subsample", "16", "--quiet", "--device", "cpu",
+        "--warmup-epochs", "0", "--no-download"]
+"""Flags for end-to-end runs of a few seconds: 16x16 images, batch 8, small projector."""
+
+
+# --------------------------------------------------------------------------------------------
+# Losses (common.py)
+# --------------------------------------------------------------------------------------------
+
+def nt_xent_by_loops(z1, z2, t):
+    """Chen et al. 2020, eq. 1, one anchor at a time."""
+    z = [v / np.linalg.norm(v) for v in np.concatenate([z1, z2])]
+    n = len(z1)
+    total = 0.0
+    for i in range(2 * n):
+        j = (i + n) % (2 * n)
+        denominator = sum(math.exp(z[i] @ z[k] / t) for k in range(2 * n) if k != i)
+        total += -math.log(math.exp(z[i] @ z[j] / t) / denominator)
+    return total / (2 * n)
+
+
+def test_nt_xent_equals_eq1():
+    # orthonormal pairs, t = 1: every anchor sees its positive at cos 1 and two others at 0, 1
+    # -> l = -log(e / (e + 1 + e^0)) ... with candidates {0, 1, 0}: log(1 + 2 / e)
+    eye = torch.eye(2)
+    assert nt_xent(eye, eye, 1.0).item() == pytest.approx(math.log(1 + 2 / math.e), rel=1e-6)
+    rng = np.random.default_rng(0)
+    z1, z2 = rng.standard_normal((5, 3)), rng.standard_normal((5, 3))
+    expected = nt_xent_by_loops(z1, z2, 0.2)
+    got = nt_xent(torch.tensor(z1, dtype=torch.float32), torch.tensor(z2, dtype=torch.float32),
+                  0.2).item()
+    assert got == pytest.approx(expected, rel=1e-5)
+    # cosine similarity: rescaling rows changes nothing
+    assert nt_xent(3 * torch.tensor(z1).float(), torch.tensor(z2).float(), 0.2).item() == \
+        pytest.approx(expected, rel=1e-5)
+
+
+def test_vicreg_equals_its_terms_by_hand():
+    z1 = torch.tensor([[1.0, 0.0], [-1.0, 0.0]])
+    z2 = torch.tensor([[1.0, 1.0], [-1.0, -1.0]])
+    # invariance: squared differences (0, 1, 0, 1) / 4 = 0.5
+    # variance: z1 stds sqrt(2 + 1e-4), sqrt(1e-4) = 0.01 -> (0 + 0.99) / 2 = 0.495; z2: 0
+    # covariance: z1 off-diagonal 0; z2 off-diagonal 2 -> (2^2 + 2^2) / d = 4
+    assert vicreg_loss(z1, z2).item() == pytest.approx(25 * 0.5 + 25 * 0.495 + 4, rel=1e-6)
+    assert vicreg_loss(z1, z2, 1, 0, 0).item() == pytest.approx(0.5)
+    assert vicreg_loss(z1, z2, 0, 1, 0).item() == pytest.approx(0.495, rel=1e-6)
+    assert vicreg_loss(z1, z2, 0, 0, 1).item() == pytest.approx(4.0)
+
+
+# --------------------------------------------------------------------------------------------
+# LARS and the schedule
+# --------------------------------------------------------------------------------------------
+
+def test_lars_one_step_matches_the_update_rule():
+    w = nn.Parameter(torch.tensor([[3.0, 4.0]]))      # ||w|| = 5
+    b = nn.Parameter(torch.tensor([1.0]))
+    opt = cifar_ssl.LARS([{"params": [w]},
+                          {"params": [b], "weight_decay": 0.0, "adapt": False}],
+                         lr=0.5, momentum=0.9, weight_decay=0.1, trust=0.02)
+    w.grad, b.grad = torch.tensor([[0.6, 0.8]]), torch.tensor([0.5])   # ||g|| = 1
+    opt.step()
+    # rate = 0.02 * 5 / (1 + 0.1 * 5) = 1 / 15; clipped: min(rate / 0.5, 1) = 2 / 15
+    # d = (g + 0.1 w) * 2 / 15 = (0.9, 1.2) * 2 / 15 = (0.12, 0.16); w -= 0.5 d
+    assert torch.allclose(w.detach(), torch.tensor([[2.94, 3.92]]), atol=1e-6)
+    assert b.item() == pytest.approx(1 - 0.5 * 0.5)                      # plain SGD, no decay
+    b.grad = torch.tensor([0.5])
+    w.grad = torch.tensor([[0.0, 0.0]])
+    opt.step()
+    assert b.item() == pytest.approx(0.75 - 0.5 * (0.9 * 0.5 + 0.5))     # momentum
+    # a zero gradient takes rate 1, clipped to 1: d = 0.1 w; v = 0.9 (0.12, 0.16) + d
+    expected = torch.tensor([[2.94, 3.92]]) - 0.5 * (0.9 * torch.tensor([[0.12, 0.16]])
+                                                     + 0.1 * torch.tensor([[2.94, 3.92]]))
+    assert torch.allclose(w.detach(), expected, atol=1e-6)
+
+
+def test_lars_clipping_caps_the_rate_at_the_learning_rate():
+    w = nn.Parameter(torch.tensor([[3.0, 4.0]]))
+    opt = cifar_ssl.LARS([w], lr=0.01, momentum=0.0, weight_decay=0.1, trust=0.02)
+    w.grad = torch.tensor([[0.6, 0.8]])
+    opt.step()
+    # rate / lr = (1 / 15) / 0.01 > 1 -> 1: an SGD step on g + wd w
+    assert torch.allclose(w.detach(), torch.tensor([[3 - 0.01 * 0.9, 4 - 0.01 * 1.2]]))
+
+
+def test_optimizer_groups_exclude_biases_and_norms():
+    args = cifar_ssl.parse_args(["--out", "unused", "--method", "vicreg", "--hidden", "32",
+                                 "--dim", "8", "--batch-size", "512"])
+    model = cifar_ssl.build_model(args, 10, torch.device("cpu"))
+    weights, flat, probe = cifar_ssl.make_optimizer(model, args).param_groups
+    assert weights["adapt"] and weights["weight_decay"] == 1e-4
+    assert weights["base_lr"] == pytest.approx(0.3 * 512 / 256)
+    assert all(p.ndim > 1 for p in weights["params"])
+    assert not flat["adapt"] and flat["weight_decay"] == 0.0 and flat["params"]
+    assert all(p.ndim == 1 for p in flat["params"])
+    norm_weights = {id(m.weight) for m in model.modules() if isinstance(m, nn.BatchNorm2d)}
+    assert norm_weights <= {id(p) for p in flat["params"]}
+    assert {id(p) for p in probe["params"]} == {id(p) for p in model.probe.parameters()}
+    n_params = sum(len(g["params"]) for g in (weights, flat, probe))
+    assert n_params == len(list(model.parameters()))
+
+
+def test_warmup_then_cosine():
+    assert cifar_ssl.lr_factor(0, 10, 100) == pytest.approx(0.1)
+    assert cifar_ssl.lr_factor(9, 10, 100) == pytest.approx(1.0)
+    assert cifar_ssl.lr_factor(10, 10, 100) == pytest.approx(1.0)
+    assert cifar_ssl.lr_factor(55, 10, 100) == pytest.approx(0.5)
+    assert cifar_ssl.lr_factor(99, 10, 100) == pytest.approx(0.0, abs=1e-3)
+
+
+# --------------------------------------------------------------------------------------------
+# Augmentations: torchvision's parameter distributions and operations, batched
+# --------------------------------------------------------------------------------------------
+
+def test_crop_parameters_follow_random_resized_crop():
+    torch.manual_seed(0)
+    n, size = 4000, 32
+    ours = cifar_ssl.sample_crops(n, size, size, torch.device("cpu")).numpy()
+    image = torch.zeros(3, size, size)
+    theirs = np.array([torchvision.transforms.RandomResizedCrop.get_params(
+        image, list(cifar_ssl.CROP_SCALE), list(cifar_ssl.CROP_RATIO)) for _ in range(n)])
+    for boxes in (ours, theirs):
+        top, left, h, w = boxes.T
+        assert (top >= 0).all() and (left >= 0).all()
+        assert (top + h <= size).all() and (left + w <= size).all()
+    for stat in (lambda b: b[:, 2] * b[:, 3] / size ** 2,     # area fraction
+                 lambda b: np.log(b[:, 3] / b[:, 2]),         # log aspect ratio
+                 lambda b: b[:, 0] + b[:, 2] / 2):            # vertical centre
+        assert scipy.stats.ks_2samp(stat(ours), stat(theirs)).pvalue > 1e-3
+    area = ours[:, 2] * ours[:, 3] / size ** 2
+    assert area.min() < 0.12 and area.max() == 1.0
+    # no try fits (ratio far outside a square image): torchvision's central fallback
+    fallback = cifar_ssl.sample_crops(5, size, size, torch.device("cpu"), (0.9, 1.0), (3.0, 4.0))
+    expected = torchvision.transforms.RandomResizedCrop.get_params(image, [0.9, 1.0], [3.0, 4.0])
+    assert (fallback.numpy() == np.array(expected)).all()
+
+
+def test_jitter_grey_flip_parameters_follow_torchvision():
+    reference = torchvision.transforms.ColorJitter(**cifar_ssl.JITTER)
+    ranges = cifar_ssl.jitter_ranges(cifar_ssl.JITTER)
+    for name in ("brightness", "contrast", "saturation", "hue"):
+        assert ranges[name] == pytest.approx(getattr(reference, name))
+    assert ranges["brightness"] == pytest.approx((0.6, 1.4))  # Appendix C
+    assert ranges["saturation"] == pytest.approx((0.8, 1.2))
+    torch.manual_seed(1)
+    n = 20000
+    params = cifar_ssl.sample_augment_params(n, 32, 32, torch.device("cpu"))
+    for k, (lo, hi) in enumerate(ranges.values()):
+        factors = params["factors"][:, k].numpy()
+        assert lo <= factors.min() < lo + 0.01 and hi - 0.01 < factors.max() <= hi
+        assert scipy.stats.kstest(factors, "uniform", args=(lo, hi - lo)).pvalue > 1e-3
+    for key, p in (("jitter", 0.8), ("grey", 0.2), ("flip", 0.5)):
+        rate = params[key].float().mean().item()
+        assert abs(rate - p) < 4 * math.sqrt(p * (1 - p) / n), key
+    counts = {perm: 0 for perm in itertools.permutations(range(4))}
+    for row in params["order"].tolist():
+        counts[tuple(row)] += 1
+    assert sum(counts.values()) == n  # every row is a permutation of the four operations
+    assert scipy.stats.chisquare(list(counts.values())).pvalue > 1e-3
+
+
+@pytest.fixture
+def images():
+    torch.manual_seed(2)
+    return torch.randint(0, 256, (6, 3, 32, 32), dtype=torch.uint8)
+
+
+def test_batched_operations_equal_torchvision_per_image(images):
+    x = images.float() / 255
+    boxes = torch.tensor([[0, 0, 32, 32], [3, 5, 10, 20], [10, 2, 22, 17], [0, 0, 5, 5],
+                          [1, 1, 31, 30], [7, 9, 12, 12]])
+    flip = torch.tensor([False, True, False, True, False, True])
+    for size in (32, 16):  # upsampling, and the antialiased downsampling of large crops
+        ours = cifar_ssl.resized_crop(x, boxes, size, flip)
+        for k, (top, left, h, w) in enumerate(boxes.tolist()):
+            ref = TF.resized_crop(x[k], top, left, h, w, [size, size],
+                                  interpolation=TF.InterpolationMode.BICUBIC, antialias=True)
+            ref = TF.horizontal_flip(ref) if flip[k] else ref
+            assert torch.allclose(ours[k], ref.clamp(0, 1), atol=1e-5)
+    factors = torch.linspace(0.6, 1.4, 6)
+    shifts = torch.linspace(-0.1, 0.1, 6)
+    references = [TF.adjust_brightness, TF.adjust_contrast, TF.adjust_saturation]
+    for op, ref in zip(cifar_ssl.JITTER_OPS[:3], references, strict=True):
+        ours = op(x, factors)
+        for k in range(6):
+            assert torch.allclose(ours[k], ref(x[k], factors[k].item()), atol=1e-6)
+    ours = cifar_ssl.shift_hue(x, shifts)
+    for k in range(6):
+        assert torch.allclose(ours[k], TF.adjust_hue(x[k], shifts[k].item()), atol=1e-5)
+    assert torch.allclose(cifar_ssl.grey(x)[:, 0], TF.rgb_to_grayscale(x)[:, 0], atol=1e-6)
+
+
+def test_augment_equals_the_appendix_c_pipeline_per_image(images):
+    torch.manual_seed(3)
+    params = cifar_ssl.sample_augment_params(6, 32, 32, torch.device("cpu"))
+    params["jitter"][:2] = torch.tensor([True, False])  # both branches, whatever the seed
+    mean, std = torch.tensor(cifar_ssl.CIFAR_MEAN), torch.tensor(cifar_ssl.CIFAR_STD)
+    ours = cifar_ssl.augment(images, params, 32, mean, std)
+    ops = [TF.adjust_brightness, TF.adjust_contrast, TF.adjust_saturation, TF.adjust_hue]
+    for k in range(6):
+        top, left, h, w = params["crop"][k].tolist()
+        y = TF.resized_crop(images[k].float() / 255, top, left, h, w, [32, 32],
+                            interpolation=TF.InterpolationMode.BICUBIC, antialias=True)
+        y = y.clamp(0, 1)
+        if params["jitter"][k]:
+            for op in params["order"][k].tolist():
+                y = ops[op](y, params["factors"][k, op].item())
+        if params["grey"][k]:
+            y = TF.rgb_to_grayscale(y, num_output_channels=3)
+        if params["flip"][k]:
+            y = TF.horizontal_flip(y)
+        y = TF.normalize(y, list(cifar_ssl.CIFAR_MEAN), list(cifar_ssl.CIFAR_STD))
+        assert torch.allclose(ours[k], y, atol=1e-4), k
+
+
+# --------------------------------------------------------------------------------------------
+# Model: CIFAR stem, projectors, noise head
+# --------------------------------------------------------------------------------------------
+
+def test_resnet18_cifar_stem_and_projectors_of_appendix_c():
+    backbone, features = cifar_ssl.resnet_backbone("resnet18", cifar_stem=True)
+    assert features == 512
+    assert backbone.conv1.kernel_size == (3, 3) and backbone.conv1.stride == (1, 1)
+    assert isinstance(backbone.maxpool, nn.Identity)
+    assert backbone(torch.zeros(2, 3, 32, 32)).shape == (2, 512)
+    for method, dims in (("simclr", [2048, 256]), ("vicreg", [2048, 2048, 2048])):
+        projector = cifar_ssl.make_projector(method, 512, 2048, cifar_ssl.PROJECTOR[method][1])
+        linears = [m for m in projector if isinstance(m, nn.Linear)]
+        assert [m.out_features for m in linears] == dims
+        has_bn = any(isinstance(m, nn.BatchNorm1d) for m in projector)
+        assert has_bn == (method == "vicreg")
+
+
+def test_sigma_zero_is_exactly_the_standard_method():
+    x = torch.randn(8, 3, 16, 16)
+    torch.manual_seed(4)
+    model = cifar_ssl.SSLNet("simclr", 0.0, "resnet18", True, 64, 8, 10).train()
+    torch.manual_seed(4)
+    backbone, features = cifar_ssl.resnet_backbone("resnet18", cifar_stem=True)
+    projector = cifar_ssl.make_projector("simclr", features, 64, 8)
+    baseline = nn.Sequential(backbone, projector).train()
+    assert isinstance(model.head, nn.Identity)
+    assert not any(k.startswith("head.") for k in model.state_dict())
+    h, z = model(x)
+    assert torch.equal(z, baseline(x))
+    assert torch.equal(h, backbone(x))
+
+
+def test_noise_head_normalizes_and_adds_noise_only_in_training():
+    torch.manual_seed(5)
+    head = cifar_ssl.NoiseHead(4, sigma=0.5).train()
+    p = 3 + 2 * torch.randn(4096, 4)
+    z = head(p)
+    normalized = (p - p.mean(0)) / p.std(0, unbiased=False)
+    assert torch.allclose((z - normalized).std(0), torch.full((4,), 0.5), atol=0.02)
+    head.eval()
+    head.norm.running_mean.copy_(p.mean(0))
+    head.norm.running_var.copy_(p.var(0, unbiased=False))
+    assert torch.allclose(head(p), normalized, atol=1e-3)  # no noise in evaluation
+
+
+# --------------------------------------------------------------------------------------------
+# Probe and normality
+# --------------------------------------------------------------------------------------------
+
+def test_linear_probe_separates_linearly_separable_features():
+    gen = torch.Generator().manual_seed(6)
+    directions = torch.randn(10, 64, generator=gen)
+
+    def sample(n):
+        y = torch.randint(0, 10, (n,), generator=gen)
+        return 3 * directions[y] + torch.randn(n, 64, generator=gen), y
+    (f_tr, y_tr), (f_te, y_te) = sample(2000), sample(1000)
+    result = cifar_ssl.linear_probe(f_tr, y_tr, f_te, y_te, 10, steps=100)
+    assert result["top1"] > 0.97 and result["top5"] == 1.0 and result["train_top1"] > 0.97
+    shuffled = cifar_ssl.linear_probe(f_tr, y_tr[torch.randperm(2000, generator=gen)], f_te,
+                                      y_te, 10, steps=100)
+    assert shuffled["top1"] < 0.2  # labels without information: chance
+
+
+def test_normality_skips_henze_zirkler_when_dim_reaches_the_subsample():
+    rng = np.random.default_rng(7)
+    low = cifar_ssl.normality(rng.standard_normal((1000, 2)), seed=0, subsample=64, points=500)
+    assert low["points"] == 500 and low["henze_zirkler_p"] > 0.05 and low["dagostino_p"] > 0.05
+    high = cifar_ssl.normality(rng.standard_normal((1000, 100)), seed=0, subsample=64,
+                               points=500)
+    assert high["henze_zirkler_p"] is None and high["shapiro_p"] > 0.05
+    skewed = cifar_ssl.normality(rng.exponential(size=(1000, 2)), seed=0, subsample=64,
+                                 points=500)
+    assert skewed["dagostino_p"] < 0.05
+
+
+# --------------------------------------------------------------------------------------------
+# End to end on generated data in CIFAR's and ImageFolder's on-disk formats
+# --------------------------------------------------------------------------------------------
+
+def write_cifar(root, dataset, n_train=64, n_test=32, seed=0):
+    """Random images in CIFAR's pickled-batch format; the class sets the mean colour."""
+    folder, train_files, test_files, label_key, _ = cifar_ssl.CIFAR_FILES[dataset]
+    rng = np.random.default_rng(seed)
+    n_classes = 10 if dataset == "cifar10" else 100
+    (root / folder).mkdir(parents=True)
+    for files, n in ((train_files, n_train), (test_files, n_test)):
+        for name in files:
+            labels = rng.integers(0, n_classes, n)
+            data = np.clip(rng.normal(25 * (labels % 10), 40, (3072, n)).T, 0, 255)
+            with open(root / folder / name, "wb") as fh:
+                pickle.dump({b"data": data.astype(np.uint8), label_key: labels.tolist()}, fh)
+    return root
+
+
+def run(out, *flags):
+    cifar_ssl.main(["--out", str(out), *FAST, *flags])
+    return json.loads((out / "metrics.json").read_text())
+
+
+def test_two_steps_on_cifar10_pickles_write_metrics(tmp_path):
+    root = write_cifar(tmp_path / "data", "cifar10", n_train=16)  # 5 batches of 16
+    metrics = run(tmp_path / "run", "--data-dir", str(root), "--steps", "2", "--sigma", "0.3")
+    assert metrics["method"] == "simclr" and metrics["sigma"] == 0.3
+    assert metrics["data"]["n_train"] == 80 and metrics["data"]["n_test"] == 32
+    assert metrics["steps"] == 2 and len(metrics["train_history"]) == 2
+    assert math.isfinite(metrics["final_loss"])
+    assert 0 <= metrics["probe"]["top1"] <= metrics["probe"]["top5"] <= 1
+    assert 0 <= metrics["online_probe"]["test_top1"] <= 1
+    assert metrics["capacity"] == pytest.approx(8 / 2 * math.log(1 + 1 / 0.09))  # eq. 5
+    assert 0 <= metrics["normality"]["henze_zirkler_p"] <= 1  # d = 8 < subsample 16
+    for name in ("args.json", "checkpoint.pt", "model.pt", "embeddings.npz", "scatter.png"):
+        assert (tmp_path / "run" / name).is_file()
+    z = np.load(tmp_path / "run" / "embeddings.npz")["z_test"]
+    assert z.shape == (32, 8)
+
+
+def test_vicreg_on_cifar100_pickles_and_random_init_baseline(tmp_path):
+    root = write_cifar(tmp_path / "data", "cifar100")
+    metrics = run(tmp_path / "run", "--dataset", "cifar100", "--data-dir", str(root), "--steps",
+                  "2", "--method", "vicreg", "--dim", "32")
+    assert metrics["method"] == "vicreg" and metrics["data"]["n_classes"] == 100
+    assert metrics["normality"]["henze_zirkler_p"] is None  # d = 32 >= subsample 16
+    assert metrics["class_information"] == pytest.approx(math.log(100))
+    assert not (tmp_path / "run" / "scatter.png").exists()  # 100 classes: no colour legend
+    baseline = run(tmp_path / "untrained", "--dataset", "cifar100", "--data-dir", str(root),
+                   "--steps", "0")
+    assert baseline["steps"] == 0 and baseline["train_history"] == []
+    assert baseline["final_loss"] == "nan"
+
+
+def test_image_folder_tree(tmp_path):
+    gen = torch.Generator().manual_seed(8)
+    for split, n in (("train", 10), ("val", 4)):
+        for c, name in enumerate(("cat", "dog")):
+            (tmp_path / "tree" / split / name).mkdir(parents=True)
+            for i in range(n):
+                size = (20 + 3 * i, 24)  # not square, not at --image-size
+                image = torch.randint(0, 128, (*size, 3), generator=gen, dtype=torch.uint8)
+                Image.fromarray((image + 100 * c).numpy()).save(
+                    tmp_path / "tree" / split / name / f"{i}.png")
+    metrics = run(tmp_path / "run", "--dataset", "folder", "--data-dir",
+                  str(tmp_path / "tree"), "--steps", "2")
+    assert metrics["data"]["n_train"] == 20 and metrics["data"]["n_test"] == 8
+    assert metrics["data"]["n_classes"] == 2 and metrics["probe"]["top5"] == 1.0
+    assert len(metrics["data"]["mean"]) == 3
+
+
+def test_resume_after_a_crash_equals_an_uninterrupted_run(tmp_path, monkeypatch):
+    root = write_cifar(tmp_path / "data", "cifar10", n_train=16)
+    flags = ("--data-dir", str(root), "--steps", "4", "--ckpt-every", "0.2", "--sigma", "0.1")
+    whole = run(tmp_path / "whole", *flags)  # 10 steps per epoch: checkpoints every 2 steps
+    step = cifar_ssl.Trainer.step
+    calls = []
+
+    def crash_at_step_3(self, *a):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return step(self, *a)
+    monkeypatch.setattr(cifar_ssl.Trainer, "step", crash_at_step_3)
+    with pytest.raises(KeyboardInterrupt):
+        run(tmp_path / "resumed", *flags)
+    monkeypatch.setattr(cifar_ssl.Trainer, "step", step)
+    assert torch.load(tmp_path / "resumed" / "checkpoint.pt", weights_only=False)["step"] == 2
+    cifar_ssl.main(["--out", str(tmp_path / "resumed"), "--resume", "--quiet"])
+    resumed = json.loads((tmp_path / "resumed" / "metrics.json").read_text())
+    assert resumed["train_history"] == whole["train_history"]
+    assert resumed["probe"] == whole["probe"]
+
+
+def test_grey_dataset_becomes_3x32x32(tmp_path):
+    (x_tr, y_tr, x_te, _), info = cifar_ssl.load_images(cifar_ssl.parse_args(
+        ["--out", str(tmp_path / "r"), "--dataset", "mnist", "--no-download"]))
+    assert x_tr.shape[1:] == (3, 32, 32) and x_te.shape[1:] == (3, 32, 32)
+    assert x_tr.dtype == torch.uint8 and x_tr.max() == 255 and info["n_classes"] == 10
+    assert (x_tr[:, :, :2] == 0).all() and torch.equal(x_tr[:, 0], x_tr[:, 2])
+    assert info["n_train"] == len(x_tr) == len(y_tr) and len(info["mean"]) == 3
+
+
+def test_missing_cifar_is_one_line_with_exit_code_2(tmp_path):
+    proc = subprocess.run([sys.executable, str(REPO / "cifar_ssl.py"), "--data-dir",
+                           str(tmp_path), "--no-download", "--out", str(tmp_path / "run")],
+                          capture_output=True, text=True, cwd=tmp_path, timeout=120)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1
+    assert "data_batch_1" in proc.stderr and "--data-dir" in proc.stderr
+
+
+def test_existing_run_directory_is_not_overwritten(tmp_path, capsys):
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "metrics.json").write_text("{}")
+    with pytest.raises(SystemExit) as exc:
+        cifar_ssl.parse_args(["--out", str(tmp_path / "run")])
+    assert exc.value.code == 2 and "--resume" in capsys.readouterr().err
+
+
+def test_bench_reports_the_split_and_the_projection(capsys):
+    cifar_ssl.main(["--bench", "1", "--batch-size", "4", "--image-size", "16", "--hidden", "32",
+                    "--dim", "8", "--device", "cpu", "--no-amp", "--no-channels-last"])
+    line = capsys.readouterr().out
+    assert "cpu (fp32)" in line and "augmentation" in line and "forward/backward" in line
+    assert "ms/step" in line and "images/s" in line and "800 CIFAR-10 epochs" in line
+
+
+# --------------------------------------------------------------------------------------------
+# evaluate.py: Table 1 and the sigma sweep of cifar_ssl.py runs
+# --------------------------------------------------------------------------------------------
+
+def fake_ssl_run(root, name, method="simclr", sigma=0.0, dataset="cifar10", seed=0, top1=0.9,
+                 steps=1000, hz=0.5):
+    metrics = {"method": method, "sigma": sigma, "dataset": dataset, "arch": "resnet18",
+               "dim": 256, "capacity": "inf" if sigma == 0 else 128 * math.log1p(sigma ** -2),
+               "steps": steps, "epochs": 5.0, "batch_size": 256, "seed": seed,
+               "probe": {"top1": top1, "top5": 0.99, "train_top1": 0.95},
+               "online_probe": {"test_top1": top1 - 0.05},
+               "normality": {"dagostino_p": 0.2 + sigma, "shapiro_p": 0.1,
+                             "henze_zirkler_p": hz, "subsample": 128},
+               "probe_images": {"train": 50000, "test": 10000},
+               "data": {"dataset": dataset, "n_train": 50000}}
+    (root / name).mkdir(parents=True)
+    (root / name / "metrics.json").write_text(json.dumps(metrics))
+
+
+def test_table1_next_to_the_paper(tmp_path, capsys):
+    fake_ssl_run(tmp_path, "a", "simclr", 0.3, top1=0.80)
+    fake_ssl_run(tmp_path, "b", "simclr", 0.3, top1=0.90, seed=1)
+    fake_ssl_run(tmp_path, "c", "vicreg", 0.0, "cifar100", top1=0.5)
+    fake_ssl_run(tmp_path, "d", "vicreg", 0.0, "cifar100", top1=0.2, steps=0)
+    fake_ssl_run(tmp_path, "e", "simclr", 0.1, "fashion-mnist", top1=0.7)
+    evaluate.main(["--table", str(tmp_path), "--out", str(tmp_path / "t1")])
+    text = capsys.readouterr().out
+    assert (tmp_path / "t1.md").read_text() in text
+    row = next(line for line in text.splitlines() if line.startswith("| SimCLR σ = 0.3 |"))
+    # mean 85 % +- 2.5758 * 7.0711 / sqrt(2) = 12.88 %; paper 91.56 / 99.77
+    assert "85.00 ± 12.88 (91.56)" in row and "99.00 ± 0.00 (99.77)" in row
+    assert "– (65.72)" in row
+    row = next(line for line in text.splitlines() if line.startswith("| VICReg |"))
+    assert "– (90.63)" in row and "50.00 (65.71)" in row
+    assert len([line for line in text.splitlines() if line.startswith("| SimCLR")]) == 4
+    assert text.splitlines()[2].endswith("fashion-mnist top-1 | fashion-mnist top-5 |")
+    row = next(line for line in text.splitlines() if line.startswith("| SimCLR σ = 0.1 |"))
+    assert row.endswith("| 70.00 | 99.00 |")
+    row = next(line for line in text.splitlines() if line.startswith("| random-init encoder |"))
+    assert "20.00" in row and "(" not in row
+
+
+def test_table1_refuses_mnist_runs_duplicate_seeds_and_mixed_settings(tmp_path, capsys):
+    fake_ssl_run(tmp_path / "dup", "a")
+    fake_ssl_run(tmp_path / "dup", "b")
+    with pytest.raises(SystemExit) as exc:
+        evaluate.main(["--table", str(tmp_path / "dup"), "--out", str(tmp_path / "t")])
+    assert exc.value.code == 2 and "both seed 0" in capsys.readouterr().err
+    fake_ssl_run(tmp_path / "steps", "a")
+    fake_ssl_run(tmp_path / "steps", "b", seed=1, steps=5)
+    with pytest.raises(SystemExit) as exc:
+        evaluate.main(["--table", str(tmp_path / "steps"), "--out", str(tmp_path / "t")])
+    assert exc.value.code == 2 and "differ in steps" in capsys.readouterr().err
+    write_run(tmp_path, "mnist")
+    with pytest.raises(SystemExit) as exc:
+        evaluate.main(["--table", str(tmp_path / "mnist"), "--out", str(tmp_path / "t")])
+    assert exc.value.code == 2 and "not a cifar_ssl.py run" in capsys.readouterr().err
+    assert not (tmp_path / "t.md").exists()
+
+
+def test_sigma_sweep_panel_of_cifar_runs(tmp_path, capsys):
+    for sigma in (0.1, 0.3):
+        for seed in (0, 1):
+            fake_ssl_run(tmp_path, f"s{sigma}_{seed}", sigma=sigma, seed=seed,
+                         top1=0.8 + 0.1 * seed, hz=None)
+    fake_ssl_run(tmp_path, "s0", sigma=0.0)
+    fake_ssl_run(tmp_path, "untrained", sigma=0.1, steps=0, top1=0.3)
+    evaluate.main([str(tmp_path), "--out", str(tmp_path / "fig")])
+    text = capsys.readouterr().out
+    assert (tmp_path / "fig.png").stat().st_size > 0
+    assert "linear probe top-1" in text and "projector output" in text
+    assert "record no MI estimate" in text
+    assert "| trained | 0.3 |" in text and "| untrained | 0.1 |" in text
+    rows = {(row["kind"], float(row["sigma"])): row
+            for row in csv.DictReader(open(tmp_path / "fig.csv"))}
+    assert float(rows["trained", 0.3]["top1_mean"]) == pytest.approx(0.85)
+    assert math.isnan(float(rows["trained", 0.3]["henze_zirkler_p_mean"]))
