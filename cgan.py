@@ -33,6 +33,7 @@ from common import (
     LOG10,
     RUNTIME_FLAGS,
     ConvEncoder,
+    add_data_flags,
     atomic_save,
     autocast,
     embed_train_test,
@@ -91,12 +92,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="half-width a of the mismatched prior U[-a, a]^2")
     p.add_argument("--seed", type=int, default=0, help="fixes data order, noise and init")
     p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, cuda:1")
-    p.add_argument("--dataset", choices=["mnist", "fashion-mnist", "mnist-test-split"],
-                   default="mnist",
-                   help="mnist falls back to the shipped MNIST test split (8k/2k) when the full "
-                        "set is neither on disk nor downloadable; must match the encoder's")
-    p.add_argument("--data-dir", default=None, help="folder with the IDX files (optionally .gz)")
-    p.add_argument("--no-download", action="store_true", help="never try to download data")
+    add_data_flags(p, note="; must match the encoder's")
     p.add_argument("--out", default=None,
                    help="run directory; None: a new directory under runs/cgan/")
     p.add_argument("--resume", action="store_true",

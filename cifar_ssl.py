@@ -27,7 +27,7 @@ import argparse
 import math
 import pickle
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -136,8 +136,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="lr of the online linear probe, same schedule, no LARS scaling")
     p.add_argument("--probe-steps", type=positive_int, default=500,
                    help="L-BFGS iterations of the final linear probe")
-    p.add_argument("--probe-wd", type=nonnegative_float, default=1e-4,
-                   help="L2 weight of the final linear probe (on standardized features)")
+    p.add_argument("--probe-wd", type=nonnegative_float, nargs="+",
+                   default=[1e-4, 1e-3, 1e-2, 1e-1],
+                   help="L2 weights of the final linear probe (on standardized features); "
+                        "several: the best on a held-out fifth of the probe-training images")
     p.add_argument("--probe-train", type=positive_int, default=None,
                    help="seeded subset of training images for the final probe (default: all)")
     p.add_argument("--probe-test", type=positive_int, default=None,
@@ -719,14 +721,11 @@ def embed(model: SSLNet, x: torch.Tensor, args: argparse.Namespace, mean: torch.
     return torch.cat(features), torch.cat(projections)
 
 
-def linear_probe(f_tr: torch.Tensor, y_tr: torch.Tensor, f_te: torch.Tensor, y_te: torch.Tensor,
-                 n_classes: int, steps: int = 500, weight_decay: float = 1e-4) -> dict[str, float]:
-    """Multinomial logistic regression on frozen features: standardized with the training
-    statistics, cross-entropy + weight_decay / 2 ||W||^2, full-batch L-BFGS (strong Wolfe).
-    Returns train top-1 and test top-1 / top-5 accuracy (Table 1's columns), as fractions."""
-    mu, sd = f_tr.mean(0), f_tr.std(0).clamp(min=1e-6)
-    a_tr, a_te = (f_tr - mu) / sd, (f_te - mu) / sd
-    linear = nn.Linear(f_tr.shape[1], n_classes).to(f_tr.device)
+def fit_logistic(a: torch.Tensor, y: torch.Tensor, n_classes: int, steps: int,
+                 weight_decay: float) -> nn.Linear:
+    """Multinomial logistic regression, cross-entropy + weight_decay / 2 ||W||^2, full-batch
+    L-BFGS (strong Wolfe) from zero weights."""
+    linear = nn.Linear(a.shape[1], n_classes).to(a.device)
     nn.init.zeros_(linear.weight)
     nn.init.zeros_(linear.bias)
     opt = torch.optim.LBFGS(linear.parameters(), lr=1.0, max_iter=steps, history_size=20,
@@ -735,18 +734,43 @@ def linear_probe(f_tr: torch.Tensor, y_tr: torch.Tensor, f_te: torch.Tensor, y_t
 
     def closure() -> torch.Tensor:
         opt.zero_grad()
-        loss = (F.cross_entropy(linear(a_tr), y_tr)
-                + 0.5 * weight_decay * linear.weight.pow(2).sum())
+        loss = F.cross_entropy(linear(a), y) + 0.5 * weight_decay * linear.weight.pow(2).sum()
         loss.backward()
         return loss
 
     with torch.enable_grad():
         opt.step(closure)
-    with torch.no_grad():
-        top5 = linear(a_te).topk(min(5, n_classes), dim=1).indices
-        return {"top1": (top5[:, 0] == y_te).float().mean().item(),
-                "top5": (top5 == y_te[:, None]).any(1).float().mean().item(),
-                "train_top1": (linear(a_tr).argmax(1) == y_tr).float().mean().item()}
+    return linear
+
+
+@torch.no_grad()
+def linear_probe(f_tr: torch.Tensor, y_tr: torch.Tensor, f_te: torch.Tensor, y_te: torch.Tensor,
+                 n_classes: int, steps: int = 500,
+                 weight_decays: Sequence[float] = (1e-4,)) -> dict[str, float]:
+    """Logistic regression on frozen features standardized with the training statistics.
+
+    With several weight decays, each is fitted on a seeded 80 % of the training features and the
+    one with the best top-1 on the other 20 % is refitted on all of them, so that every encoder
+    (a random one overfits with a weak penalty) gets its own best-regularized probe. Returns
+    train top-1, test top-1 / top-5 (Table 1's columns) as fractions, and the weight decay used.
+    """
+    mu, sd = f_tr.mean(0), f_tr.std(0).clamp(min=1e-6)
+    a_tr, a_te = (f_tr - mu) / sd, (f_te - mu) / sd
+    chosen = weight_decays[0]
+    if len(weight_decays) > 1:
+        order = torch.randperm(len(a_tr), generator=torch.Generator().manual_seed(0))
+        fit, held = order[len(a_tr) // 5:].to(a_tr.device), order[:len(a_tr) // 5].to(a_tr.device)
+
+        def held_out_top1(wd: float) -> float:
+            linear = fit_logistic(a_tr[fit], y_tr[fit], n_classes, steps, wd)
+            return (linear(a_tr[held]).argmax(1) == y_tr[held]).float().mean().item()
+        chosen = max(weight_decays, key=held_out_top1)
+    linear = fit_logistic(a_tr, y_tr, n_classes, steps, chosen)
+    top5 = linear(a_te).topk(min(5, n_classes), dim=1).indices
+    return {"top1": (top5[:, 0] == y_te).float().mean().item(),
+            "top5": (top5 == y_te[:, None]).any(1).float().mean().item(),
+            "train_top1": (linear(a_tr).argmax(1) == y_tr).float().mean().item(),
+            "weight_decay": chosen}
 
 
 def normality(z: np.ndarray, seed: int, subsample: int, points: int) -> dict[str, Any]:
@@ -791,7 +815,8 @@ def evaluate(model: SSLNet, data: tuple[torch.Tensor, ...], args: argparse.Names
     recompute_bn_stats(model, forward, x_tr, 512 if len(x_tr) % 512 != 1 else 511)
     f_tr, p_tr = embed(model, x_tr, args, mean, std, device)
     f_te, p_te = embed(model, x_te, args, mean, std, device)
-    probe = linear_probe(f_tr, y_tr, f_te, y_te, n_classes, args.probe_steps, args.probe_wd)
+    probe = linear_probe(f_tr, y_tr, f_te, y_te, n_classes, args.probe_steps,
+                         args.probe_wd)
     with torch.no_grad():
         online = (model.probe(f_te).argmax(1) == y_te).float().mean().item()
     z_te = ((p_te - p_tr.mean(0)) / p_tr.std(0).clamp(min=1e-6)).cpu().numpy()
@@ -808,7 +833,8 @@ def summary(metrics: dict[str, Any]) -> str:
         f"{metrics['steps']} steps ({metrics['epochs']:.2f} epochs), final loss "
         f"{metrics['final_loss']:.4f}",
         f"linear probe: top-1 {100 * metrics['probe']['top1']:.2f} %   top-5 "
-        f"{100 * metrics['probe']['top5']:.2f} %   (online probe top-1 "
+        f"{100 * metrics['probe']['top5']:.2f} %   (weight decay "
+        f"{metrics['probe']['weight_decay']:g}; online probe top-1 "
         f"{100 * metrics['online_probe']['test_top1']:.2f} %)",
         f"normality p of the normalized projector outputs (d = {metrics['dim']}, subsample "
         f"{n['subsample']}): D'Agostino {n['dagostino_p']:.3f}   Shapiro-Wilk "

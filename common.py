@@ -833,6 +833,16 @@ def nonnegative_float(text: str) -> float:
     return value
 
 
+def add_data_flags(p: argparse.ArgumentParser, note: str = "") -> None:
+    """--dataset, --data-dir, --no-download: the arguments of load_data."""
+    p.add_argument("--dataset", choices=["mnist", "fashion-mnist", "mnist-test-split"],
+                   default="mnist",
+                   help="mnist falls back to the shipped MNIST test split (8k/2k) when the full "
+                        "set is neither on disk nor downloadable" + note)
+    p.add_argument("--data-dir", default=None, help="folder with the IDX files (optionally .gz)")
+    p.add_argument("--no-download", action="store_true", help="never try to download data")
+
+
 def add_run_flags(p: argparse.ArgumentParser, critics: Sequence[str], default_critic: str) -> None:
     """The flags every InfoMax script shares; the script adds its noise flag (--sigma, --eps)."""
     p.add_argument("--dim", type=positive_int, default=2,
@@ -867,12 +877,7 @@ def add_run_flags(p: argparse.ArgumentParser, critics: Sequence[str], default_cr
                    help="sweep: runs at once, each in its own process with CPU cores / N threads "
                         "(on 2 cores --jobs 2 gave the most runs per hour, README)")
     p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, cuda:1")
-    p.add_argument("--dataset", choices=["mnist", "fashion-mnist", "mnist-test-split"],
-                   default="mnist",
-                   help="mnist falls back to the shipped MNIST test split (8k/2k) when the full "
-                        "set is neither on disk nor downloadable")
-    p.add_argument("--data-dir", default=None, help="folder with the IDX files (optionally .gz)")
-    p.add_argument("--no-download", action="store_true", help="never try to download data")
+    add_data_flags(p)
     p.add_argument("--out", default=None,
                    help="run directory, or a sweep's parent directory; None: a new directory "
                         "under runs/<script>/")

@@ -303,6 +303,25 @@ def test_linear_probe_separates_linearly_separable_features():
     assert shuffled["top1"] < 0.2  # labels without information: chance
 
 
+def test_linear_probe_picks_its_weight_decay_on_a_held_out_fifth(monkeypatch):
+    gen = torch.Generator().manual_seed(3)
+    y = torch.randint(0, 3, (500,), generator=gen)
+    f = torch.randn(500, 8, generator=gen) + y[:, None]
+    fits = []
+    fit = cifar_ssl.fit_logistic
+
+    def recorded(a, labels, n_classes, steps, weight_decay):
+        fits.append((len(a), weight_decay))
+        return fit(a, labels, n_classes, steps, weight_decay)
+    monkeypatch.setattr(cifar_ssl, "fit_logistic", recorded)
+    result = cifar_ssl.linear_probe(f, y, f, y, 3, steps=50, weight_decays=(1e-4, 1.0, 1e3))
+    assert fits[:3] == [(400, 1e-4), (400, 1.0), (400, 1e3)]
+    assert fits[3] == (500, result["weight_decay"]) and len(fits) == 4
+    fits.clear()
+    assert cifar_ssl.linear_probe(f, y, f, y, 3, steps=50)["weight_decay"] == 1e-4
+    assert fits == [(500, 1e-4)]
+
+
 def test_normality_skips_henze_zirkler_when_dim_reaches_the_subsample():
     rng = np.random.default_rng(7)
     low = cifar_ssl.normality(rng.standard_normal((1000, 2)), seed=0, subsample=64, points=500)
