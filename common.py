@@ -268,13 +268,24 @@ def recompute_bn_stats(model: nn.Module, forward: Callable[[torch.Tensor], Any],
 # Critics: (a, b) -> S with S[i, j] = T(a_i, b_j), a = f(X') rows, b = f(X) + Z columns
 # --------------------------------------------------------------------------------------------
 
+def _hidden(p: torch.Tensor, q: torch.Tensor, w2: torch.Tensor, b2: torch.Tensor,
+            h1: torch.Tensor, h2: torch.Tensor) -> None:
+    """Both hidden layers of the concat critic for rows p (r x H) against all columns q, written
+    into the buffers h1 and h2 (r * len(q) x H): no allocation per chunk."""
+    torch.add(p[:, None, :], q[None, :, :], out=h1.view(len(p), len(q), -1))
+    F.leaky_relu_(h1, 0.01)
+    torch.addmm(b2, h1, w2.T, out=h2)
+    F.leaky_relu_(h2, 0.01)
+
+
 class _PairwiseMLP(torch.autograd.Function):
     """Scores s[i, j] = w3 . lrelu(W2 lrelu(p[i] + q[j]) + b2) + b3 without storing B x B x H.
 
     p = W_a a + b1 and q = W_b b are the first layer split by input (W [a; b] = W_a a + W_b b),
-    so the B x B x 2d pair tensor is never built. Rows are processed in chunks of `rows`, small
-    enough to stay in cache; the backward pass recomputes each chunk's activations instead of
-    keeping them, so memory is O(rows x B x H) at the price of one extra matmul per chunk.
+    so the B x B x 2d pair tensor is never built. Rows are processed in chunks of `rows` through
+    buffers allocated once per call, small enough to stay in cache; the backward pass recomputes
+    each chunk's activations instead of keeping them, so memory is O(rows x B x H) at the price
+    of one extra matmul per chunk.
     """
 
     @staticmethod
@@ -282,11 +293,12 @@ class _PairwiseMLP(torch.autograd.Function):
         ctx.save_for_backward(p, q, w2, b2, w3, b3)
         ctx.dtype, ctx.rows = dtype, rows
         p_, q_, w2_, b2_, w3_ = (t.to(dtype) for t in (p, q, w2, b2, w3))
+        h1, h2 = (p_.new_empty(min(rows, len(p)) * len(q), w2.shape[0]) for _ in range(2))
         out = torch.empty(len(p), len(q), dtype=torch.float32, device=p.device)
         for i in range(0, len(p), rows):
-            h1 = F.leaky_relu_(p_[i:i + rows, None, :] + q_[None, :, :], 0.01).flatten(0, 1)
-            h2 = F.leaky_relu_(torch.addmm(b2_, h1, w2_.T), 0.01)
-            out[i:i + rows] = (h2 @ w3_.T).view(-1, len(q)).float()
+            n = min(rows, len(p) - i) * len(q)
+            _hidden(p_[i:i + rows], q_, w2_, b2_, h1[:n], h2[:n])
+            out[i:i + rows] = (h2[:n] @ w3_.T).view(-1, len(q)).float()
         return out + b3
 
     @staticmethod
@@ -294,21 +306,23 @@ class _PairwiseMLP(torch.autograd.Function):
         p, q, w2, b2, w3, b3 = ctx.saved_tensors
         dtype, rows, n_q = ctx.dtype, ctx.rows, len(q)
         p_, q_, w2_, b2_, w3_ = (t.to(dtype) for t in (p, q, w2, b2, w3))
+        h1, h2, g1, g2 = (p_.new_empty(min(rows, len(p)) * n_q, w2.shape[0]) for _ in range(4))
         dp = torch.empty_like(p)
         dq, dw2, db2, dw3 = (torch.zeros_like(t) for t in (q, w2, b2, w3))
+        slope_of = torch.ops.aten.leaky_relu_backward.grad_input
         for i in range(0, len(p), rows):
-            h1 = F.leaky_relu_(p_[i:i + rows, None, :] + q_[None, :, :], 0.01).flatten(0, 1)
-            h2 = F.leaky_relu_(torch.addmm(b2_, h1, w2_.T), 0.01)
+            n = min(rows, len(p) - i) * n_q
+            _hidden(p_[i:i + rows], q_, w2_, b2_, h1[:n], h2[:n])
             g = grad[i:i + rows].reshape(-1, 1).to(dtype)
-            dw3 += (g.T @ h2).float()
-            # leaky_relu_backward with self_is_result: the slope is read off the output's sign
-            g2 = torch.ops.aten.leaky_relu_backward(g * w3_, h2, 0.01, True)
-            dw2 += (g2.T @ h1).float()
-            db2 += g2.sum(0).float()
-            g1 = torch.ops.aten.leaky_relu_backward(g2 @ w2_, h1, 0.01, True)
-            g1 = g1.view(-1, n_q, g1.shape[-1])
-            dp[i:i + rows] = g1.sum(1).float()
-            dq += g1.sum(0).float()
+            dw3 += (g.T @ h2[:n]).float()
+            # the slope of LeakyReLU is read off its output's sign (self_is_result=True)
+            slope_of(torch.mul(g, w3_, out=g1[:n]), h2[:n], 0.01, True, grad_input=g2[:n])
+            dw2 += (g2[:n].T @ h1[:n]).float()
+            db2 += g2[:n].sum(0).float()
+            slope_of(torch.mm(g2[:n], w2_, out=g1[:n]), h1[:n], 0.01, True, grad_input=h2[:n])
+            per_pair = h2[:n].view(-1, n_q, h2.shape[1])
+            dp[i:i + rows] = per_pair.sum(1).float()
+            dq += per_pair.sum(0).float()
         return dp, dq, dw2, db2, dw3, grad.sum().reshape(b3.shape), None, None
 
 
@@ -873,9 +887,10 @@ def add_run_flags(p: argparse.ArgumentParser, critics: Sequence[str], default_cr
     p.add_argument("--seeds", type=positive_int, default=1,
                    help="sweep: N runs with seeds --seed ... --seed + N - 1, each in its own "
                         "sub-directory of --out")
-    p.add_argument("--jobs", type=positive_int, default=1,
-                   help="sweep: runs at once, each in its own process with CPU cores / N threads "
-                        "(on 2 cores --jobs 2 gave the most runs per hour, README)")
+    p.add_argument("--jobs", type=positive_int, default=None,
+                   help="sweep: runs at once, each in its own process with CPU threads / N "
+                        "threads; default 2 on a CPU with 2 or more threads (the most runs per "
+                        "hour on 2 cores, README), else 1")
     p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, cuda:1")
     add_data_flags(p)
     p.add_argument("--out", default=None,
@@ -1042,30 +1057,33 @@ def _rng_devices(device: torch.device) -> list[torch.device]:
 
 
 def measure_step(build_models: Callable[[argparse.Namespace, torch.device], nn.ModuleDict],
-                 args: argparse.Namespace, device: torch.device, n: int,
-                 warmup: int = 2) -> float:
-    """Seconds per training step of `args` on synthetic images, with throw-away models and RNG."""
+                 args: argparse.Namespace, device: torch.device, n: int, warmup: int = 2,
+                 channels_last: bool = True) -> float:
+    """Seconds per training step of `args` on synthetic images, with throw-away models and RNG
+    (channels_last=False: models and images in the default NCHW memory format)."""
+    layout = torch.channels_last if channels_last else torch.contiguous_format
     with torch.random.fork_rng(devices=_rng_devices(device)):
-        models = build_models(args, device)
+        models = build_models(args, device).to(memory_format=layout)
         step = make_train_step(models, torch.optim.Adam(models.parameters(), lr=args.lr), args)
-        x = torch.rand(args.batch_size, 1, 24, 24, device=device).contiguous(
-            memory_format=torch.channels_last)
+        x = torch.rand(args.batch_size, 1, 24, 24, device=device).contiguous(memory_format=layout)
         return time_per_step(lambda: step(x), n, device, warmup)
 
 
-def _describe(args: argparse.Namespace) -> str:
+def _describe(args: argparse.Namespace, channels_last: bool = True) -> str:
     impl = {"fast": "first layer split, row chunks",
             "reference": "all pairs materialised"}[args.critic_impl]
     return (f"critic {args.critic}{f' ({impl})' if args.critic == 'concat' else ''}, "
-            f"{'bf16 autocast' if args.amp else 'float32'}{', compiled' if args.compile else ''}")
+            f"{'bf16 autocast' if args.amp else 'float32'}, "
+            f"{'channels-last' if channels_last else 'NCHW'}{', compiled' if args.compile else ''}")
 
 
 def bench(args: argparse.Namespace,
           build_models: Callable[[argparse.Namespace, torch.device], nn.ModuleDict],
           device: torch.device) -> dict[str, float]:
-    """--bench N: ms per training step of this run's settings next to the reference path (the
-    concat critic's definition, float32), their ratio, and the projected time of this run and
-    of --paper (2000 epochs of the 60k MNIST training split at batch 1024, Appendix C).
+    """--bench N: ms per training step of this run's settings next to the reference path (none
+    of the speed-ups: the concat critic's definition, float32, NCHW images), their ratio, and
+    the projected time of this run and of --paper (2000 epochs of the 60k MNIST training split
+    at batch 1024, Appendix C).
     Returns the seconds per step of "run", "reference" and "paper".
     """
     def variant(**changes: Any) -> argparse.Namespace:
@@ -1076,8 +1094,10 @@ def bench(args: argparse.Namespace,
     sec = {"run": measure_step(build_models, args, device, args.bench)}
     print(f"{device.type}, batch {args.batch_size}, loss {args.loss}, {args.bench} steps each")
     print(f"  this run:  {1e3 * sec['run']:8.1f} ms/step   {_describe(args)}", flush=True)
-    sec["reference"] = measure_step(build_models, runs["reference"], device, args.bench)
-    print(f"  reference: {1e3 * sec['reference']:8.1f} ms/step   {_describe(runs['reference'])}"
+    sec["reference"] = measure_step(build_models, runs["reference"], device, args.bench,
+                                    channels_last=False)
+    print(f"  reference: {1e3 * sec['reference']:8.1f} ms/step   "
+          f"{_describe(runs['reference'], channels_last=False)}"
           f"\n  speed-up {sec['reference'] / sec['run']:.1f}x; "
           f"{args.batch_size / sec['run']:.0f} pairs/s", flush=True)
     same = all(getattr(args, k) == v for k, v in PAPER.items() if k != "steps")
@@ -1329,9 +1349,11 @@ def run_all(args: argparse.Namespace, key: str,
             figures: Callable[[dict, np.ndarray, np.ndarray], dict[str, Any]]) -> None:
     """The single run of `args`, or every (value, seed) of its sweep (--<key>s, --seeds).
 
-    evaluate(models, data, args) computes a run's metrics. With --jobs N the sweep's runs go to
-    N worker processes with CPU cores / N threads each; a failed run is reported at the end and
-    sets the exit code, the others complete.
+    evaluate(models, data, args) computes a run's metrics. With --jobs N > 1 the sweep's runs go
+    to N worker processes with CPU threads / N threads each (measured on 2 cores: two 1-thread
+    processes finish two runs 1.2x sooner than one 2-thread process, and a torch.func batch of
+    models is slower still); a failed run is reported at the end and sets the exit code, the
+    others complete. A run's numbers depend on its thread count at the level of float rounding.
     """
     if not is_sweep(args, key):
         run_infomax(args, build_models, partial(evaluate, args=args), figures,
@@ -1339,15 +1361,17 @@ def run_all(args: argparse.Namespace, key: str,
         return
     runs = sweep_runs(args, key, getattr(args, f"{key}s") or [getattr(args, key)], f"{key}s")
     jobs = [(run, key, build_models, evaluate, figures) for run in runs]
-    if args.jobs == 1:
+    workers = args.jobs or (2 if pick_device(args.device).type == "cpu"
+                            and torch.get_num_threads() >= 2 else 1)
+    if workers == 1 or len(jobs) == 1:
         codes = [_sweep_job(job)[1] for job in jobs]
     else:
         for run in runs:
             run.quiet = True
-        threads = max(1, torch.get_num_threads() // args.jobs)
+        threads = max(1, torch.get_num_threads() // workers)
         context = multiprocessing.get_context("spawn")
         codes = []
-        with context.Pool(min(args.jobs, len(jobs)), initializer=torch.set_num_threads,
+        with context.Pool(min(workers, len(jobs)), initializer=torch.set_num_threads,
                           initargs=(threads,), maxtasksperchild=1) as pool:
             for done, (label, code) in enumerate(pool.imap_unordered(_sweep_job, jobs), 1):
                 status = f"failed (exit code {code})" if code else "finished"

@@ -47,7 +47,7 @@ def test_uniformity_report_separates_uniform_from_peaked():
 def test_sweep_runs_every_combination_and_skips_finished_runs(tiny_mnist, tmp_path):  # noqa: F811
     parent = tmp_path / "sweep"
     argv = ["--data-dir", str(tiny_mnist), "--out", str(parent), "--steps", "2",
-            "--epss", "0.1", "0.3", "--seeds", "2", "--seed", "5", *FLAGS]
+            "--epss", "0.1", "0.3", "--seeds", "2", "--seed", "5", "--jobs", "1", *FLAGS]
     mnist_uniform.main(argv)
     names = sorted(p.name for p in parent.iterdir())
     assert names == ["eps0.1_seed5", "eps0.1_seed6", "eps0.3_seed5", "eps0.3_seed6"]
@@ -65,7 +65,7 @@ def test_sweep_runs_every_combination_and_skips_finished_runs(tiny_mnist, tmp_pa
 def test_gaussian_sweep_with_seeds_only(tiny_mnist, tmp_path, capsys):  # noqa: F811
     parent = tmp_path / "sweep"
     mnist_gauss.main(["--data-dir", str(tiny_mnist), "--out", str(parent), "--steps", "2",
-                      "--sigma", "0.4", "--seeds", "2", *FLAGS])
+                      "--sigma", "0.4", "--seeds", "2", "--jobs", "1", *FLAGS])
     assert sorted(p.name for p in parent.iterdir()) == ["sigma0.4_seed0", "sigma0.4_seed1"]
     a, b = (json.loads((parent / n / "metrics.json").read_text())
             for n in ("sigma0.4_seed0", "sigma0.4_seed1"))
@@ -80,7 +80,7 @@ def test_parallel_sweep_reproduces_the_sequential_one(tiny_mnist, tmp_path, caps
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # what each of the two workers gets on 2 cores
     try:
-        mnist_gauss.main([*argv, "--out", str(tmp_path / "sequential")])
+        mnist_gauss.main([*argv, "--out", str(tmp_path / "sequential"), "--jobs", "1"])
     finally:
         torch.set_num_threads(threads)
     mnist_gauss.main([*argv, "--out", str(tmp_path / "parallel"), "--jobs", "2"])
