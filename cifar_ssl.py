@@ -17,17 +17,26 @@ projector outputs of the test images (poster Figure 2).
 
 Data lives in one uint8 tensor on the device (CIFAR pickles, Fashion-MNIST / MNIST, or an
 ImageFolder tree decoded once at --image-size, fine for small trees); each step indexes a batch
-and augments it there, on whole batches with per-sample parameters. A multi-process run would
-give each process its own slice of every epoch's permutation and gather the projections before
-the loss.
+and augments it there, on whole batches with per-sample parameters. For trees too large for
+memory (ImageNet), `--workers N` decodes each batch from disk in N DataLoader processes, in the
+same order. Above 64 px the ImageNet recipe applies (--recipe): the ImageNet stem, Gaussian
+blur and solarization as in VICReg, ImageNet mean/std (poster Table 2, 224 px, --arch resnet50).
+
+Several processes (`torchrun --nproc_per_node N cifar_ssl.py ...`) train one model with
+DistributedDataParallel: --batch-size is the global batch, each process takes its own slice of
+every epoch's permutation, the projections are gathered (with gradients) so that NT-Xent's
+negatives and VICReg's variance and covariance are over the global batch, BatchNorm is
+synchronized on CUDA (SyncBatchNorm), and the noise head always normalizes over the global
+batch. Rank 0 alone writes files and evaluates.
 """
 from __future__ import annotations
 
 import argparse
 import math
+import os
 import pickle
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -35,7 +44,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 import torchvision
+from torch import distributed as dist
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from common import (
@@ -68,6 +79,9 @@ from common import (
 CIFAR_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR_STD = (0.247, 0.2435, 0.2616)
 """Normalize() of Appendix C, used for CIFAR-10 and CIFAR-100."""
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+"""Normalize() of the ImageNet recipe (torchvision's ImageNet statistics, as in VICReg)."""
 CIFAR_FILES = {
     "cifar10": ("cifar-10-batches-py", [f"data_batch_{i}" for i in range(1, 6)], ["test_batch"],
                 b"labels", torchvision.datasets.CIFAR10),
@@ -78,6 +92,8 @@ CIFAR_FILES = {
 PROJECTOR = {"simclr": (1, 256), "vicreg": (2, 2048)}
 """Method -> (hidden layers of width --hidden, output dim): [2048, 256] and [2048, 2048, 2048]."""
 CIFAR10_TRAIN = 50_000
+IMAGENET_TRAIN = {"ImageNet-100": 126_689, "ImageNet-1k": 1_281_167}
+"""Training images of poster Table 2's data sets (ImageNet-100: the 100-class subset of CMC)."""
 
 
 # --------------------------------------------------------------------------------------------
@@ -102,6 +118,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "(default data/); folder: the ImageFolder root; MNIST: the IDX files")
     p.add_argument("--download", action=argparse.BooleanOptionalAction, default=True,
                    help="download CIFAR through torchvision when the files are missing")
+    p.add_argument("--workers", type=int, default=0,
+                   help="folder only: decode the training images from disk in this many "
+                        "DataLoader worker processes per training process instead of holding "
+                        "them in memory (large trees such as ImageNet); the probe's images "
+                        "(--probe-train, --probe-test) are decoded into memory once")
     p.add_argument("--image-size", type=positive_int, default=32,
                    help="side of the stored and augmented images (CIFAR: 32, Appendix C)")
     p.add_argument("--arch", choices=["resnet18", "resnet50"], default="resnet18",
@@ -109,6 +130,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--stem", choices=["auto", "cifar", "imagenet"], default="auto",
                    help="cifar: 3x3 conv stride 1, no max-pool; imagenet: torchvision's 7x7 "
                         "stride 2 + max-pool; auto: cifar up to 64 px")
+    p.add_argument("--recipe", choices=["auto", "cifar", "imagenet"], default="auto",
+                   help="augmentations: cifar: Appendix C; imagenet: Appendix C + Gaussian blur "
+                        "(p 1.0 / 0.1 per view) + solarization (p 0 / 0.2) and ImageNet mean/std "
+                        "(VICReg, BYOL); auto: imagenet above 64 px (Table 2 at 224 px)")
     p.add_argument("--hidden", type=positive_int, default=2048,
                    help="projector hidden width (Appendix C: 2048)")
     p.add_argument("--dim", type=positive_int, default=None,
@@ -171,12 +196,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     resolve_out(p, args, f"runs/cifar_ssl/{args.method}_{args.dataset}_sigma{args.sigma:g}"
                             f"_seed{args.seed}")
     args.dim = args.dim or PROJECTOR[args.method][1]
+    if args.recipe == "auto":
+        args.recipe = "imagenet" if args.image_size > 64 else "cifar"
     if args.steps is not None and args.steps < 0:
         p.error("--steps must be >= 0")
     if args.lr <= 0 or args.online_lr <= 0 or args.temperature <= 0:
         p.error("--lr, --online-lr and --temperature must be > 0")
     if args.dataset == "folder" and not args.data_dir:
         p.error("--dataset folder needs --data-dir pointing at the ImageFolder root")
+    if args.workers < 0 or (args.workers and args.dataset != "folder"):
+        p.error("--workers must be >= 0 and is for --dataset folder only")
     return args
 
 
@@ -218,17 +247,65 @@ def load_cifar(dataset: str, root: Path, download: bool) -> tuple[torch.Tensor, 
     return x_tr, y_tr, x_te, y_te
 
 
+class StoredImage:
+    """PIL image (RGB) -> shorter side resized to `size` (bicubic), centre-cropped, uint8
+    (3, size, size): the form in which every image enters the batched augmentations."""
+
+    def __init__(self, size: int):
+        self.size = size
+
+    def __call__(self, image: Any) -> torch.Tensor:
+        from torchvision.transforms.v2 import functional as TF
+
+        image = TF.resize(image, self.size, interpolation=TF.InterpolationMode.BICUBIC)
+        return TF.pil_to_tensor(TF.center_crop(image, [self.size, self.size]))
+
+
 def read_image_folder(root: Path, size: int) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
     """Every image of an ImageFolder tree (decoded by PIL as RGB), shorter side resized to
     `size` (bicubic) and centre-cropped, as one uint8 tensor; labels; class names."""
-    from torchvision.transforms.v2 import functional as TF
-
-    tree = torchvision.datasets.ImageFolder(str(root))
-    images = []
-    for image, _ in tree:
-        image = TF.resize(image, size, interpolation=TF.InterpolationMode.BICUBIC)
-        images.append(TF.pil_to_tensor(TF.center_crop(image, [size, size])))
+    tree = torchvision.datasets.ImageFolder(str(root), transform=StoredImage(size))
+    images = [image for image, _ in tree]
     return torch.stack(images), torch.tensor(tree.targets), tree.classes
+
+
+def decode(tree: torch.utils.data.Dataset, indices: list[int],
+           workers: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The images `indices` of a dataset of StoredImage tensors, decoded by `workers` DataLoader
+    processes into one uint8 tensor, and their labels (the global RNG untouched)."""
+    loader = torch.utils.data.DataLoader(torch.utils.data.Subset(tree, indices), batch_size=256,
+                                         num_workers=workers, generator=torch.Generator())
+    parts = list(loader)
+    if not parts:
+        return torch.empty(0, 3, tree[0][0].shape[-1], tree[0][0].shape[-1],
+                           dtype=torch.uint8), torch.empty(0, dtype=torch.int64)
+    return torch.cat([x for x, _ in parts]), torch.cat([y for _, y in parts])
+
+
+def open_folder(args: argparse.Namespace) -> tuple[Any, tuple[torch.Tensor, ...], dict[str, Any]]:
+    """--workers: the training tree left on disk (images decoded per batch by the workers), and
+    the probe's images decoded into memory: a seeded subset of --probe-train training images
+    and of --probe-test validation images (all when not given). Only rank 0 evaluates, so the
+    other processes decode none of them unless the Appendix C recipe needs their mean and std.
+    """
+    root = Path(args.data_dir)
+    test_dir = next((root / name for name in ("val", "test") if (root / name).is_dir()), None)
+    if not (root / "train").is_dir() or test_dir is None:
+        raise DataError(f"{root} needs train/<class>/<image> and val/<class>/<image> (or test/) "
+                        "folders; point --data-dir at such a tree")
+    tree = torchvision.datasets.ImageFolder(str(root / "train"),
+                                            transform=StoredImage(args.image_size))
+    test = torchvision.datasets.ImageFolder(str(test_dir), transform=StoredImage(args.image_size))
+    if test.classes != tree.classes:
+        raise DataError(f"{root}: train/ and {test_dir.name}/ hold different class folders")
+
+    def chosen(n: int, k: int | None) -> list[int]:
+        if process()[0] > 0 and args.recipe == "imagenet":
+            return []
+        return list(range(n)) if k is None or k >= n else seeded_split(n, k, args.seed)[0].tolist()
+    x_tr, y_tr = decode(tree, chosen(len(tree), args.probe_train), args.workers)
+    x_te, y_te = decode(test, chosen(len(test), args.probe_test), args.workers)
+    return tree, (x_tr, y_tr, x_te, y_te), {"dataset": "folder", "source": args.data_dir}
 
 
 def load_folder(root: Path, size: int) -> tuple[torch.Tensor, ...]:
@@ -255,9 +332,12 @@ def grey_to_rgb(x: torch.Tensor) -> torch.Tensor:
 
 def load_images(args: argparse.Namespace) -> tuple[tuple[torch.Tensor, ...], dict[str, Any]]:
     """(x_train, y_train, x_test, y_test) on the CPU, uint8 images at --image-size, and the record
-    of the data (source, sizes, classes, normalization) that metrics.json keeps."""
+    of the data (source, sizes, classes, normalization) that metrics.json keeps. With --workers
+    the training images are the probe's and info["tree"] is the training tree on disk."""
     info: dict[str, Any] = {"dataset": args.dataset}
-    if args.dataset in CIFAR_FILES:
+    if args.workers:
+        tree, (x_tr, y_tr, x_te, y_te), info = open_folder(args)
+    elif args.dataset in CIFAR_FILES:
         root = Path(args.data_dir) if args.data_dir else REPO / "data"
         x_tr, y_tr, x_te, y_te = load_cifar(args.dataset, root, args.download)
         info.update(source=str(root), mean=CIFAR_MEAN, std=CIFAR_STD)
@@ -275,11 +355,16 @@ def load_images(args: argparse.Namespace) -> tuple[tuple[torch.Tensor, ...], dic
         x_tr, x_te = (F.interpolate(x.float(), size=args.image_size, mode="bilinear",
                                     antialias=True).round().clamp(0, 255).to(torch.uint8)
                       for x in (x_tr, x_te))
+    if args.recipe == "imagenet":
+        info.update(mean=IMAGENET_MEAN, std=IMAGENET_STD)
     if "mean" not in info:
         pixels = x_tr.float().div(255).transpose(0, 1).reshape(3, -1)
         info.update(mean=pixels.mean(1).tolist(), std=pixels.std(1).tolist())
-    info.update(n_train=len(x_tr), n_test=len(x_te), n_classes=int(y_tr.max()) + 1,
-                image_size=args.image_size)
+    if args.workers:
+        info.update(tree=tree, n_train=len(tree), n_classes=len(tree.classes))
+    else:
+        info.update(n_train=len(x_tr), n_classes=int(y_tr.max()) + 1)
+    info.update(n_test=len(x_te), image_size=args.image_size)
     return (x_tr, y_tr, x_te, y_te), info
 
 
@@ -428,10 +513,41 @@ JITTER_OPS: list[Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = [
 """ColorJitter's four operations, each with a per-sample factor, as torchvision defines them."""
 
 
+BLUR_P = (1.0, 0.1)
+SOLARIZE_P = (0.0, 0.2)
+BLUR_SIGMA = (0.1, 2.0)
+"""The ImageNet recipe's extra steps, per view (VICReg, Bardes et al. 2022, Appendix C; BYOL,
+Grill et al. 2020, Table 6): Gaussian blur with sigma ~ U(0.1, 2) and a kernel of a tenth of the
+image side (23 px at 224), solarization of the pixels >= 0.5."""
+
+
+def sample_imagenet_params(n: int, view: int, device: torch.device) -> dict[str, torch.Tensor]:
+    """Per-sample blur flag and sigma, and solarization flag, of view 0 or 1."""
+    return {"blur": torch.rand(n, device=device) < BLUR_P[view],
+            "blur_sigma": BLUR_SIGMA[0] + (BLUR_SIGMA[1] - BLUR_SIGMA[0])
+            * torch.rand(n, device=device),
+            "solarize": torch.rand(n, device=device) < SOLARIZE_P[view]}
+
+
+def gaussian_blur(x: torch.Tensor, sigma: torch.Tensor, kernel: int) -> torch.Tensor:
+    """torchvision's gaussian_blur (reflect padding, separable kernel of odd size `kernel`) with
+    a sigma per image: one grouped convolution per axis, every (image, channel) its own group."""
+    n, c, height, width = x.shape
+    offsets = torch.arange(kernel, device=x.device) - (kernel - 1) / 2
+    weights = torch.exp(-0.5 * (offsets[None] / sigma[:, None]) ** 2)
+    weights = (weights / weights.sum(1, keepdim=True)).repeat_interleave(c, dim=0)
+    half = kernel // 2
+    y = F.pad(x.reshape(1, n * c, height, width), (half, half, half, half), mode="reflect")
+    y = F.conv2d(y, weights[:, None, None, :], groups=n * c)
+    y = F.conv2d(y, weights[:, None, :, None], groups=n * c)
+    return y.reshape(n, c, height, width)
+
+
 def augment(x: torch.Tensor, params: dict[str, torch.Tensor], size: int,
             mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
     """The Appendix C pipeline on a uint8 batch: crop + resize (+ flip), colour jitter in each
-    sample's own order, greyscale, normalize. Returns float32 (N, 3, size, size).
+    sample's own order, greyscale, then, when `params` hold them (the ImageNet recipe), Gaussian
+    blur and solarization; normalize. Returns float32 (N, 3, size, size).
 
     Each jitter position runs every operation on the whole batch and keeps it where that sample
     has that operation there: four times the arithmetic of a per-subset update, but no
@@ -443,12 +559,66 @@ def augment(x: torch.Tensor, params: dict[str, torch.Tensor], size: int,
             chosen = params["jitter"] & (params["order"][:, position] == op)
             x = torch.where(chosen[:, None, None, None], fn(x, params["factors"][:, op]), x)
     x = torch.where(params["grey"][:, None, None, None], grey(x).expand_as(x), x)
+    if "blur" in params:
+        kernel = 2 * round(0.1 * size / 2) + 1
+        blurred = gaussian_blur(x, params["blur_sigma"], kernel)
+        x = torch.where(params["blur"][:, None, None, None], blurred, x)
+        x = torch.where(params["solarize"][:, None, None, None] & (x >= 0.5), 1 - x, x)
     return (x - mean[:, None, None]) / std[:, None, None]
 
 
 def normalize(x: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
     """The TestTransform of Appendix C: uint8 -> [0, 1] -> (x - mean) / std."""
     return (x.float() / 255 - mean[:, None, None]) / std[:, None, None]
+
+
+# --------------------------------------------------------------------------------------------
+# Several processes (torchrun): rank, gather with gradients
+# --------------------------------------------------------------------------------------------
+
+def init_distributed() -> tuple[int, int]:
+    """(rank, world size) of this process. Under torchrun (WORLD_SIZE > 1) it joins the process
+    group from the environment: NCCL for CUDA tensors, gloo for CPU tensors."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("cpu:gloo,cuda:nccl" if torch.cuda.is_available() else "gloo")
+    return process()
+
+
+def process() -> tuple[int, int]:
+    """(rank, world size); (0, 1) outside a process group."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+class GatherWithGrad(torch.autograd.Function):
+    """All-gather along dim 0 (every process the same number of rows), differentiable.
+
+    The adjoint of gathering is a reduce-scatter: the backward sums the gradients that every
+    process computed for the gathered tensor and keeps this process's rows. Each process's loss
+    on the gathered batch is the same number L, so each process gets N dL/dx for its rows, and
+    DDP's average over the N processes leaves dL/dtheta, the single-process gradient.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor) -> torch.Tensor:
+        rank, world = process()
+        ctx.rows = slice(rank * len(x), (rank + 1) * len(x))
+        parts = [torch.empty_like(x) for _ in range(world)]
+        dist.all_gather(parts, x.contiguous())
+        return torch.cat(parts)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> torch.Tensor:
+        grad = grad.contiguous()
+        dist.all_reduce(grad)
+        return grad[ctx.rows]
+
+
+def gather(x: torch.Tensor) -> torch.Tensor:
+    """The rows of every process in rank order (x itself in a single process)."""
+    return GatherWithGrad.apply(x) if process()[1] > 1 else x
 
 
 # --------------------------------------------------------------------------------------------
@@ -485,15 +655,31 @@ class NoiseHead(nn.Module):
 
     The normalization gives E z = 0 and Var z_i = 1, the constraint under which the noisy channel
     carries at most d/2 log(1 + 1/sigma^2) nats (eq. 5), with equality only for z ~ N(0, I).
+    With `global_stats` (several processes) the mean and variance are those of the global batch:
+    the loss sees the gathered batch, and the constraint must hold for the distribution it sees;
+    per-process statistics would give each slice its own mean 0 and variance 1, not the whole.
     """
 
     def __init__(self, dim: int, sigma: float):
         super().__init__()
         self.sigma = sigma
         self.norm = nn.BatchNorm1d(dim, affine=False)
+        self.global_stats = False
+
+    def global_norm(self, z: torch.Tensor) -> torch.Tensor:
+        """BatchNorm1d's training-mode output and running-statistics update, with the statistics
+        of the rows of every process (differentiable through the gather)."""
+        every = gather(z)
+        mean, var = every.mean(0), every.var(0, unbiased=False)
+        with torch.no_grad():
+            self.norm.running_mean.lerp_(mean, self.norm.momentum)
+            self.norm.running_var.lerp_(every.var(0), self.norm.momentum)
+            self.norm.num_batches_tracked += 1
+        return (z - mean) / torch.sqrt(var + self.norm.eps)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
-        z = self.norm(z.float())
+        z = z.float()
+        z = self.global_norm(z) if self.training and self.global_stats else self.norm(z)
         if self.training:
             z = z + self.sigma * torch.randn_like(z)
         return z
@@ -523,6 +709,19 @@ def build_model(args: argparse.Namespace, n_classes: int, device: torch.device) 
     model = SSLNet(args.method, args.sigma, args.arch, cifar_stem, args.hidden, args.dim,
                    n_classes).to(device)
     return model.to(memory_format=torch.channels_last) if args.channels_last else model
+
+
+def distribute(model: SSLNet, device: torch.device) -> DistributedDataParallel:
+    """DDP around the model; BatchNorm over the global batch: SyncBatchNorm in backbone and
+    projector (CUDA only: PyTorch's SyncBatchNorm has no CPU kernel, so gloo runs keep
+    per-process statistics there), the noise head's own global normalization everywhere."""
+    if device.type == "cuda":
+        model.backbone = nn.SyncBatchNorm.convert_sync_batchnorm(model.backbone)
+        model.projector = nn.SyncBatchNorm.convert_sync_batchnorm(model.projector)
+    if isinstance(model.head, NoiseHead):
+        model.head.global_stats = True
+    return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda"
+                                   else None)
 
 
 # --------------------------------------------------------------------------------------------
@@ -597,11 +796,13 @@ def lr_factor(step: int, warmup: int, total: int) -> float:
 # --------------------------------------------------------------------------------------------
 
 def ssl_loss(args: argparse.Namespace) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
-    """The Table 1 objective on the two views' noise-head outputs (common.py)."""
+    """The Table 1 objective on the two views' noise-head outputs (common.py), over the rows of
+    every process: NT-Xent's negatives and VICReg's variance and covariance are the global
+    batch's."""
     if args.method == "simclr":
-        return lambda z1, z2: nt_xent(z1, z2, args.temperature)
+        return lambda z1, z2: nt_xent(gather(z1.float()), gather(z2.float()), args.temperature)
     sim, var, cov = args.vicreg_weights
-    return lambda z1, z2: vicreg_loss(z1, z2, sim, var, cov)
+    return lambda z1, z2: vicreg_loss(gather(z1.float()), gather(z2.float()), sim, var, cov)
 
 
 class Trainer:
@@ -610,17 +811,23 @@ class Trainer:
     def __init__(self, model: SSLNet, args: argparse.Namespace, mean: torch.Tensor,
                  std: torch.Tensor, device: torch.device):
         self.model, self.args, self.mean, self.std, self.device = model, args, mean, std, device
-        self.net = torch.compile(model) if args.compile else model
+        net: nn.Module = distribute(model, device) if process()[1] > 1 else model
+        self.net = torch.compile(net) if args.compile else net
         self.opt = make_optimizer(model, args)
         self.loss_fn = ssl_loss(args)
         fp16 = (args.amp and device.type == "cuda" and not torch.cuda.is_bf16_supported())
         self.scaler = torch.amp.GradScaler(device.type, enabled=fp16)
 
     def views(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Two independently augmented views of a uint8 batch."""
+        """Two independently augmented views of a uint8 batch (the ImageNet recipe's blur and
+        solarization with each view's own probabilities)."""
         n, _, height, width = x.shape
-        pair = [augment(x, sample_augment_params(n, height, width, self.device),
-                        self.args.image_size, self.mean, self.std) for _ in range(2)]
+        pair = []
+        for view in range(2):
+            params = sample_augment_params(n, height, width, self.device)
+            if self.args.recipe == "imagenet":
+                params.update(sample_imagenet_params(n, view, self.device))
+            pair.append(augment(x, params, self.args.image_size, self.mean, self.std))
         if self.args.channels_last:
             pair = [v.contiguous(memory_format=torch.channels_last) for v in pair]
         return pair[0], pair[1]
@@ -645,49 +852,116 @@ class Trainer:
         return loss.detach(), (logits.argmax(1) == labels).float().mean()
 
 
+def rng_states() -> tuple[torch.Tensor, list[torch.Tensor]]:
+    return (torch.get_rng_state(),
+            torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [])
+
+
 def save_checkpoint(out: Path, trainer: Trainer, step: int, history: list) -> None:
-    """Everything --resume needs: weights, optimizer, scaler, RNG states, log (atomic)."""
-    atomic_save({"step": step, "model": trainer.model.state_dict(),
-                 "optimizer": trainer.opt.state_dict(), "scaler": trainer.scaler.state_dict(),
-                 "rng": torch.get_rng_state(),
-                 "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-                 "history": history}, out / "checkpoint.pt")
+    """Everything --resume needs: weights, optimizer, scaler, RNG states, log (atomic).
+
+    Called by every process: with several, each one's RNG states (augmentations and noise differ
+    between processes) are gathered into "process_rng", and rank 0 writes the file.
+    """
+    rank, world = process()
+    cpu_rng, cuda_rng = rng_states()
+    state = {"step": step, "model": trainer.model.state_dict(),
+             "optimizer": trainer.opt.state_dict(), "scaler": trainer.scaler.state_dict(),
+             "rng": cpu_rng, "cuda_rng": cuda_rng, "history": history}
+    if world > 1:
+        state["process_rng"] = [None] * world
+        dist.all_gather_object(state["process_rng"], (cpu_rng, cuda_rng))
+    if rank == 0:
+        atomic_save(state, out / "checkpoint.pt")
 
 
 def load_checkpoint(out: Path, trainer: Trainer, device: torch.device) -> tuple[int, list]:
+    """Every process loads rank 0's file and takes its own RNG states back."""
+    rank, world = process()
     ckpt = torch.load(out / "checkpoint.pt", map_location=device, weights_only=False)
+    if world > 1 and len(ckpt.get("process_rng", [])) != world:
+        fail(f"{out / 'checkpoint.pt'} was not written by {world} processes; resume it with as "
+             "many processes as it was started with")
     trainer.model.load_state_dict(ckpt["model"])
     trainer.opt.load_state_dict(ckpt["optimizer"])
     trainer.scaler.load_state_dict(ckpt["scaler"])
-    torch.set_rng_state(ckpt["rng"])
-    if ckpt["cuda_rng"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(ckpt["cuda_rng"])
+    cpu_rng, cuda_rng = ckpt["process_rng"][rank] if world > 1 else (ckpt["rng"],
+                                                                        ckpt["cuda_rng"])
+    torch.set_rng_state(cpu_rng.cpu())
+    if cuda_rng and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all([state.cpu() for state in cuda_rng])
     return ckpt["step"], ckpt["history"]
 
 
-def train(trainer: Trainer, x_tr: torch.Tensor, y_tr: torch.Tensor, plan: dict[str, int],
-          out: Path, start: int, history: list) -> None:
+Batches = Callable[[int, int], Iterator[tuple[torch.Tensor, torch.Tensor]]]
+"""(epoch, first step of it) -> this process's (uint8 images, labels) of every later step."""
+
+
+def global_batches(n: int, args: argparse.Namespace, epoch: int, first: int) -> list[torch.Tensor]:
+    """This process's slice of each global batch of epoch `epoch` from step `first` on: the
+    seeded permutation of (seed, epoch) cut into --batch-size pieces (the last partial one
+    dropped), each cut into one piece per process (what DistributedSampler does, resumable)."""
+    rank, world = process()
+    order = epoch_order(n, args.seed, epoch, torch.device("cpu"))
+    return [order[k * args.batch_size:(k + 1) * args.batch_size].chunk(world)[rank]
+            for k in range(first, n // args.batch_size)]
+
+
+def memory_batches(x: torch.Tensor, y: torch.Tensor, args: argparse.Namespace) -> Batches:
+    """Batches indexed from the in-memory images."""
+    def batches(epoch: int, first: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        for index in global_batches(len(x), args, epoch, first):
+            index = index.to(x.device)
+            yield x[index], y[index]
+    return batches
+
+
+def disk_batches(tree: Any, args: argparse.Namespace, device: torch.device) -> Batches:
+    """Batches decoded from disk by --workers DataLoader processes (StoredImage), in the same
+    order as the in-memory path, then moved to the device for the batched augmentations. The
+    loader gets its own generator, so that starting the workers leaves the global RNG (the
+    augmentations' and the noise's) untouched: the run equals the in-memory one."""
+    def batches(epoch: int, first: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        sampler = [index.tolist() for index in global_batches(len(tree), args, epoch, first)]
+        loader = torch.utils.data.DataLoader(tree, batch_sampler=sampler,
+                                             num_workers=args.workers,
+                                             pin_memory=device.type == "cuda",
+                                             generator=torch.Generator().manual_seed(epoch))
+        for x, y in loader:
+            yield x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+    return batches
+
+
+def train(trainer: Trainer, batches: Batches, plan: dict[str, int], out: Path, start: int,
+          history: list) -> None:
     """Steps `start` .. plan["steps"]: epoch permutations fixed by (seed, epoch), so --resume
     needs no data-loader state; logs (step, loss, online-probe accuracy, lr) to `history`,
     checkpoints every plan["ckpt_every"] steps and at the end, stops on a non-finite loss with
-    exit code 3 keeping the last good checkpoint."""
+    exit code 3 keeping the last good checkpoint. With several processes each takes its own
+    slice of every global batch (the in-memory DistributedSampler)."""
     args, per_epoch = trainer.args, plan["per_epoch"]
+    rank, world = process()
     bar = tqdm(range(start, plan["steps"]), initial=start, total=plan["steps"],
-               disable=args.quiet, desc=f"{args.method} sigma={args.sigma:g}", dynamic_ncols=True)
+               disable=args.quiet or rank > 0, desc=f"{args.method} sigma={args.sigma:g}",
+               dynamic_ncols=True)
     losses, accuracies = [], []
     for step in bar:
         epoch, k = divmod(step, per_epoch)
         if k == 0 or step == start:
-            order = epoch_order(len(x_tr), args.seed, epoch, x_tr.device)
-        index = order[k * args.batch_size:(k + 1) * args.batch_size]
+            stream = batches(epoch, k)
+        x, y = next(stream)
         scale = lr_factor(step, plan["warmup"], plan["steps"])
-        loss, accuracy = trainer.step(*trainer.views(x_tr[index]), y_tr[index], scale)
+        loss, accuracy = trainer.step(*trainer.views(x), y, scale)
         losses.append(loss)
         accuracies.append(accuracy)
         done = step + 1
         if done % plan["log_every"] == 0 or done % plan["ckpt_every"] == 0 or done == plan["steps"]:
             mean_loss = torch.stack(losses).mean().item()
-            mean_acc = torch.stack(accuracies).mean().item()
+            mean_acc = torch.stack(accuracies).mean()
+            if world > 1:  # the loss is the global batch's already; the probe's is per process
+                dist.all_reduce(mean_acc)
+                mean_acc /= world
+            mean_acc = mean_acc.item()
             losses, accuracies = [], []
             if not math.isfinite(mean_loss):
                 fail(f"the loss became {mean_loss} at step {done}; the last good checkpoint is "
@@ -853,15 +1127,19 @@ def sync(device: torch.device) -> None:
 
 def bench(args: argparse.Namespace, device: torch.device) -> None:
     """Time args.bench steps on synthetic uint8 images: augmentation and forward/backward/update
-    separately, and project an 800-epoch CIFAR-10 run (195 steps per epoch at batch 256)."""
+    separately, and project an 800-epoch CIFAR-10 run (195 steps per epoch at batch 256), or
+    with the ImageNet recipe 100-epoch ImageNet-100 and ImageNet-1k runs (poster Table 2).
+    Under torchrun every process times its slice of the global --batch-size, gathers included,
+    and rank 0 prints."""
     torch.manual_seed(args.seed)
     n_classes = 10
+    rank, world = process()
     model = build_model(args, n_classes, device)
     mean, std = torch.tensor(CIFAR_MEAN, device=device), torch.tensor(CIFAR_STD, device=device)
     trainer = Trainer(model, args, mean, std, device)
-    x = torch.randint(0, 256, (args.batch_size, 3, args.image_size, args.image_size),
+    x = torch.randint(0, 256, (args.batch_size // world, 3, args.image_size, args.image_size),
                       dtype=torch.uint8, device=device)
-    y = torch.randint(0, n_classes, (args.batch_size,), device=device)
+    y = torch.randint(0, n_classes, (args.batch_size // world,), device=device)
     timings = {"augment": 0.0, "train": 0.0}
     for i in range(2 + args.bench):
         sync(device)
@@ -877,13 +1155,21 @@ def bench(args: argparse.Namespace, device: torch.device) -> None:
     total = timings["augment"] + timings["train"]
     precision = ("fp32" if not args.amp else "fp16 autocast" if trainer.scaler.is_enabled()
                  else "bf16 autocast") + (", channels-last" if args.channels_last else "")
-    hours = total * 800 * (CIFAR10_TRAIN // args.batch_size) / 3600
-    print(f"{device.type} ({precision}{', compiled' if args.compile else ''}), {args.method} "
-          f"{args.arch}, batch {args.batch_size} x 2 views, {args.image_size}x{args.image_size}: "
-          f"augmentation {1e3 * timings['augment']:.1f} ms + forward/backward/update "
-          f"{1e3 * timings['train']:.1f} ms = {1e3 * total:.1f} ms/step, "
-          f"{args.batch_size / total:.0f} images/s; 800 CIFAR-10 epochs at this batch size "
-          f"would take {hours:.1f} h")
+    if args.recipe == "imagenet":
+        projection = " and ".join(f"{n_train // args.batch_size * 100 * total / 3600:.1f} h "
+                                  f"for 100 {name} epochs" for name, n_train
+                                  in IMAGENET_TRAIN.items())
+    else:
+        projection = (f"{total * 800 * (CIFAR10_TRAIN // args.batch_size) / 3600:.1f} h for "
+                      "800 CIFAR-10 epochs")
+    if rank == 0:
+        print(f"{device.type} ({precision}{', compiled' if args.compile else ''}), "
+              f"{world} process{'es' if world > 1 else ''}, {args.method} {args.arch}, batch "
+              f"{args.batch_size} x 2 views, {args.image_size}x{args.image_size}: augmentation "
+              f"{1e3 * timings['augment']:.1f} ms + forward/backward/update "
+              f"{1e3 * timings['train']:.1f} ms = {1e3 * total:.1f} ms/step, "
+              f"{args.batch_size / total:.0f} images/s; at this batch size it would take "
+              f"{projection} (data loading not included)")
 
 
 def plan_of(args: argparse.Namespace, n_train: int) -> dict[str, int]:
@@ -908,8 +1194,18 @@ def subset(x: torch.Tensor, y: torch.Tensor, n: int | None,
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any] | None:
+    """One run; under torchrun every process calls it, and rank 0 returns the metrics."""
+    rank, world = init_distributed()
     args = parse_args(argv)
     device = pick_device(args.device)
+    if world > 1:
+        shared = [args.out]  # a default --out is time-stamped: take rank 0's
+        dist.broadcast_object_list(shared, src=0)
+        args.out = shared[0]
+        dist.barrier()  # every process has checked --out before rank 0 writes into it
+        if device.type == "cuda":
+            device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+            torch.cuda.set_device(device)
     if args.bench:
         bench(args, device)
         return None
@@ -924,22 +1220,38 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | None:
         (x_tr, y_tr, x_te, y_te), info = load_images(args)
     except DataError as err:
         fail(str(err))
-    if args.batch_size > len(x_tr):
-        fail(f"--batch-size {args.batch_size} exceeds the {len(x_tr)} training images")
+    if args.batch_size > info["n_train"]:
+        fail(f"--batch-size {args.batch_size} exceeds the {info['n_train']} training images")
+    if args.batch_size % world:
+        fail(f"--batch-size {args.batch_size} (the global batch) must be divisible by the "
+             f"{world} processes")
     x_tr, y_tr, x_te, y_te = (t.to(device) for t in (x_tr, y_tr, x_te, y_te))
     mean = torch.tensor(info["mean"], device=device)
     std = torch.tensor(info["std"], device=device)
-    plan = plan_of(args, len(x_tr))
+    plan = plan_of(args, info["n_train"])
+    batches = (disk_batches(info.pop("tree"), args, device) if args.workers
+               else memory_batches(x_tr, y_tr, args))
 
-    out.mkdir(parents=True, exist_ok=True)
-    write_json({k: v for k, v in vars(args).items() if k not in RUNTIME_FLAGS}, out / "args.json")
+    if rank == 0:
+        out.mkdir(parents=True, exist_ok=True)
+        write_json({k: v for k, v in vars(args).items() if k not in RUNTIME_FLAGS},
+                   out / "args.json")
     model = build_model(args, info["n_classes"], device)
+    if world > 1:  # same initial weights (DDP broadcasts rank 0's), own augmentations and noise
+        torch.manual_seed(args.seed * 1_000_003 + rank)
     trainer = Trainer(model, args, mean, std, device)
     start, history = 0, []
     if args.resume and (out / "checkpoint.pt").is_file():
         start, history = load_checkpoint(out, trainer, device)
-        print(f"resuming {out} at step {start}")
-    train(trainer, x_tr, y_tr, plan, out, start, history)
+        if rank == 0:
+            print(f"resuming {out} at step {start}")
+    train(trainer, batches, plan, out, start, history)
+    if world > 1:  # rank 0 evaluates alone, on a copy with plain (unsynchronized) BatchNorm
+        dist.destroy_process_group()
+        if rank > 0:
+            return None
+        model = build_model(args, info["n_classes"], device)
+        model.load_state_dict(trainer.model.state_dict())
 
     probe_data = (*subset(x_tr, y_tr, args.probe_train, args.seed),
                   *subset(x_te, y_te, args.probe_test, args.seed))

@@ -11,7 +11,9 @@ Four modes:
         normalized projector outputs and the probe accuracies, against sigma.
     python evaluate.py --table runs/cifar_ssl [RUN_DIR ...] --out table1
         Table 1: linear-probe top-1 / top-5 of cifar_ssl.py runs by method and sigma, next to
-        the paper's numbers; prints it and writes PREFIX.md.
+        the paper's numbers; VICReg runs on ImageFolder trees of 100 or 1000 classes at 128 px
+        or more go into poster Table 2 (ImageNet-100 / 1k, mean +- std over seeds); prints the
+        tables and writes PREFIX.md.
     python evaluate.py --embeddings RUN_DIR/embeddings.npz [--uniform]
         The normality tests (and downstream accuracies when labels are present) of Section 5 on
         saved embeddings (an .npz of a run, or an (n, d) .npy array), printed as JSON.
@@ -28,6 +30,7 @@ import math
 import pickle
 import time
 import zipfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -97,6 +100,13 @@ PAPER_TABLE1 = {
     ("vicreg", 0.0): (90.63, 99.67, 65.71, 88.96), ("vicreg", 0.1): (91.09, 99.68, 68.92, 90.50),
     ("vicreg", 0.3): (90.75, 99.61, 67.31, 89.89), ("vicreg", 0.5): (91.02, 99.75, 66.52, 89.66)}
 """Paper Table 1 (800 epochs): (CIFAR-10 top-1, top-5, CIFAR-100 top-1, top-5) in %."""
+PAPER_TABLE2 = {
+    0.0: ((72.18, 0.40), (92.02, 0.12), (67.41, 0.17), (87.43, 0.08)),
+    0.05: ((72.27, 0.38), (91.99, 0.18), (67.29, 0.20), (87.47, 0.06)),
+    0.1: ((72.07, 0.27), (91.65, 0.13), (67.30, 0.13), (87.43, 0.02)),
+    0.2: ((71.68, 0.50), (91.61, 0.24), (67.19, 0.12), (87.32, 0.09))}
+"""Poster Table 2 (VICReg, 100 epochs), by sigma: (ImageNet-100 top-1, top-5, ImageNet-1k
+top-1, top-5) as (mean, std over seeds) in %."""
 
 
 # --------------------------------------------------------------------------------------------
@@ -385,6 +395,18 @@ def table_cell(values: list[float], paper: float | None) -> str:
     return ours + ("" if paper is None else f" ({paper:.2f})")
 
 
+def check_seeds(members: list[dict[str, Any]], what: str) -> None:
+    """The runs of one table cell must share their settings and differ in their seeds."""
+    check_same(members, ("arch", "steps", "batch_size", "probe_images.train",
+                         "probe_images.test"), what)
+    seeds: dict[Any, Path] = {}
+    for run in members:
+        if run["seed"] in seeds:
+            fail(f"{seeds[run['seed']]} and {run['path']} are both seed {run['seed']} of "
+                 f"{what}: pass only one of them")
+        seeds[run["seed"]] = run["path"]
+
+
 def table1_text(runs: list[dict[str, Any]]) -> str:
     """Table 1 in the paper's layout (method x sigma rows; top-1 / top-5 per dataset), our runs
     next to the paper's numbers; datasets beyond CIFAR get columns of their own, and random-init
@@ -395,15 +417,7 @@ def table1_text(runs: list[dict[str, Any]]) -> str:
                else (run["saved"]["method"], run["noise"]))
         cells.setdefault((row, run["saved"]["dataset"]), []).append(run)
     for (row, dataset), members in cells.items():
-        what = f"the runs of {row[0]} sigma = {row[1]:g} on {dataset}"
-        check_same(members, ("arch", "steps", "batch_size", "probe_images.train",
-                             "probe_images.test"), what)
-        seeds: dict[Any, Path] = {}
-        for run in members:
-            if run["seed"] in seeds:
-                fail(f"{seeds[run['seed']]} and {run['path']} are both seed {run['seed']} of "
-                     f"{what}: pass only one of them")
-            seeds[run["seed"]] = run["path"]
+        check_seeds(members, f"the runs of {row[0]} sigma = {row[1]:g} on {dataset}")
     datasets = list(TABLE_DATASETS) + sorted({key[1] for key in cells} - set(TABLE_DATASETS))
     rows = sorted(set(PAPER_TABLE1) | {key[0] for key in cells} - {UNTRAINED})
     rows += [UNTRAINED] if any(key[0] == UNTRAINED for key in cells) else []
@@ -421,23 +435,84 @@ def table1_text(runs: list[dict[str, Any]]) -> str:
                 row.append(table_cell([probe[key] for probe in probes],
                                       paper[offset + k] if paper else None))
         lines.append("| " + " | ".join(row) + " |")
-    settings = sorted({(r["saved"]["dataset"], r["saved"]["arch"], round(r["saved"]["epochs"], 2),
-                        r["saved"]["batch_size"], r["saved"]["probe_images"]["train"])
-                       for r in runs})
-    notes = "; ".join(f"{d}: {arch}, {epochs:g} epochs, batch {batch}, probe on {n} images"
-                      for d, arch, epochs, batch, n in settings)
     return ("Table 1: linear-probe accuracy (%) on the test split, ours (paper's in parentheses: "
             "ResNet-18, 800 epochs, batch 256)\n\n" + "\n".join(lines)
-            + f"\n\nour runs ({len(runs)}): {notes}\n")
+            + f"\n\nour runs ({len(runs)}): {run_notes(runs, lambda r: r['saved']['dataset'])}\n")
+
+
+def run_notes(runs: list[dict[str, Any]], name: Callable[[dict[str, Any]], str]) -> str:
+    """The settings of the runs of a table, one entry per data set (`name` of a run)."""
+    settings = sorted({(name(r), r["saved"]["arch"], round(r["saved"]["epochs"], 2),
+                        r["saved"]["batch_size"], r["saved"]["probe_images"]["train"])
+                       for r in runs})
+    return "; ".join(f"{d}: {arch}, {epochs:g} epochs, batch {batch}, probe on {n} images"
+                     for d, arch, epochs, batch, n in settings)
+
+
+TABLE2_DATASETS = {100: "ImageNet-100", 1000: "ImageNet-1k"}
+"""Poster Table 2's columns, by the number of classes of the ImageFolder tree."""
+
+
+def in_table2(run: dict[str, Any]) -> bool:
+    """A VICReg run (or random-init encoder) on an ImageFolder tree of 100 or 1000 classes at
+    128 px or more: the ImageNet-100 / ImageNet-1k setting of poster Table 2 (224 px)."""
+    saved = run["saved"]
+    return (saved["dataset"] == "folder" and saved["method"] == "vicreg"
+            and saved["data"].get("n_classes") in TABLE2_DATASETS
+            and saved["data"].get("image_size", 0) >= 128)
+
+
+def mean_std_cell(values: list[float], paper: tuple[float, float] | None) -> str:
+    """Our mean in % (± standard deviation over seeds, ddof 1, when there are several), then
+    the poster's mean ± std in parentheses; "–" where there is no run or no poster number."""
+    ours = "–"
+    if values:
+        ours = f"{100 * np.mean(values):.2f}" + (f" ± {100 * np.std(values, ddof=1):.2f}"
+                                                 if len(values) > 1 else "")
+    return ours + ("" if paper is None else f" ({paper[0]:.2f} ± {paper[1]:.2f})")
+
+
+def table2_text(runs: list[dict[str, Any]]) -> str:
+    """Poster Table 2 in its layout: one row per sigma (the poster's four and any other of our
+    runs, then the random-init encoder), top-1 / top-5 on ImageNet-100 and ImageNet-1k, our mean
+    ± std over seeds next to the poster's."""
+    cells: dict[tuple[float | str, int], list[dict[str, Any]]] = {}
+    for run in runs:
+        row = "untrained" if run["kind"] == "untrained" else run["noise"]
+        cells.setdefault((row, run["saved"]["data"]["n_classes"]), []).append(run)
+    for (row, classes), members in cells.items():
+        check_seeds(members, f"the runs of sigma = {row} on {TABLE2_DATASETS[classes]}")
+    sigmas = sorted(set(PAPER_TABLE2) | {row for row, _ in cells if row != "untrained"})
+    rows: list[float | str] = [*sigmas]
+    rows += ["untrained"] if any(row == "untrained" for row, _ in cells) else []
+    header = ["σ", *(f"{name} top-{k}" for name in TABLE2_DATASETS.values() for k in (1, 5))]
+    lines = ["| " + " | ".join(header) + " |", "| --- |" + " ---: |" * (len(header) - 1)]
+    for row in rows:
+        line = ["random-init encoder" if row == "untrained" else f"{row:g}"]
+        paper = PAPER_TABLE2.get(row) if row != "untrained" else None
+        for c, classes in enumerate(TABLE2_DATASETS):
+            probes = [run["saved"]["probe"] for run in cells.get((row, classes), [])]
+            for k, key in enumerate(("top1", "top5")):
+                line.append(mean_std_cell([probe[key] for probe in probes],
+                                          paper[2 * c + k] if paper else None))
+        lines.append("| " + " | ".join(line) + " |")
+    return ("Table 2 (poster): VICReg linear-probe accuracy (%) on the validation split, ours "
+            "(poster's in parentheses: ResNet-50, 100 epochs; mean ± std over seeds)\n\n"
+            + "\n".join(lines) + f"\n\nour runs ({len(runs)}): "
+            + run_notes(runs, lambda r: TABLE2_DATASETS[r["saved"]["data"]["n_classes"]]) + "\n")
 
 
 def table1(paths: list[str], prefix: str) -> None:
-    """Mode 2: print Table 1 from cifar_ssl.py run directories and write PREFIX.md."""
+    """Mode 2: print Table 1 (and poster Table 2 when there are ImageNet runs) from cifar_ssl.py
+    run directories and write PREFIX.md."""
     runs = [load_run(path) for path in find_runs(paths)]
     for run in runs:
         if run["family"] != "ssl":
             fail(f"{run['path']} is not a cifar_ssl.py run (its metrics.json has no method)")
-    text = table1_text(runs)
+    imagenet = [run for run in runs if in_table2(run)]
+    others = [run for run in runs if not in_table2(run)]
+    parts = [table1_text(others)] if others or not imagenet else []
+    text = "\n".join(parts + ([table2_text(imagenet)] if imagenet else []))
     out = Path(prefix)
     out.parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(f"{out}.md") as tmp:

@@ -238,6 +238,44 @@ def test_augment_equals_the_appendix_c_pipeline_per_image(images):
         assert torch.allclose(ours[k], y, atol=1e-4), k
 
 
+def test_imagenet_recipe_blur_and_solarization_equal_torchvision_per_image(images):
+    x = images.float() / 255
+    sigma = torch.tensor([0.1, 0.5, 1.0, 1.5, 2.0, 0.7])
+    ours = cifar_ssl.gaussian_blur(x, sigma, 5)
+    for k in range(6):
+        ref = TF.gaussian_blur(x[k], [5, 5], [sigma[k].item()] * 2)
+        assert torch.allclose(ours[k], ref, atol=1e-6), k
+    torch.manual_seed(4)
+    params = {**cifar_ssl.sample_augment_params(6, 32, 32, torch.device("cpu")),
+              **cifar_ssl.sample_imagenet_params(6, 1, torch.device("cpu"))}
+    params.update(jitter=torch.zeros(6, dtype=torch.bool), grey=torch.zeros(6, dtype=torch.bool),
+                  blur=torch.tensor([True, False] * 3),
+                  solarize=torch.tensor([True] * 3 + [False] * 3))
+    mean, std = torch.zeros(3), torch.ones(3)
+    ours = cifar_ssl.augment(images, params, 32, mean, std)
+    plain = cifar_ssl.resized_crop(x, params["crop"], 32, params["flip"])
+    for k in range(6):
+        # kernel: a tenth of the side, odd: 5 px at 32 px (23 px at 224 px)
+        y = TF.gaussian_blur(plain[k], [5, 5], [params["blur_sigma"][k].item()] * 2) \
+            if params["blur"][k] else plain[k]
+        y = TF.solarize(y, 0.5) if params["solarize"][k] else y
+        assert torch.allclose(ours[k], y, atol=1e-5), k
+    # view 0 always blurs and never solarizes; view 1 blurs with p 0.1 and solarizes with p 0.2
+    view0, view1 = (cifar_ssl.sample_imagenet_params(20_000, view, torch.device("cpu"))
+                    for view in (0, 1))
+    assert view0["blur"].all() and not view0["solarize"].any()
+    assert view1["blur"].float().mean().item() == pytest.approx(0.1, abs=0.01)
+    assert view1["solarize"].float().mean().item() == pytest.approx(0.2, abs=0.01)
+    assert 0.1 <= view1["blur_sigma"].min() and view1["blur_sigma"].max() <= 2.0
+
+
+def test_recipe_follows_the_image_size(tmp_path):
+    def recipe(*flags):
+        return cifar_ssl.parse_args(["--out", str(tmp_path / "r"), *flags]).recipe
+    assert recipe() == "cifar" and recipe("--image-size", "224") == "imagenet"
+    assert recipe("--image-size", "224", "--recipe", "cifar") == "cifar"
+
+
 # --------------------------------------------------------------------------------------------
 # Model: CIFAR stem, projectors, noise head
 # --------------------------------------------------------------------------------------------
@@ -461,6 +499,11 @@ def test_bench_reports_the_split_and_the_projection(capsys):
     line = capsys.readouterr().out
     assert "cpu (fp32)" in line and "augmentation" in line and "forward/backward" in line
     assert "ms/step" in line and "images/s" in line and "800 CIFAR-10 epochs" in line
+    cifar_ssl.main(["--bench", "1", "--batch-size", "4", "--image-size", "72", "--hidden", "32",
+                    "--dim", "8", "--device", "cpu", "--method", "vicreg"])
+    line = capsys.readouterr().out  # above 64 px: the ImageNet recipe and Table 2's projection
+    assert "72x72" in line and "100 ImageNet-100 epochs" in line
+    assert "100 ImageNet-1k epochs" in line
 
 
 # --------------------------------------------------------------------------------------------
@@ -540,3 +583,59 @@ def test_sigma_sweep_panel_of_cifar_runs(tmp_path, capsys):
             for row in csv.DictReader(open(tmp_path / "fig.csv"))}
     assert float(rows["trained", 0.3]["top1_mean"]) == pytest.approx(0.85)
     assert math.isnan(float(rows["trained", 0.3]["henze_zirkler_p_mean"]))
+
+
+def fake_imagenet_run(root, name, sigma, seed, top1, classes=100, steps=1000):
+    fake_ssl_run(root, name, "vicreg", sigma, "folder", seed, top1, steps)
+    file = root / name / "metrics.json"
+    metrics = json.loads(file.read_text())
+    metrics["data"].update(n_classes=classes, image_size=224)
+    file.write_text(json.dumps(metrics))
+
+
+def test_table2_mean_and_std_over_seeds_next_to_the_poster(tmp_path, capsys):
+    for seed, top1 in enumerate((0.70, 0.72, 0.74)):
+        fake_imagenet_run(tmp_path, f"in100_s0.1_{seed}", 0.1, seed, top1)
+    fake_imagenet_run(tmp_path, "in1k_s0", 0.0, 0, 0.6, classes=1000)
+    fake_imagenet_run(tmp_path, "in1k_untrained", 0.0, 0, 0.05, classes=1000, steps=0)
+    evaluate.main(["--table", str(tmp_path), "--out", str(tmp_path / "t")])
+    text = capsys.readouterr().out
+    assert (tmp_path / "t.md").read_text() in text
+    assert "Table 1" not in text and "Table 2" in text
+    lines = text.splitlines()
+    assert lines[2] == ("| σ | ImageNet-100 top-1 | ImageNet-100 top-5 | ImageNet-1k top-1 | "
+                        "ImageNet-1k top-5 |")
+    row = next(line for line in lines if line.startswith("| 0.1 |"))
+    # mean 72 %, sample std 2 %; poster 72.07 +- 0.27
+    assert "| 72.00 ± 2.00 (72.07 ± 0.27) | 99.00 ± 0.00 (91.65 ± 0.13) |" in row
+    assert row.endswith("| – (67.30 ± 0.13) | – (87.43 ± 0.02) |")
+    row = next(line for line in lines if line.startswith("| 0 |"))
+    assert "| 60.00 (67.41 ± 0.17) |" in row
+    assert next(line for line in lines if line.startswith("| 0.05 |")).count("–") == 4
+    row = next(line for line in lines if line.startswith("| random-init encoder |"))
+    assert "5.00" in row and "(" not in row
+    fake_ssl_run(tmp_path, "cifar", "simclr", 0.3)
+    evaluate.main(["--table", str(tmp_path), "--out", str(tmp_path / "t")])
+    text = capsys.readouterr().out
+    assert "Table 1" in text and "Table 2" in text
+    assert "ImageNet" not in text.split("Table 2")[0]
+
+
+def test_workers_decoding_from_disk_equal_the_in_memory_run(tmp_path):
+    gen = torch.Generator().manual_seed(5)
+    for split, n in (("train", 8), ("val", 5)):
+        for c, name in enumerate(("a", "b")):
+            (tmp_path / "tree" / split / name).mkdir(parents=True)
+            for i in range(n):
+                image = torch.randint(0, 128, (18, 21, 3), generator=gen, dtype=torch.uint8)
+                Image.fromarray((image + 100 * c).numpy()).save(
+                    tmp_path / "tree" / split / name / f"{i}.png")
+    flags = ("--dataset", "folder", "--data-dir", str(tmp_path / "tree"), "--steps", "3",
+             "--sigma", "0.2")
+    memory = run(tmp_path / "memory", *flags)
+    disk = run(tmp_path / "disk", *flags, "--workers", "1")
+    assert disk["data"]["n_train"] == 16 and disk["data"]["n_test"] == 10
+    assert disk["train_history"] == memory["train_history"]
+    assert disk["probe"] == memory["probe"]
+    with pytest.raises(SystemExit):
+        cifar_ssl.parse_args(["--out", str(tmp_path / "x"), "--workers", "2"])  # CIFAR in memory
