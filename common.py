@@ -641,17 +641,20 @@ def normality_report(z, seed: int = 0, subsample: int = 128,
     """All normality tests of paper Section 5 on one embedding sample.
 
     D'Agostino-Pearson and Shapiro-Wilk on random projections, and
-    Henze-Zirkler (1990) on subsamples and on the full sample.
+    Henze-Zirkler (1990) on subsamples and on the full sample. Henze-Zirkler
+    whitens with the subsample covariance, singular unless d < subsample: for
+    d >= subsample its entries are None.
     """
     z = _as_2d(z)
     kwargs = dict(n_proj=n_proj, n_boot=n_boot, subsample=subsample,
                   seed=seed)
+    whitenable = z.shape[1] < min(subsample, len(z))
     return {
         "dagostino_p": projected_pvalues(z, test="dagostino", **kwargs),
         "shapiro_p": projected_pvalues(z, test="shapiro", **kwargs),
         "henze_zirkler_p": henze_zirkler_pvalue(
-            z, n_boot=n_boot, subsample=subsample, seed=seed),
-        "henze_zirkler_stat": henze_zirkler(z)[0],
+            z, n_boot=n_boot, subsample=subsample, seed=seed) if whitenable else None,
+        "henze_zirkler_stat": henze_zirkler(z)[0] if whitenable else None,
         "subsample": int(min(subsample, len(z))),
         "n_proj": int(n_proj),
         "n_boot": int(n_boot),
@@ -977,7 +980,7 @@ def sweep_runs(args: argparse.Namespace, key: str, values: Sequence[float],
                                         list_flag: None, "out": str(out),
                                         "resume": (out / "args.json").is_file()})
             if run.resume:
-                saved = json.loads((out / "args.json").read_text())
+                saved = read_json(out / "args.json")
                 differ = [k for k, v in vars(run).items()
                           if k in saved and saved[k] != v and k not in RUNTIME_FLAGS
                           and not (k == "steps" and run.epochs is not None)]

@@ -49,6 +49,7 @@ from common import (
     pick_device,
     positive_int,
     pyplot,
+    read_json,
     run_data,
     run_record,
     save_figure,
@@ -192,6 +193,16 @@ def check_same(runs: list[dict[str, Any]], keys: tuple[str, ...], what: str) -> 
                      f"{what} must share it")
 
 
+def refuse_repeated_seeds(members: list[dict[str, Any]], what: str) -> None:
+    """Stop with one line when two runs averaged together share a seed (it would count twice)."""
+    seeds: dict[Any, Path] = {}
+    for run in members:
+        if run["seed"] in seeds:
+            fail(f"{seeds[run['seed']]} and {run['path']} are both seed {run['seed']} of "
+                 f"{what}: pass only one of them")
+        seeds[run["seed"]] = run["path"]
+
+
 def group_rows(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """One row per noise value of the trained runs, then one per baseline (kind, noise value).
 
@@ -220,12 +231,7 @@ def group_rows(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
         kind = members[0]["kind"]
         if kind != "trained":
             check_same(members, training, f"the {kind} baseline runs")
-        seeds: dict[Any, Path] = {}
-        for run in members:
-            if run["seed"] in seeds:
-                fail(f"{seeds[run['seed']]} and {run['path']} are both seed {run['seed']} of "
-                     f"{run['noise_key']} = {noise:g} ({kind}): pass only one of them")
-            seeds[run["seed"]] = run["path"]
+        refuse_repeated_seeds(members, f"{members[0]['noise_key']} = {noise:g} ({kind})")
         names = members[0]["values"]
         rows.append({"kind": kind, "noise": noise, "capacity": members[0]["capacity"],
                      "seeds": len(members),
@@ -399,12 +405,7 @@ def check_seeds(members: list[dict[str, Any]], what: str) -> None:
     """The runs of one table cell must share their settings and differ in their seeds."""
     check_same(members, ("arch", "steps", "batch_size", "probe_images.train",
                          "probe_images.test"), what)
-    seeds: dict[Any, Path] = {}
-    for run in members:
-        if run["seed"] in seeds:
-            fail(f"{seeds[run['seed']]} and {run['path']} are both seed {run['seed']} of "
-                 f"{what}: pass only one of them")
-        seeds[run["seed"]] = run["path"]
+    refuse_repeated_seeds(members, what)
 
 
 def table1_text(runs: list[dict[str, Any]]) -> str:
@@ -576,10 +577,7 @@ def recompute(run_dir: Path, device_name: str) -> dict[str, Any]:
     if not args_file.is_file():
         fail(f"{run_dir} holds no args.json: not a run directory of mnist_gauss.py / "
              "mnist_uniform.py")
-    try:
-        saved = json.loads(args_file.read_text())
-    except (OSError, ValueError) as err:
-        fail(f"{args_file} is not valid JSON ({err})")
+    saved = read_json(args_file)
     script = mnist_uniform if "eps" in saved else mnist_gauss
     args = script.parse_args(["--out", str(run_dir), "--resume", "--quiet",
                               "--device", device_name])

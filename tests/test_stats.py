@@ -134,6 +134,13 @@ def test_subsample_larger_than_sample_uses_all_points():
     assert report["subsample"] == 60
 
 
+def test_henze_zirkler_is_skipped_when_the_dimension_reaches_the_subsample():
+    report = normality_report(_gaussian(300, 40, 8), subsample=32, n_proj=2, n_boot=2)
+    assert report["henze_zirkler_p"] is None and report["henze_zirkler_stat"] is None
+    assert 0 < report["dagostino_p"] <= 1 and 0 < report["shapiro_p"] <= 1
+    assert normality_report(_gaussian(300, 4, 8), subsample=32)["henze_zirkler_p"] > 0
+
+
 def test_pvalues_deterministic_given_seed():
     z = _two_gaussians(300, 7)
     assert projected_pvalues(z, seed=1) == projected_pvalues(z, seed=1)
