@@ -204,17 +204,33 @@ class GaussianNoise(nn.Module):
     I(f(X'); f(X) + Z) <= d/2 log(1 + 1/sigma^2) (eq. 5) with equality only for f(X) ~ N(0, I).
     Call it separately on each branch so that each is normalized over its own batch; the noise is
     added only in training mode and only when `noisy` (the clean branch f(X)).
+
+    `gather` (several processes, DDP): a differentiable function returning the rows of every
+    process. In training the mean and variance are then those of the global batch, because the
+    loss sees the gathered batch and the constraint must hold for the distribution it sees.
     """
 
-    def __init__(self, dim: int, sigma: float):
+    def __init__(self, dim: int, sigma: float,
+                 gather: Callable[[torch.Tensor], torch.Tensor] | None = None):
         super().__init__()
         if sigma < 0:
             raise ValueError(f"sigma must be >= 0, got {sigma}")
-        self.sigma = sigma
+        self.sigma, self.gather = sigma, gather
         self.norm = nn.BatchNorm1d(dim, affine=False)
 
+    def global_norm(self, f: torch.Tensor) -> torch.Tensor:
+        """BatchNorm1d's training-mode output and running-statistics update, computed with the
+        statistics of the rows of every process."""
+        every = self.gather(f)
+        mean, var = every.mean(0), every.var(0, unbiased=False)
+        with torch.no_grad():
+            self.norm.running_mean.lerp_(mean, self.norm.momentum)
+            self.norm.running_var.lerp_(every.var(0), self.norm.momentum)
+            self.norm.num_batches_tracked += 1
+        return (f - mean) / torch.sqrt(var + self.norm.eps)
+
     def forward(self, f: torch.Tensor, noisy: bool = True) -> torch.Tensor:
-        z = self.norm(f)
+        z = self.global_norm(f) if self.training and self.gather else self.norm(f)
         if self.training and noisy and self.sigma > 0:
             z = z + self.sigma * torch.randn_like(z)
         return z
