@@ -11,13 +11,21 @@ real embeddings and the one from a mismatched prior U[-a, a]^2.
 
     python cgan.py                                  # trains the encoder first; minutes on a CPU
     python cgan.py --encoder runs/mnist_gauss/RUN   # a finished mnist_gauss.py run with d = 2
+    python cgan.py --resume --out runs/cgan/RUN     # continue a killed run
+    python cgan.py --bench 20                       # ms per GAN step on this machine
+
+Exit codes: 0 done; 2 bad input or a damaged file (one line on stderr); 3 the GAN diverged.
 """
 from __future__ import annotations
 
 import argparse
 import math
+import pickle
+import shlex
+import subprocess
+import sys
 import time
-from collections.abc import Callable
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -28,33 +36,11 @@ from torch import nn
 from torchvision.utils import make_grid
 from tqdm import tqdm
 
-import mnist_gauss
-from common import (
-    LOG10,
-    RUNTIME_FLAGS,
-    ConvEncoder,
-    add_data_flags,
-    atomic_save,
-    autocast,
-    embed_train_test,
-    epoch_order,
-    fail,
-    nonnegative_float,
-    pick_device,
-    positive_float,
-    positive_int,
-    pyplot,
-    read_json,
-    resolve_out,
-    run_data,
-    save_figure,
-    time_per_step,
-    write_json,
-)
+import common
 
-N_CLASSES = 10
-COND_DIM = 2
-"""Appendix D conditions on the two-dimensional embeddings."""
+N_CLASSES, COND_DIM = 10, 2  # Appendix D conditions on the two-dimensional embeddings
+LOG10 = math.log(N_CLASSES)  # the information of a balanced digit label, in nats
+OWN_KEYS = ("latent_dim", "lr_g", "lr_d", "clf_epochs")  # in each cgan.py args.json, no other
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -63,122 +49,175 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--encoder", default=None, metavar="RUN_DIR",
                    help="a finished mnist_gauss.py run with --dim 2 whose embeddings condition "
                         "the GAN; None: train one first into OUT/encoder")
-    p.add_argument("--sigma", type=nonnegative_float, default=0.1,
+    p.add_argument("--sigma", type=common.nonnegative_float, default=0.1,
                    help="noise of the encoder trained when --encoder is not given (Appendix D)")
     p.add_argument("--encoder-steps", type=int, default=2000,
                    help="training steps of that encoder (mnist_gauss.py's default)")
-    p.add_argument("--steps", type=int, default=6000,
-                   help="GAN steps of one D and one G update (6000 x 128 images: 96 passes over "
-                        "the 8k-image MNIST split)")
-    p.add_argument("--epochs", type=positive_int, default=None,
+    p.add_argument("--steps", type=int, default=6000, help="GAN steps of one D and one G update "
+                   "(6000 x 128 images: 96 passes over the 8k-image MNIST split)")
+    p.add_argument("--epochs", type=common.positive_int, default=None,
                    help="train the GAN for this many passes over the training set instead")
-    p.add_argument("--batch-size", type=positive_int, default=128, help="GAN batch size")
-    p.add_argument("--lr-g", type=positive_float, default=2e-4,
+    p.add_argument("--batch-size", type=common.positive_int, default=128, help="GAN batch size")
+    p.add_argument("--lr-g", type=common.positive_float, default=2e-4,
                    help="Adam learning rate of the generator (DCGAN, Radford et al.)")
-    p.add_argument("--lr-d", type=positive_float, default=2e-4,
+    p.add_argument("--lr-d", type=common.positive_float, default=2e-4,
                    help="Adam learning rate of the discriminator (DCGAN)")
-    p.add_argument("--latent-dim", type=positive_int, default=64,
+    p.add_argument("--latent-dim", type=common.positive_int, default=64,
                    help="size of the generator's latent noise vector")
-    p.add_argument("--width", type=positive_int, default=64,
+    p.add_argument("--width", type=common.positive_int, default=64,
                    help="channels of the first discriminator / last generator conv layer")
-    p.add_argument("--clf-epochs", type=positive_int, default=5,
-                   help="epochs of the digit classifier that judges the generations (5: 98.4%% "
-                        "test accuracy on the 8k/2k MNIST split)")
-    p.add_argument("--clf-lr", type=positive_float, default=1e-3,
+    p.add_argument("--clf-epochs", type=common.positive_int, default=5, help="epochs of the "
+                   "digit classifier that judges the generations (5: 98.4%% test accuracy on "
+                   "the 8k/2k MNIST split)")
+    p.add_argument("--clf-lr", type=common.positive_float, default=1e-3,
                    help="Adam learning rate of the classifier")
-    p.add_argument("--n-samples", type=positive_int, default=10000,
+    p.add_argument("--n-samples", type=common.positive_int, default=10000,
                    help="unconditional samples per prior for the class histograms")
-    p.add_argument("--box", type=positive_float, default=3.0,
+    p.add_argument("--box", type=common.positive_float, default=3.0,
                    help="half-width a of the mismatched prior U[-a, a]^2")
     p.add_argument("--seed", type=int, default=0, help="fixes data order, noise and init")
     p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, cuda:1")
-    add_data_flags(p, note="; must match the encoder's")
-    p.add_argument("--out", default=None,
-                   help="run directory; None: a new directory under runs/cgan/")
+    p.add_argument("--dataset", choices=["mnist", "fashion-mnist", "mnist-test-split"],
+                   default="mnist", help="mnist falls back to the shipped MNIST test split "
+                   "(8k/2k) when the full set is neither on disk nor downloadable; must match "
+                   "the encoder's")
+    p.add_argument("--data-dir", default=None, help="folder with the IDX files (optionally .gz)")
+    p.add_argument("--no-download", action="store_true", help="never try to download data")
+    p.add_argument("--out", default=None, help="run directory; None: a new one under runs/cgan/")
     p.add_argument("--resume", action="store_true",
                    help="continue the run in --out (and the encoder training in OUT/encoder)")
-    p.add_argument("--log-every", type=positive_int, default=50, help="progress update interval")
-    p.add_argument("--ckpt-every", type=positive_int, default=500, help="checkpoint interval")
+    p.add_argument("--log-every", type=common.positive_int, default=50, help="progress interval")
+    p.add_argument("--ckpt-every", type=common.positive_int, default=500, help="checkpoints")
     p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=True,
                    help="bf16 autocast for G, D and the classifier (a GAN step ran 1.8x faster "
                         "than float32 on a Xeon core with native bf16); --no-amp: float32")
-    p.add_argument("--bench", type=positive_int, default=0, metavar="N",
+    p.add_argument("--bench", type=common.positive_int, default=0, metavar="N",
                    help="time N GAN steps on synthetic data, print ms/step, and exit")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     args = p.parse_args(argv)
-    resolve_out(p, args, f"runs/cgan/seed{args.seed}")
-    if args.steps < 0:
-        p.error("--steps must be >= 0")
-    if args.encoder_steps < 0:
-        p.error("--encoder-steps must be >= 0")
+    out = Path(args.out or "")
+    if args.resume and args.out and (out / "args.json").is_file():  # before resolve_out uses it
+        saved = common.read_json(out / "args.json")
+        if not isinstance(saved, dict) or not all(key in saved for key in OWN_KEYS):
+            p.error(f"--resume: {out} is not a cgan.py run (its args.json lacks "
+                    f"{', '.join(OWN_KEYS)}); choose another --out")
+        for flag in p._actions:  # each stored setting through its flag's type, as if typed
+            value = saved.get(flag.dest)
+            if flag.dest not in saved or value is None and flag.default is None:
+                continue
+            convert = flag.type or (str if flag.default is None else type(flag.default))
+            try:
+                fits = (isinstance(value, bool) if convert is bool else
+                        not isinstance(value, bool) and convert(str(value)) == value
+                        and value in (flag.choices or [value]))
+            except (ValueError, argparse.ArgumentTypeError):
+                fits = False
+            if not fits:
+                p.error(f"{out / 'args.json'} is damaged: {flag.dest} = {value!r} is not a "
+                        f"valid {flag.option_strings[0]}")
+    common.resolve_out(p, args, f"runs/cgan/seed{args.seed}")
+    # checked after --resume has filled in the stored settings, so they hold for those too
+    if args.steps < 0 or args.encoder_steps < 0:
+        p.error("--steps and --encoder-steps must be >= 0")
+    if not 0 <= args.seed < 2**32:
+        p.error(f"--seed must be in [0, 2^32 - 1] (numpy's seeds), got {args.seed}")
+    if args.batch_size < 2:
+        p.error("--batch-size must be >= 2: the generator's BatchNorm needs two images")
+    try:
+        device = common.pick_device(args.device)
+    except RuntimeError:  # torch.device's answer to a name it does not know
+        device = torch.device("meta")
+    if device.type not in ("cpu", "cuda"):
+        p.error(f"--device must be auto, cpu, cuda or cuda:N, got {args.device!r}")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        p.error(f"--device {args.device}: this machine has {torch.cuda.device_count()} CUDA "
+                "device(s); use --device cpu or auto")
     return args
 
 
-# --------------------------------------------------------------------------------------------
-# Data: images and their conditioning vectors c = f(X)
-# --------------------------------------------------------------------------------------------
-
-def encoder_args(run: Path, dataset: str) -> argparse.Namespace:
-    """The settings of a finished mnist_gauss.py run with d = 2 on `dataset`; one-line exit else.
-
-    Read as mnist_gauss.py --resume reads them, so flags added since the run get their defaults.
-    """
-    if not run.is_dir():
-        fail(f"--encoder {run}: no such run directory")
-    if not (run / "args.json").is_file() or not (run / "model.pt").is_file():
-        fail(f"--encoder {run} is not an mnist_gauss.py run directory (args.json, model.pt)")
-    saved = read_json(run / "args.json")
-    if "sigma" not in saved:
-        fail(f"--encoder {run} is not a Gaussian (mnist_gauss.py) run: Appendix D conditions on "
-             "embeddings matched to N(0, I)")
-    if saved.get("dim") != COND_DIM:
-        fail(f"--encoder {run} has --dim {saved.get('dim')}; Appendix D conditions on 2-D "
-             "embeddings (mnist_gauss.py --dim 2)")
-    if not (run / "metrics.json").is_file():
-        fail(f"--encoder {run} is unfinished (no metrics.json); finish it with "
-             f"python mnist_gauss.py --resume --out {run}")
-    trained_on = read_json(run / "metrics.json")["data"]["dataset"]
-    if trained_on != dataset:
-        fail(f"--encoder {run} was trained on {trained_on}, this run uses {dataset}; "
-             f"pass --dataset {trained_on}")
-    return mnist_gauss.parse_args(["--out", str(run), "--resume", "--quiet"])
-
+# --- Data: images and their conditioning vectors c = f(X) from a mnist_gauss.py run ---------
 
 def train_encoder(args: argparse.Namespace, run: Path) -> None:
-    """mnist_gauss.py with --sigma, --dim 2 and --encoder-steps into `run`: resumed if started,
-    reused if finished."""
+    """Run mnist_gauss.py (sigma = --sigma, d = 2, --encoder-steps, this run's data) as a
+    subprocess into `run`: resumed if started, reused if finished."""
     if (run / "metrics.json").is_file():
         print(f"encoder: the finished run in {run}")
         return
-    argv = ["--sigma", str(args.sigma), "--dim", str(COND_DIM),
-            "--steps", str(args.encoder_steps), "--seed", str(args.seed),
-            "--dataset", args.dataset, "--device", args.device, "--out", str(run),
-            "--amp" if args.amp else "--no-amp"]
-    argv += ["--data-dir", args.data_dir] if args.data_dir else []
-    argv += ["--no-download"] * args.no_download + ["--quiet"] * args.quiet
+    cmd = [sys.executable, str(common.REPO / "mnist_gauss.py"), "--out", str(run),
+           "--device", args.device, *["--quiet"] * args.quiet]
     if (run / "args.json").is_file():
-        argv = ["--out", str(run), "--resume", "--device", args.device] + ["--quiet"] * args.quiet
-    print(f"encoder: python mnist_gauss.py {' '.join(argv)}", flush=True)
-    mnist_gauss.main(argv)
+        cmd += ["--resume"]
+    else:
+        cmd += ["--sigma", str(args.sigma), "--dim", str(COND_DIM), "--seed", str(args.seed),
+                "--steps", str(args.encoder_steps), "--amp" if args.amp else "--no-amp",
+                "--dataset", args.dataset, *["--no-download"] * args.no_download,
+                *(["--data-dir", args.data_dir] if args.data_dir else [])]
+    print(f"encoder: {shlex.join(cmd)}", flush=True)
+    code = subprocess.run(cmd, check=False).returncode
+    if code != 0:
+        common.fail(f"the encoder run in {run} stopped with exit code {code} (its message is "
+                    "above); fix that, then repeat this command with --resume", code=code)
 
 
-def conditioning_vectors(run: Path, enc: argparse.Namespace, x_tr: torch.Tensor,
-                         x_te: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """c = f(X) for the train and test images: the encoder's clean eval-mode embeddings.
+def read_encoder_run(run: Path, data: dict, y_tr: torch.Tensor, y_te: torch.Tensor
+                     ) -> tuple[dict[str, Any], torch.Tensor, torch.Tensor]:
+    """A record of a finished mnist_gauss.py run with d = 2 on this run's images, and its
+    embeddings of the train and test images, the conditions c = f(X) (from embeddings.npz).
 
-    They are exactly the test embeddings mnist_gauss.py evaluates (BatchNorm statistics
-    recomputed on the clean training images, no noise, float32).
+    Those are the embeddings mnist_gauss.py evaluates: clean branch in eval mode, BatchNorm
+    statistics recomputed on the clean training images, no noise, float32, in the order of
+    load_data. A run that does not fit raises DataError saying why.
     """
-    models = mnist_gauss.build_models(enc, x_tr.device)
-    models.load_state_dict(torch.load(run / "model.pt", map_location=x_tr.device,
-                                      weights_only=True)["models"])
-    c_tr, c_te = embed_train_test(models, x_tr, x_te, enc.batch_size)
-    return torch.from_numpy(c_tr).to(x_tr.device), torch.from_numpy(c_te).to(x_tr.device)
+    error, name = common.DataError, f"--encoder {run}"
+    if not (run / "args.json").is_file():
+        raise error(f"{name}: no such run directory" if not run.is_dir() else
+                    f"{name} is not an mnist_gauss.py run directory (no args.json)")
+    saved = common.read_json(run / "args.json")
+    if not isinstance(saved, dict) or "sigma" not in saved:
+        raise error(f"{name} is not a Gaussian (mnist_gauss.py) run: Appendix D conditions on "
+                    "embeddings matched to N(0, I)")
+    sigma, dim = saved["sigma"], saved.get("dim")
+    if type(sigma) not in (int, float) or not sigma >= 0 or type(dim) is not int:
+        raise error(f"{run / 'args.json'} is damaged: sigma {sigma!r}, dim {dim!r}")
+    if dim != COND_DIM:
+        raise error(f"{name} has --dim {dim}; Appendix D conditions on 2-D embeddings "
+                    "(mnist_gauss.py --dim 2)")
+    if not (run / "metrics.json").is_file():
+        raise error(f"{name} is unfinished (no metrics.json); finish it with "
+                    f"python mnist_gauss.py --resume --out {run}")
+    metrics = common.read_json(run / "metrics.json")
+    try:
+        record = {"run": str(run), "sigma": sigma, "dim": dim,
+                  **{key: metrics[key] for key in ("steps", "critic", "capacity", "mi_heldout")},
+                  "knn_acc": metrics["downstream"]["knn_acc"],
+                  "henze_zirkler_p": metrics["normality"]["henze_zirkler_p"],
+                  "wall_time_s": metrics["wall_time_s"]}
+        trained_on = metrics["data"]["dataset"]
+    except (KeyError, TypeError) as err:
+        raise error(f"{run / 'metrics.json'} is damaged: it lacks the entry {err}") from err
+    if trained_on != data["dataset"]:
+        raise error(f"{name} was trained on {trained_on}, this run uses {data['dataset']}; "
+                    f"pass --dataset {trained_on}")
+    path = run / "embeddings.npz"
+    try:
+        with np.load(path) as npz:
+            arrays = {key: npz[key] for key in ("z_train", "y_train", "z_test", "y_test")}
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as err:
+        raise error(f"{path} is missing or damaged ({err or type(err).__name__})") from err
+    for split, y in (("train", y_tr), ("test", y_te)):  # the same images in the same order
+        z, labels = arrays[f"z_{split}"], arrays[f"y_{split}"]
+        if len(labels) != len(y) or not np.array_equal(labels, y.cpu().numpy()):
+            raise error(f"{name} embedded {len(labels)} {split} images, this run has {len(y)} "
+                        "(or other ones: the labels differ); pass the encoder's --data-dir")
+        if z.shape != (len(y), COND_DIM) or z.dtype.kind != "f" or not np.isfinite(z).all():
+            raise error(f"{path}: z_{split} is {z.dtype} {z.shape}, expected finite floats of "
+                        f"shape ({len(y)}, {COND_DIM})")
+    c_tr, c_te = (torch.from_numpy(arrays[key].astype(np.float32)).to(y_tr.device)
+                  for key in ("z_train", "z_test"))
+    return record, c_tr, c_te
 
 
-# --------------------------------------------------------------------------------------------
-# Models: a DCGAN-style conditional generator and discriminator on 1x24x24 images
-# --------------------------------------------------------------------------------------------
+# --- Models: a DCGAN-style conditional generator and discriminator on 1x24x24 images --------
 
 class Generator(nn.Module):
     """G(z, c): latent z and condition c -> a 1x24x24 image in [0, 1].
@@ -226,128 +265,101 @@ class Discriminator(nn.Module):
         return self.psi(h).squeeze(1) + (self.embed(c) * h).sum(1)
 
 
-def build_gan(args: argparse.Namespace, device: torch.device) -> tuple[Generator, Discriminator]:
-    """The run's generator and discriminator on `device`, channels-last."""
-    gen = Generator(args.latent_dim, args.width).to(device)
-    disc = Discriminator(args.width).to(device)
-    return (gen.to(memory_format=torch.channels_last),
-            disc.to(memory_format=torch.channels_last))
+def build_gan(args: argparse.Namespace, device: torch.device) -> tuple:
+    """G and D (channels-last on `device`) and their Adam optimizers, beta1 = 0.5 (DCGAN)."""
+    gen = Generator(args.latent_dim, args.width).to(device).to(memory_format=torch.channels_last)
+    disc = Discriminator(args.width).to(device).to(memory_format=torch.channels_last)
+    return (gen, disc, torch.optim.Adam(gen.parameters(), lr=args.lr_g, betas=(0.5, 0.999)),
+            torch.optim.Adam(disc.parameters(), lr=args.lr_d, betas=(0.5, 0.999)))
 
 
-# --------------------------------------------------------------------------------------------
-# Training
-# --------------------------------------------------------------------------------------------
+# --- Training -------------------------------------------------------------------------------
 
-def make_gan_step(gen: Generator, disc: Discriminator, opt_g: torch.optim.Optimizer,
-                  opt_d: torch.optim.Optimizer, args: argparse.Namespace
-                  ) -> Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
+def gan_step(gen: Generator, disc: Discriminator, opt_g, opt_d, x: torch.Tensor,
+             c: torch.Tensor, args: argparse.Namespace) -> tuple[torch.Tensor, torch.Tensor]:
     """One D update and one G update on real images x with their conditions c.
 
     Non-saturating GAN losses (Goodfellow et al.): D minimizes softplus(-D(x, c)) +
     softplus(D(G(z, c), c)), G minimizes softplus(-D(G(z, c), c)); the fakes carry the real
     batch's conditions. Returns the two losses without syncing.
     """
-    def step(x: torch.Tensor, c: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        z = torch.randn(len(x), args.latent_dim, device=x.device)
-        with autocast(x.device, args.amp):
-            fake = gen(z, c)
-            d_loss = (F.softplus(-disc(x, c).float()).mean()
-                      + F.softplus(disc(fake.detach(), c).float()).mean())
-        opt_d.zero_grad(set_to_none=True)
-        d_loss.backward()
-        opt_d.step()
-        with autocast(x.device, args.amp):
-            g_loss = F.softplus(-disc(fake, c).float()).mean()
-        opt_g.zero_grad(set_to_none=True)
-        g_loss.backward()
-        opt_g.step()
-        return d_loss.detach(), g_loss.detach()
-    return step
-
-
-def make_optimizers(gen: Generator, disc: Discriminator, args: argparse.Namespace
-                    ) -> tuple[torch.optim.Optimizer, torch.optim.Optimizer]:
-    """Adam with beta1 = 0.5 for both players (DCGAN)."""
-    return (torch.optim.Adam(gen.parameters(), lr=args.lr_g, betas=(0.5, 0.999)),
-            torch.optim.Adam(disc.parameters(), lr=args.lr_d, betas=(0.5, 0.999)))
+    z = torch.randn(len(x), args.latent_dim, device=x.device)
+    with common.autocast(x.device, args.amp):
+        fake = gen(z, c)
+        d_loss = (F.softplus(-disc(x, c).float()).mean()
+                  + F.softplus(disc(fake.detach(), c).float()).mean())
+    opt_d.zero_grad(set_to_none=True)
+    d_loss.backward()
+    opt_d.step()
+    with common.autocast(x.device, args.amp):
+        g_loss = F.softplus(-disc(fake, c).float()).mean()
+    opt_g.zero_grad(set_to_none=True)
+    g_loss.backward()
+    opt_g.step()
+    return d_loss.detach(), g_loss.detach()
 
 
 def bench(args: argparse.Namespace, device: torch.device) -> None:
     """Print the time of one GAN step on synthetic images, with throw-away models and RNG."""
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-        gen, disc = build_gan(args, device)
-        step = make_gan_step(gen, disc, *make_optimizers(gen, disc, args), args)
+        gen, disc, opt_g, opt_d = build_gan(args, device)
         x = torch.rand(args.batch_size, 1, 24, 24, device=device).contiguous(
             memory_format=torch.channels_last)
         c = torch.randn(args.batch_size, COND_DIM, device=device)
-        sec = time_per_step(lambda: step(x, c), args.bench, device)
-    precision = "bf16 autocast" if args.amp else "float32"
-    print(f"{device.type} ({precision}), batch {args.batch_size}, width {args.width}: "
-          f"{1e3 * sec:.1f} ms/step, {args.batch_size / sec:.0f} images/s; "
-          f"{args.steps} steps would take {sec * args.steps / 60:.1f} min")
+        sec = common.time_per_step(lambda: gan_step(gen, disc, opt_g, opt_d, x, c, args),
+                                   args.bench, device)
+    print(f"{device.type} ({'bf16 autocast' if args.amp else 'float32'}), batch "
+          f"{args.batch_size}, width {args.width}: {1e3 * sec:.1f} ms/step, "
+          f"{args.batch_size / sec:.0f} images/s; {args.steps} steps would take "
+          f"{sec * args.steps / 60:.1f} min")
 
 
-def save_checkpoint(out: Path, gen: Generator, disc: Discriminator, opts: tuple, step: int,
-                    history: list) -> None:
-    """Everything --resume needs: both players, both optimizers, the RNG state, the log."""
-    atomic_save({"step": step, "generator": gen.state_dict(), "discriminator": disc.state_dict(),
-                 "opt_g": opts[0].state_dict(), "opt_d": opts[1].state_dict(),
-                 "rng": torch.get_rng_state(), "history": history}, out / "checkpoint.pt")
-
-
-def load_checkpoint(out: Path, gen: Generator, disc: Discriminator, opts: tuple,
-                    device: torch.device) -> tuple[int, list]:
-    """Restore a checkpoint written by save_checkpoint; returns (step, history)."""
-    ckpt = torch.load(out / "checkpoint.pt", map_location=device, weights_only=False)
-    gen.load_state_dict(ckpt["generator"])
-    disc.load_state_dict(ckpt["discriminator"])
-    opts[0].load_state_dict(ckpt["opt_g"])
-    opts[1].load_state_dict(ckpt["opt_d"])
-    torch.set_rng_state(ckpt["rng"])
-    return ckpt["step"], ckpt["history"]
-
-
-def train(gen: Generator, disc: Discriminator, opts: tuple, x_tr: torch.Tensor,
-          c_tr: torch.Tensor, args: argparse.Namespace, out: Path, start: int,
-          history: list) -> None:
+def train(gen: Generator, disc: Discriminator, opt_g, opt_d, x_tr: torch.Tensor,
+          c_tr: torch.Tensor, args: argparse.Namespace, out: Path, start: int, history: list):
     """GAN steps from `start` to args.steps on (image, embedding) pairs of the training split.
 
-    Logs the mean (step, D loss, G loss) every --log-every steps, checkpoints every --ckpt-every
-    steps, and stops with exit code 3 (keeping the last good checkpoint) on a non-finite loss.
+    Logs the mean (step, D loss, G loss) every --log-every steps and checkpoints every
+    --ckpt-every steps, each checkpoint after a check of every loss before it: a non-finite
+    loss stops the run (exit code 3) and the last checkpoint is a good one.
     """
-    per_epoch = len(x_tr) // args.batch_size
-    step_fn = make_gan_step(gen, disc, *opts, args)
+    per_epoch, bs = len(x_tr) // args.batch_size, args.batch_size
     bar = tqdm(range(start, args.steps), initial=start, total=args.steps, disable=args.quiet,
                desc="cGAN", dynamic_ncols=True)
-    d_losses, g_losses = [], []
+    d_losses, g_losses, saved_at = [], [], start
     gen.train()
     disc.train()
     for step in bar:
         epoch, k = divmod(step, per_epoch)
         if k == 0 or step == start:
-            order = epoch_order(len(x_tr), args.seed, epoch, x_tr.device)
-        idx = order[k * args.batch_size:(k + 1) * args.batch_size]
-        d_loss, g_loss = step_fn(x_tr[idx], c_tr[idx])
+            order = common.epoch_order(len(x_tr), args.seed, epoch, x_tr.device)
+        idx = order[k * bs:(k + 1) * bs]
+        d_loss, g_loss = gan_step(gen, disc, opt_g, opt_d, x_tr[idx], c_tr[idx], args)
         d_losses.append(d_loss)
         g_losses.append(g_loss)
         done = step + 1
-        if done % args.log_every == 0 or done % args.ckpt_every == 0 or done == args.steps:
-            mean_d = torch.stack(d_losses).mean().item()
-            mean_g = torch.stack(g_losses).mean().item()
+        checkpoint = done % args.ckpt_every == 0 or done == args.steps
+        if done % args.log_every == 0 or checkpoint:
+            d, g = torch.stack(d_losses), torch.stack(g_losses)
+            finite = (d.isfinite() & g.isfinite()).cpu()
+            if not finite.all():
+                first = done - len(finite) + int((~finite).nonzero()[0]) + 1
+                kept = (f"the last good checkpoint (step {saved_at}) is kept in "
+                        f"{out / 'checkpoint.pt'}" if saved_at else "no checkpoint was written yet")
+                common.fail(f"the GAN loss became non-finite at step {first}; try a smaller "
+                            f"--lr-g / --lr-d; {kept}", code=3)
+            history.append([done, d.mean().item(), g.mean().item()])
             d_losses, g_losses = [], []
-            if not (math.isfinite(mean_d) and math.isfinite(mean_g)):
-                fail(f"the GAN loss became {mean_d} (D) / {mean_g} (G) at step {done}; the last "
-                     f"good checkpoint is kept in {out / 'checkpoint.pt'}", code=3)
-            history.append([done, mean_d, mean_g])
-            bar.set_postfix(epoch=epoch, d_loss=f"{mean_d:.3f}", g_loss=f"{mean_g:.3f}",
-                            refresh=False)
-        if done % args.ckpt_every == 0 or done == args.steps:
-            save_checkpoint(out, gen, disc, opts, done, history)
+            bar.set_postfix(epoch=epoch, d_loss=f"{history[-1][1]:.3f}",
+                            g_loss=f"{history[-1][2]:.3f}", refresh=False)
+        if checkpoint:  # everything --resume needs
+            common.atomic_save({"step": done, "generator": gen.state_dict(),
+                                "discriminator": disc.state_dict(), "opt_g": opt_g.state_dict(),
+                                "opt_d": opt_d.state_dict(), "rng": torch.get_rng_state(),
+                                "history": history}, out / "checkpoint.pt")
+            saved_at = done
 
 
-# --------------------------------------------------------------------------------------------
-# Evaluation: a digit classifier judges conditional and unconditional generations
-# --------------------------------------------------------------------------------------------
+# --- Evaluation: a digit classifier judges conditional and unconditional generations --------
 
 def train_classifier(x: torch.Tensor, y: torch.Tensor, args: argparse.Namespace) -> nn.Module:
     """The Table 2 ConvNet with 10 outputs, cross-entropy, Adam, --clf-epochs over (x, y).
@@ -357,14 +369,14 @@ def train_classifier(x: torch.Tensor, y: torch.Tensor, args: argparse.Namespace)
     batch = min(128, len(x))
     with torch.random.fork_rng(devices=[x.device] if x.device.type == "cuda" else []):
         torch.manual_seed(args.seed)
-        clf = ConvEncoder(N_CLASSES).to(x.device).to(memory_format=torch.channels_last)
+        clf = common.ConvEncoder(N_CLASSES).to(x.device).to(memory_format=torch.channels_last)
         opt = torch.optim.Adam(clf.parameters(), lr=args.clf_lr)
         clf.train()
         for epoch in tqdm(range(args.clf_epochs), desc="classifier", disable=args.quiet):
-            order = epoch_order(len(x), args.seed + 1, epoch, x.device)
+            order = common.epoch_order(len(x), args.seed + 1, epoch, x.device)
             for i in range(0, len(x) - batch + 1, batch):
                 idx = order[i:i + batch]
-                with autocast(x.device, args.amp):
+                with common.autocast(x.device, args.amp):
                     loss = F.cross_entropy(clf(x[idx]).float(), y[idx])
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
@@ -372,41 +384,14 @@ def train_classifier(x: torch.Tensor, y: torch.Tensor, args: argparse.Namespace)
     return clf.eval()
 
 
-def probabilities(clf: nn.Module, amp: bool) -> Callable[[torch.Tensor], torch.Tensor]:
-    """images -> class probabilities (N, 10) under the classifier, in eval mode, no gradient."""
-    @torch.no_grad()
-    def classify(x: torch.Tensor) -> torch.Tensor:
-        with autocast(x.device, amp):
-            return clf(x.contiguous(memory_format=torch.channels_last)).float().softmax(1)
-    return classify
-
-
-def sampler(gen: Generator, latent: torch.Tensor, amp: bool
-            ) -> Callable[[torch.Tensor, slice], torch.Tensor]:
-    """(conditions, rows) -> G(latent[rows], conditions) in eval mode: fixed noise per row."""
-    @torch.no_grad()
-    def generate(c: torch.Tensor, rows: slice) -> torch.Tensor:
-        gen.eval()
-        with autocast(c.device, amp):
-            return gen(latent[rows], c).float()
-    return generate
-
-
-def predict(generate: Callable[[torch.Tensor, slice], torch.Tensor],
-            classify: Callable[[torch.Tensor], torch.Tensor], cond: torch.Tensor,
-            batch_size: int = 1000) -> torch.Tensor:
-    """Class probabilities (N, 10) of the images generated from each row of `cond`.
-
-    generate(c, rows) maps the conditions c = cond[rows] to images; classify maps images to
-    class probabilities.
-    """
+def predict(generate, classify, cond: torch.Tensor, batch_size: int = 1000) -> torch.Tensor:
+    """Class probabilities (N, 10) of the images generated from each row of `cond`:
+    generate(c, rows) maps c = cond[rows] to images, classify maps images to probabilities."""
     rows = [slice(i, min(i + batch_size, len(cond))) for i in range(0, len(cond), batch_size)]
     return torch.cat([classify(generate(cond[r], r)) for r in rows])
 
 
-def conditional_consistency(generate: Callable[[torch.Tensor, slice], torch.Tensor],
-                            classify: Callable[[torch.Tensor], torch.Tensor],
-                            cond: torch.Tensor, labels: torch.Tensor,
+def conditional_consistency(generate, classify, cond: torch.Tensor, labels: torch.Tensor,
                             batch_size: int = 1000) -> float:
     """Share of images generated from c_i = f(X_i) that are classified as the digit y_i of X_i.
 
@@ -418,15 +403,15 @@ def conditional_consistency(generate: Callable[[torch.Tensor, slice], torch.Tens
     return float((pred == labels.to(pred.device)).float().mean())
 
 
+def class_shares(labels: np.ndarray) -> np.ndarray:
+    """Share of each of the ten classes among `labels`."""
+    return np.bincount(labels, minlength=N_CLASSES) / len(labels)
+
+
 def entropy(shares: np.ndarray) -> float:
     """Shannon entropy in nats of a class distribution (log 10 for ten balanced classes)."""
     nonzero = shares[shares > 0]
     return float((nonzero * np.log(1 / nonzero)).sum())
-
-
-def class_shares(labels: np.ndarray) -> np.ndarray:
-    """Share of each of the ten classes among `labels`."""
-    return np.bincount(labels, minlength=N_CLASSES) / len(labels)
 
 
 def class_report(probs: torch.Tensor, reference: np.ndarray) -> dict[str, Any]:
@@ -438,6 +423,7 @@ def class_report(probs: torch.Tensor, reference: np.ndarray) -> dict[str, Any]:
             "confidence": float(probs.max(1).values.mean())}
 
 
+@torch.no_grad()
 def evaluate(gen: Generator, clf: nn.Module, data: tuple, args: argparse.Namespace) -> dict:
     """Classifier accuracy, conditional consistency (with a retrieval reference), and the class
     histograms of generations conditioned on real embeddings, on N(0, I) and on U[-a, a]^2.
@@ -445,12 +431,23 @@ def evaluate(gen: Generator, clf: nn.Module, data: tuple, args: argparse.Namespa
     Every source shares the same latent vectors, so that only the conditions differ. The train
     embeddings' histogram shows how far two sets of real embeddings already differ.
     """
-    x_tr, _, c_tr, x_te, y_te, c_te = data
+    x_tr, c_tr, x_te, y_te, c_te = data
     device, n = x_te.device, args.n_samples
-    classify = probabilities(clf, args.amp)
     rng = torch.Generator().manual_seed(args.seed + 2)
-    generate = sampler(gen, torch.randn(max(n, len(c_te)), args.latent_dim, generator=rng)
-                       .to(device), args.amp)
+    latent = torch.randn(max(n, len(c_te)), args.latent_dim, generator=rng).to(device)
+    gen.eval()
+
+    def classify(x):
+        with common.autocast(x.device, args.amp):
+            return clf(x.contiguous(memory_format=torch.channels_last)).float().softmax(1)
+
+    def generate(c, rows):  # row i always gets latent vector i
+        with common.autocast(c.device, args.amp):
+            return gen(latent[rows], c).float()
+
+    def first(cond, k):
+        return generate(cond[:k], slice(0, len(cond[:k]))).cpu()
+
     cycle = torch.arange(n, device=device)
     sources = {"test_embeddings": c_te[cycle % len(c_te)],
                "train_embeddings": c_tr[cycle % len(c_tr)],
@@ -459,19 +456,12 @@ def evaluate(gen: Generator, clf: nn.Module, data: tuple, args: argparse.Namespa
     probs = {name: predict(generate, classify, cond) for name, cond in sources.items()}
     reference = class_shares(probs["test_embeddings"].argmax(1).cpu().numpy())
     test_labels = class_shares(y_te.cpu().numpy())
-
-    def nearest_training_image(c: torch.Tensor, rows: slice) -> torch.Tensor:
-        return x_tr[torch.cdist(c, c_tr).argmin(1)]
-
-    def first(cond: torch.Tensor, k: int) -> torch.Tensor:
-        return generate(cond[:k], slice(0, len(cond[:k]))).cpu()
-
     return {
         "classifier_accuracy": conditional_consistency(lambda c, rows: x_te[rows], classify,
                                                        c_te, y_te),
         "consistency": conditional_consistency(generate, classify, c_te, y_te),
-        "retrieval_consistency": conditional_consistency(nearest_training_image, classify, c_te,
-                                                         y_te),
+        "retrieval_consistency": conditional_consistency(  # the nearest training embedding's image
+            lambda c, rows: x_tr[torch.cdist(c, c_tr).argmin(1)], classify, c_te, y_te),
         "unconditional": {"n_samples": n, "box_half_width": args.box,
                           "test_labels": {"shares": test_labels.tolist(),
                                           "entropy": entropy(test_labels)},
@@ -483,9 +473,7 @@ def evaluate(gen: Generator, clf: nn.Module, data: tuple, args: argparse.Namespa
     }
 
 
-# --------------------------------------------------------------------------------------------
-# Figures and saving
-# --------------------------------------------------------------------------------------------
+# --- Figures and the printed report ---------------------------------------------------------
 
 def show_grid(ax: Any, images: torch.Tensor, nrow: int, title: str) -> None:
     """Images (N, 1, H, W) in [0, 1] as one grid, white digits on black as in MNIST."""
@@ -498,7 +486,7 @@ def show_grid(ax: Any, images: torch.Tensor, nrow: int, title: str) -> None:
 def figures(metrics: dict, samples: dict[str, torch.Tensor]) -> dict[str, Any]:
     """Figure 3 (real test images beside their generations), Figure 4 (c ~ N(0, I)), the same
     from the mismatched prior, and the class histograms of every conditioning source."""
-    plt = pyplot()
+    plt = common.pyplot()
     unc, box = metrics["unconditional"], metrics["unconditional"]["box_half_width"]
     fig_cond, axes = plt.subplots(1, 2, figsize=(9, 4.8))
     show_grid(axes[0], samples["real"], 8, "real test images X")
@@ -510,11 +498,10 @@ def figures(metrics: dict, samples: dict[str, torch.Tensor]) -> dict[str, Any]:
     grids = {}
     for name, key, prior in (("unconditional.png", "gaussian_prior", "c ~ N(0, I)"),
                              ("mismatched.png", "box_prior", f"c ~ U[-{box:g}, {box:g}]^2")):
-        fig, ax = plt.subplots(figsize=(5.5, 5.8))
+        grids[name], ax = plt.subplots(figsize=(5.5, 5.8))
         show_grid(ax, samples[key], 10, f"{prior}: class entropy {unc[key]['entropy']:.3f} nats "
                                         f"(log 10 = {LOG10:.3f}),\nTV to test embeddings "
                                         f"{unc[key]['tv_to_test_embeddings']:.3f}")
-        grids[name] = fig
     fig_hist, ax = plt.subplots(figsize=(8, 4))
     sources = (("test_labels", "test labels"), ("test_embeddings", "c = f(X_test)"),
                ("train_embeddings", "c = f(X_train)"), ("gaussian_prior", "c ~ N(0, I)"),
@@ -530,81 +517,100 @@ def figures(metrics: dict, samples: dict[str, torch.Tensor]) -> dict[str, Any]:
     return {"conditional.png": fig_cond, **grids, "classes.png": fig_hist}
 
 
-def summary(metrics: dict) -> str:
+def report(metrics: dict) -> str:
     """The end-of-run report: the classifier, conditional consistency, the class histograms."""
     unc = metrics["unconditional"]
-    lines = [f"classifier test accuracy {metrics['classifier_accuracy']:.4f} (the ceiling of "
-             f"consistency)",
-             f"conditional consistency {metrics['consistency']:.4f}   (nearest training "
-             f"embedding {metrics['retrieval_consistency']:.4f}, chance 0.1)",
-             f"unconditional, {unc['n_samples']} samples: class entropy (log 10 = {LOG10:.3f}), "
-             "TV distance to the test embeddings' histogram, classifier confidence"]
-    for key in ("test_embeddings", "train_embeddings", "gaussian_prior", "box_prior"):
-        lines.append(f"  {key:16s}  H = {unc[key]['entropy']:.3f}   TV = "
-                     f"{unc[key]['tv_to_test_embeddings']:.3f}   "
-                     f"confidence {unc[key]['confidence']:.3f}")
-    lines.append(f"wall time {metrics['wall_time_s']:.0f} s ({metrics['steps']} GAN steps)")
-    return "\n".join(lines)
+    rows = "".join(f"\n  {key:16s}  H = {unc[key]['entropy']:.3f}   TV = "
+                   f"{unc[key]['tv_to_test_embeddings']:.3f}   confidence "
+                   f"{unc[key]['confidence']:.3f}" for key in ("test_embeddings",
+                   "train_embeddings", "gaussian_prior", "box_prior"))
+    return (f"classifier test accuracy {metrics['classifier_accuracy']:.4f} (the ceiling of "
+            f"consistency)\nconditional consistency {metrics['consistency']:.4f}   (nearest "
+            f"training embedding {metrics['retrieval_consistency']:.4f}, chance 0.1)\n"
+            f"unconditional, {unc['n_samples']} samples: class entropy (log 10 = {LOG10:.3f}), "
+            f"TV distance to the test embeddings' histogram, classifier confidence{rows}\n"
+            f"wall time {metrics['wall_time_s']:.0f} s ({metrics['steps']} GAN steps)")
+
+
+# --- One run --------------------------------------------------------------------------------
+
+def run(args: argparse.Namespace) -> dict | None:
+    """Data, the encoder's conditions (trained into OUT/encoder unless --encoder), the GAN,
+    evaluation, saving. Damaged or mismatched files raise DataError."""
+    device = common.pick_device(args.device)
+    if args.bench:
+        return bench(args, device)
+    out = Path(args.out)
+    if args.resume and (out / "metrics.json").is_file():
+        metrics = common.read_json(out / "metrics.json")
+        print(f"{out} is finished:\n" + report(metrics))
+        return metrics
+    started, ckpt = time.time(), None
+    if args.resume and (out / "checkpoint.pt").exists():  # read before anything is written
+        try:
+            ckpt = torch.load(out / "checkpoint.pt", map_location=device, weights_only=True)
+        except (OSError, RuntimeError, EOFError, pickle.UnpicklingError) as err:
+            raise common.DataError(f"{out / 'checkpoint.pt'} is damaged ("
+                                   f"{(str(err) or type(err).__name__).splitlines()[0]}); delete "
+                                   "it to restart the GAN from step 0") from err
+    x_tr, y_tr, x_te, y_te, data = common.load_data(args.dataset, args.data_dir,
+                                                    download=not args.no_download)
+    if "note" in data:
+        print(data["note"])
+    x_tr, x_te = (x.to(device).contiguous(memory_format=torch.channels_last) for x in (x_tr, x_te))
+    y_tr, y_te = y_tr.to(device), y_te.to(device)
+    if args.batch_size > len(x_tr):
+        common.fail(f"--batch-size {args.batch_size} exceeds the {len(x_tr)} training images")
+    if args.epochs is not None:
+        args.steps = args.epochs * (len(x_tr) // args.batch_size)
+    if args.encoder:  # checked before anything is written
+        encoder, c_tr, c_te = read_encoder_run(Path(args.encoder), data, y_tr, y_te)
+    out.mkdir(parents=True, exist_ok=True)
+    if not args.resume:
+        common.write_json({k: v for k, v in vars(args).items() if k not in common.RUNTIME_FLAGS},
+                          out / "args.json")
+    if not args.encoder:
+        train_encoder(args, out / "encoder")
+        encoder, c_tr, c_te = read_encoder_run(out / "encoder", data, y_tr, y_te)
+
+    torch.manual_seed(args.seed)
+    gen, disc, opt_g, opt_d = build_gan(args, device)
+    start, history = 0, []
+    if ckpt is not None:
+        try:
+            for part, key in ((gen, "generator"), (disc, "discriminator"), (opt_g, "opt_g"),
+                              (opt_d, "opt_d")):
+                part.load_state_dict(ckpt[key])
+            torch.set_rng_state(ckpt["rng"].cpu())
+            start, history = int(ckpt["step"]), list(ckpt["history"])
+        except (RuntimeError, ValueError, KeyError, TypeError, AttributeError) as err:
+            raise common.DataError(f"{out / 'checkpoint.pt'} does not fit this run's models "
+                                   f"({str(err).splitlines()[0]})") from err
+        print(f"resuming {out} at step {start}")
+    train(gen, disc, opt_g, opt_d, x_tr, c_tr, args, out, start, history)
+
+    clf = train_classifier(x_tr, y_tr, args)
+    metrics = evaluate(gen, clf, (x_tr, c_tr, x_te, y_te, c_te), args)
+    samples = metrics.pop("samples")
+    metrics.update(encoder=encoder, data=data, steps=args.steps, batch_size=args.batch_size,
+                   seed=args.seed, clf_epochs=args.clf_epochs, device=str(device),
+                   wall_time_s=time.time() - started, train_history=history)
+    common.atomic_save({"generator": gen.state_dict(), "discriminator": disc.state_dict(),
+                        "args": vars(args)}, out / "model.pt")
+    for name, fig in figures(metrics, samples).items():
+        common.save_figure(fig, out / name)
+    common.write_json(metrics, out / "metrics.json")
+    print(report(metrics) + f"\nsaved to {out}")
+    return metrics
 
 
 def main(argv: list[str] | None = None) -> dict | None:
-    """One run: data, encoder (trained into OUT/encoder unless --encoder), GAN, evaluation."""
+    """Parse the flags and do one run; a damaged or mismatched file ends in one line, exit 2."""
     args = parse_args(argv)
-    device = pick_device(args.device)
-    if args.bench:
-        bench(args, device)
-        return None
-    out = Path(args.out)
-    if args.resume and (out / "metrics.json").is_file():
-        metrics = read_json(out / "metrics.json")
-        print(f"{out} is finished:\n" + summary(metrics))
-        return metrics
-    started = time.time()
-    (x_tr, y_tr, x_te, y_te), data_info = run_data(args, device)
-    if args.batch_size > len(x_tr):
-        fail(f"--batch-size {args.batch_size} exceeds the {len(x_tr)} training images")
-    if args.epochs is not None:
-        args.steps = args.epochs * (len(x_tr) // args.batch_size)
-    encoder_run = Path(args.encoder) if args.encoder else out / "encoder"
-    if args.encoder:
-        encoder_args(encoder_run, data_info["dataset"])
-    out.mkdir(parents=True, exist_ok=True)
-    write_json({k: v for k, v in vars(args).items() if k not in RUNTIME_FLAGS}, out / "args.json")
-    if not args.encoder:
-        train_encoder(args, encoder_run)
-    enc = encoder_args(encoder_run, data_info["dataset"])
-    c_tr, c_te = conditioning_vectors(encoder_run, enc, x_tr, x_te)
-
-    torch.manual_seed(args.seed)
-    gen, disc = build_gan(args, device)
-    opts = make_optimizers(gen, disc, args)
-    start, history = 0, []
-    if args.resume and (out / "checkpoint.pt").is_file():
-        start, history = load_checkpoint(out, gen, disc, opts, device)
-        print(f"resuming {out} at step {start}")
-    train(gen, disc, opts, x_tr, c_tr, args, out, start, history)
-
-    clf = train_classifier(x_tr, y_tr, args)
-    metrics = evaluate(gen, clf, (x_tr, y_tr, c_tr, x_te, y_te, c_te), args)
-    samples = metrics.pop("samples")
-    encoder_metrics = read_json(encoder_run / "metrics.json")
-    metrics.update(
-        encoder={"run": str(encoder_run), "sigma": enc.sigma, "dim": enc.dim,
-                 "steps": enc.steps, "critic": enc.critic, "capacity": encoder_metrics["capacity"],
-                 "mi_heldout": encoder_metrics["mi_heldout"],
-                 "knn_acc": encoder_metrics["downstream"]["knn_acc"],
-                 "henze_zirkler_p": encoder_metrics["normality"]["henze_zirkler_p"],
-                 "wall_time_s": encoder_metrics["wall_time_s"]},
-        data=data_info, steps=args.steps, batch_size=args.batch_size, seed=args.seed,
-        clf_epochs=args.clf_epochs, device=str(device), wall_time_s=time.time() - started,
-        train_history=history)
-    atomic_save({"generator": gen.state_dict(), "discriminator": disc.state_dict(),
-                 "args": vars(args)}, out / "model.pt")
-    for name, fig in figures(metrics, samples).items():
-        save_figure(fig, out / name)
-    write_json(metrics, out / "metrics.json")
-    print(summary(metrics) + f"\nsaved to {out}")
-    return metrics
+    try:
+        return run(args)
+    except common.DataError as err:
+        common.fail(str(err))
 
 
 if __name__ == "__main__":

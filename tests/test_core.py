@@ -1,7 +1,5 @@
 """Tests of the losses, critics, noise heads, capacity bounds and data loading in common.py."""
-import gzip
 import math
-import struct
 
 import numpy as np
 import pytest
@@ -72,10 +70,27 @@ def test_regularized_losses_equal_formulas():
     loss, mi = redv(S, weight=0.5)
     assert mi.item() == pytest.approx(pos - log_neg, abs=1e-6)
     assert loss.item() == pytest.approx(-(pos - log_neg) + 0.5 * log_neg ** 2, abs=1e-6)
-    loss, mi = renwj(S, weight=0.5)
+    loss, mi = renwj(S, weight=0.5, clip=None)
     assert mi.item() == pytest.approx(pos + 1 - math.exp(log_neg), abs=1e-6)
     assert loss.item() == pytest.approx(-(pos + 1 - math.exp(log_neg)) + 0.5 * log_neg ** 2,
                                         abs=1e-6)
+
+
+def test_renwj_clips_the_nwj_terms_and_not_the_penalty():
+    scores = torch.tensor([[20.0, -15.0], [0.5, 1.0]])
+    t = (scores + 1).clamp(-10, 10)
+    off = [t[0, 1].item(), t[1, 0].item()]
+    nwj_clipped = t.diagonal().mean().item() - np.mean(np.exp(np.array(off) - 1))
+    log_neg = math.log(np.mean(np.exp([-15.0, 0.5])))
+    loss, mi = renwj(scores, weight=0.5, clip=10)
+    assert mi.item() == pytest.approx(nwj_clipped, abs=1e-5)
+    assert loss.item() == pytest.approx(-nwj_clipped + 0.5 * log_neg ** 2, abs=1e-5)
+    # without clipping it is eq. 15 as written; with clipping the gradient of a huge score is 0
+    assert renwj(scores, weight=0.5, clip=None)[1].item() == pytest.approx(
+        (21 + 2) / 2 - 1 - np.mean(np.exp([-15.0, 0.5])) + 1, abs=1e-4)
+    x = scores.clone().requires_grad_()
+    renwj(x, weight=0.0, clip=10)[0].backward()
+    assert x.grad[0, 0].item() == 0.0
 
 
 def test_losses_are_shift_invariant_where_the_bound_is():
@@ -207,14 +222,7 @@ def test_recompute_bn_stats_uses_the_given_data():
     assert torch.allclose(z.mean(0), torch.zeros(2), atol=1e-4)
 
 
-def write_idx(path, array):
-    array = np.asarray(array, dtype=np.uint8)
-    header = struct.pack(">HBB", 0, 0x08, array.ndim) + struct.pack(f">{array.ndim}I", *array.shape)
-    with gzip.open(path, "wb") as fh:
-        fh.write(header + array.tobytes())
-
-
-def test_idx_round_trip_and_missing_files(tmp_path):
+def test_idx_round_trip_and_missing_files(tmp_path, write_idx):
     images = np.random.default_rng(0).integers(0, 256, (5, 28, 28))
     write_idx(tmp_path / "t10k-images-idx3-ubyte.gz", images)
     write_idx(tmp_path / "t10k-labels-idx1-ubyte.gz", np.arange(5))

@@ -1,17 +1,15 @@
 """Tests of mnist_uniform.py (Section 3.2) and of the sweeps of both MNIST scripts."""
 import json
 import math
+import re
 
 import numpy as np
 import pytest
-import torch
-from test_mnist_gauss import comparable, tiny_mnist  # noqa: F401  (pytest fixture)
+from conftest import TINY_FLAGS as FLAGS
 
 import mnist_gauss
 import mnist_uniform
 from common import uniformity_report
-
-FLAGS = ("--batch-size", "64", "--subsample", "32", "--quiet")
 
 
 @pytest.mark.parametrize("eps", ["0.7", "0", "0.5", "-0.1"])
@@ -19,10 +17,10 @@ def test_eps_outside_open_half_interval_is_rejected(eps, capsys):
     with pytest.raises(SystemExit) as exc:
         mnist_uniform.parse_args(["--eps", eps])
     assert exc.value.code == 2
-    assert "(0, 1/2)" in capsys.readouterr().err
+    assert "(0, 0.5)" in capsys.readouterr().err
 
 
-def test_short_uniform_run_writes_metrics(tiny_mnist, tmp_path):  # noqa: F811
+def test_short_uniform_run_writes_metrics(tiny_mnist, tmp_path):
     out = tmp_path / "run"
     mnist_uniform.main(["--data-dir", str(tiny_mnist), "--out", str(out), "--steps", "3",
                         "--eps", "0.2", *FLAGS])
@@ -44,7 +42,7 @@ def test_uniformity_report_separates_uniform_from_peaked():
     assert peaked["ks_p_mean"] < 1e-6 and peaked["ks_stat_max"] > 0.05
 
 
-def test_sweep_runs_every_combination_and_skips_finished_runs(tiny_mnist, tmp_path):  # noqa: F811
+def test_sweep_runs_every_combination_and_skips_finished_runs(tiny_mnist, tmp_path):
     parent = tmp_path / "sweep"
     argv = ["--data-dir", str(tiny_mnist), "--out", str(parent), "--steps", "2",
             "--epss", "0.1", "0.3", "--seeds", "2", "--seed", "5", "--jobs", "1", *FLAGS]
@@ -62,7 +60,7 @@ def test_sweep_runs_every_combination_and_skips_finished_runs(tiny_mnist, tmp_pa
     assert not (parent / "eps0.45_seed5").exists()
 
 
-def test_gaussian_sweep_with_seeds_only(tiny_mnist, tmp_path, capsys):  # noqa: F811
+def test_gaussian_sweep_with_seeds_only(tiny_mnist, tmp_path, capsys):
     parent = tmp_path / "sweep"
     mnist_gauss.main(["--data-dir", str(tiny_mnist), "--out", str(parent), "--steps", "2",
                       "--sigma", "0.4", "--seeds", "2", "--jobs", "1", *FLAGS])
@@ -75,23 +73,29 @@ def test_gaussian_sweep_with_seeds_only(tiny_mnist, tmp_path, capsys):  # noqa: 
     assert "Theorem 4.1" in capsys.readouterr().err
 
 
-def test_parallel_sweep_reproduces_the_sequential_one(tiny_mnist, tmp_path, capsys):  # noqa: F811
+def test_parallel_sweep_reproduces_the_sequential_one(tiny_mnist, same_metrics, tmp_path,
+                                                       capsys, monkeypatch):
     argv = ["--data-dir", str(tiny_mnist), "--steps", "3", "--sigmas", "0.2", "0.5", *FLAGS]
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # what each of the two workers gets on 2 cores
-    try:
+    with monkeypatch.context() as m:
+        m.setenv("OMP_NUM_THREADS", "1")  # what each of the two workers gets on 2 cores
         mnist_gauss.main([*argv, "--out", str(tmp_path / "sequential"), "--jobs", "1"])
-    finally:
-        torch.set_num_threads(threads)
     mnist_gauss.main([*argv, "--out", str(tmp_path / "parallel"), "--jobs", "2"])
-    assert "[2/2] sigma=" in capsys.readouterr().out
+    assert re.search(r"\[2/2\] .*sigma0\.[25]_seed0 --resume .* finished", capsys.readouterr().out)
     for name in ("sigma0.2_seed0", "sigma0.5_seed0"):
         a, b = (json.loads((tmp_path / mode / name / "metrics.json").read_text())
                 for mode in ("sequential", "parallel"))
-        assert comparable(a) == comparable(b)
+        assert same_metrics(a, b)
 
 
-def test_failed_runs_of_a_parallel_sweep_set_the_exit_code(tiny_mnist, tmp_path, capsys):  # noqa: F811
+def test_sweep_values_sharing_a_folder_are_refused_before_any_run(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exc:
+        mnist_gauss.main(["--sigmas", "0.1", "0.1000001", "--out", str(tmp_path / "s")])
+    assert exc.value.code == 2
+    assert "share the run directory" in capsys.readouterr().err
+    assert not (tmp_path / "s").exists()
+
+
+def test_failed_runs_of_a_parallel_sweep_set_the_exit_code(tiny_mnist, tmp_path, capsys):
     with pytest.raises(SystemExit) as exc:
         mnist_gauss.main(["--data-dir", str(tiny_mnist), "--steps", "3", "--sigmas", "0.2", "0.5",
                           "--lr", "1e30", "--jobs", "2", "--out", str(tmp_path), *FLAGS])
