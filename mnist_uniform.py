@@ -29,6 +29,7 @@ from tqdm import tqdm
 
 from common import (
     LOG10,
+    OOD_SETS,
     LOSSES,
     RUNTIME_FLAGS,
     ConvEncoder,
@@ -62,6 +63,7 @@ from common import (
     run_commands,
     save_figure,
     seed_int,
+    shifted_images,
     sweep_plan,
     time_per_step,
     to_gaussian,
@@ -119,6 +121,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                                          "downloadable")
     p.add_argument("--data-dir", default=None, help="folder with the IDX files (optionally .gz)")
     p.add_argument("--no-download", action="store_true", help="never try to download data")
+    p.add_argument("--ood", nargs="+", choices=OOD_SETS, default=[],
+                   help="also embed these out-of-distribution test sets (as many images as the "
+                        "test split) into embeddings.npz as z_ood_<name>, for evaluate.py "
+                        "--outliers; inverted and noise need no download")
     p.add_argument("--out", default=None, help="run directory, or a sweep's parent directory; "
                                                "default: a new directory under runs/mnist_uniform/")
     p.add_argument("--resume", action="store_true", help="continue the run in --out")
@@ -217,6 +223,14 @@ def bench(args: argparse.Namespace, device: torch.device) -> None:
 
 
 @torch.no_grad()
+def embed(models: nn.ModuleDict, x: torch.Tensor) -> np.ndarray:
+    """Evaluation embeddings: the clean branch in eval mode, no noise, float32."""
+    models.eval()
+    return torch.cat([models["head"](models["encoder"](x[i:i + 2048]))
+                      for i in range(0, len(x), 2048)]).float().cpu().numpy()
+
+
+@torch.no_grad()
 def evaluate(models: nn.ModuleDict, data: tuple, args: argparse.Namespace) -> dict:
     """Section 5 protocol: held-out MI against C = d log(1 + 1/(2 eps)) (eq. 6), the DM gap (Lemma
     B.4) and the MI d (eps - log 2 eps) of U[0, 1]^d (Remark 3.6); normality tests after Phi^-1
@@ -231,10 +245,7 @@ def evaluate(models: nn.ModuleDict, data: tuple, args: argparse.Namespace) -> di
     # eval-mode embeddings: BatchNorm statistics recomputed on the clean training images
     recompute_bn_stats(models, lambda x: models["head"](models["encoder"](x), noisy=False),
                        x_tr, args.batch_size)
-    models.eval()
-    z_tr, z_te = (torch.cat([models["head"](models["encoder"](x[i:i + 2048]))
-                             for i in range(0, len(x), 2048)]).float().cpu().numpy()
-                  for x in (x_tr, x_te))
+    z_tr, z_te = embed(models, x_tr), embed(models, x_te)
     if not (np.isfinite(z_tr).all() and np.isfinite(z_te).all()):
         fail("the embeddings are not finite: training diverged; try a smaller --lr", code=3)
     capacity = uniform_capacity(args.dim, args.eps)
@@ -296,6 +307,8 @@ def train_and_evaluate(args: argparse.Namespace) -> None:
         print(data_info["note"])
     x_tr, x_te = (x.to(device).contiguous(memory_format=torch.channels_last) for x in (x_tr, x_te))
     data = (x_tr, y_tr.to(device), x_te, y_te.to(device))
+    shifted = {name: shifted_images(name, x_te, None, not args.no_download, args.seed)
+               for name in args.ood}
     if args.batch_size > len(x_tr):
         fail(f"--batch-size {args.batch_size} exceeds the {len(x_tr)} training images")
     if args.epochs is not None:
@@ -377,8 +390,9 @@ def train_and_evaluate(args: argparse.Namespace) -> None:
         write_json(metrics, out / "metrics_recomputed.json")
         return print(summary(metrics) + f"\nsaved to {out / 'metrics_recomputed.json'}")
     y_tr_np, y_te_np = data[1].cpu().numpy(), data[3].cpu().numpy()
+    z_ood = {f"z_ood_{name.replace('-', '_')}": embed(models, x) for name, x in shifted.items()}
     with atomic_path(out / "embeddings.npz") as tmp, open(tmp, "wb") as fh:
-        np.savez(fh, z_train=z_tr, y_train=y_tr_np, z_test=z_te, y_test=y_te_np)
+        np.savez(fh, z_train=z_tr, y_train=y_tr_np, z_test=z_te, y_test=y_te_np, **z_ood)
     atomic_save({"models": models.state_dict(), "args": vars(args)}, out / "model.pt")
     save_figure(scatter_with_marginals(z_te, y_te_np, args.eps, metrics["capacity"]),
                 out / "scatter.png")

@@ -15,7 +15,7 @@ from torch import distributed as dist
 from torch import nn
 
 import cifar_ssl
-from common import nt_xent, vicreg_loss
+from common import GaussianNoise, nt_xent, vicreg_loss
 
 REPO = Path(__file__).resolve().parents[1]
 WORLD = 2
@@ -47,8 +47,8 @@ def losses_and_grads(z1: torch.Tensor, z2: torch.Tensor,
         loss = cifar_ssl.ssl_loss(args)(a, b)
         loss.backward()
         results[method] = [loss.detach(), a.grad, b.grad]
-    head = cifar_ssl.NoiseHead(z1.shape[1], 0.0)
-    head.global_stats = process_group_size() > 1
+    head = GaussianNoise(z1.shape[1], 0.0)
+    head.gather = cifar_ssl.gather if process_group_size() > 1 else None
     a = z1.clone().requires_grad_()
     out = head(a)
     weights = torch.arange(WORLD * ROWS * z1.shape[1]).reshape(WORLD * ROWS, -1).float().sin()
@@ -58,7 +58,7 @@ def losses_and_grads(z1: torch.Tensor, z2: torch.Tensor,
 
 
 def process_group_size() -> int:
-    return cifar_ssl.process()[1]
+    return cifar_ssl.rank_and_world()[1]
 
 
 def worker(rank: int, port: int, out: str) -> None:

@@ -14,13 +14,11 @@ import scipy.stats
 import torch
 import torchvision
 from PIL import Image
-from test_evaluate import write_run
 from torch import nn
 from torchvision.transforms.v2 import functional as TF
 
 import cifar_ssl
-import evaluate
-from common import nt_xent, vicreg_loss
+from common import GaussianNoise, nt_xent, vicreg_loss
 
 REPO = Path(__file__).resolve().parents[1]
 FAST = ["--image-size", "16", "--batch-size", "8", "--hidden", "64", "--dim", "8",
@@ -93,10 +91,23 @@ def test_lars_one_step_matches_the_update_rule():
     w.grad = torch.tensor([[0.0, 0.0]])
     opt.step()
     assert b.item() == pytest.approx(0.75 - 0.5 * (0.9 * 0.5 + 0.5))     # momentum
-    # a zero gradient takes rate 1, clipped to 1: d = 0.1 w; v = 0.9 (0.12, 0.16) + d
-    expected = torch.tensor([[2.94, 3.92]]) - 0.5 * (0.9 * torch.tensor([[0.12, 0.16]])
-                                                     + 0.1 * torch.tensor([[2.94, 3.92]]))
+    # a zero gradient: no weight decay, no new step (solo-learn, lightly); v = 0.9 (0.12, 0.16)
+    expected = torch.tensor([[2.94, 3.92]]) - 0.5 * 0.9 * torch.tensor([[0.12, 0.16]])
     assert torch.allclose(w.detach(), expected, atol=1e-6)
+
+
+def test_lars_leaves_a_parameter_with_a_zero_gradient_alone():
+    w = nn.Parameter(torch.tensor([[3.0, 4.0]]))
+    opt = cifar_ssl.LARS([w], lr=0.5, momentum=0.9, weight_decay=0.1, trust=0.02)
+    w.grad = torch.zeros(1, 2)
+    opt.step()
+    opt.step()
+    assert torch.equal(w.detach(), torch.tensor([[3.0, 4.0]]))  # no weight decay either
+    zero = nn.Parameter(torch.zeros(1, 2))  # ||w|| = 0: the plain gradient, no decay, no rate
+    opt = cifar_ssl.LARS([zero], lr=0.5, momentum=0.0, weight_decay=0.1, trust=0.02)
+    zero.grad = torch.tensor([[1.0, 2.0]])
+    opt.step()
+    assert torch.allclose(zero.detach(), torch.tensor([[-0.5, -1.0]]))
 
 
 def test_lars_clipping_caps_the_rate_at_the_learning_rate():
@@ -294,24 +305,34 @@ def test_resnet18_cifar_stem_and_projectors_of_appendix_c():
         assert has_bn == (method == "vicreg")
 
 
-def test_sigma_zero_is_exactly_the_standard_method():
+def test_head_none_is_exactly_the_standard_method():
     x = torch.randn(8, 3, 16, 16)
     torch.manual_seed(4)
-    model = cifar_ssl.SSLNet("simclr", 0.0, "resnet18", True, 64, 8, 10).train()
+    model = cifar_ssl.SSLNet("simclr", 0.0, "resnet18", True, 64, 8, 10, head="none").train()
     torch.manual_seed(4)
     backbone, features = cifar_ssl.resnet_backbone("resnet18", cifar_stem=True)
     projector = cifar_ssl.make_projector("simclr", features, 64, 8)
     baseline = nn.Sequential(backbone, projector).train()
-    assert isinstance(model.head, nn.Identity)
+    assert model.head is None
     assert not any(k.startswith("head.") for k in model.state_dict())
     h, z = model(x)
     assert torch.equal(z, baseline(x))
     assert torch.equal(h, backbone(x))
 
 
+def test_sigma_zero_keeps_the_normalization_without_noise():
+    torch.manual_seed(4)
+    model = cifar_ssl.SSLNet("simclr", 0.0, "resnet18", True, 64, 8, 10).train()
+    assert isinstance(model.head, GaussianNoise) and model.head.sigma == 0
+    p = model.projector(model.backbone(torch.randn(8, 3, 16, 16)))
+    z = model.head(p)
+    assert torch.allclose(z, (p - p.mean(0)) / torch.sqrt(p.var(0, unbiased=False) + 1e-5))
+    assert torch.equal(z, model.head(p))  # no noise at sigma 0
+
+
 def test_noise_head_normalizes_and_adds_noise_only_in_training():
     torch.manual_seed(5)
-    head = cifar_ssl.NoiseHead(4, sigma=0.5).train()
+    head = GaussianNoise(4, sigma=0.5).train()
     p = 3 + 2 * torch.randn(4096, 4)
     z = head(p)
     normalized = (p - p.mean(0)) / p.std(0, unbiased=False)
@@ -399,7 +420,7 @@ def run(out, *flags):
 def test_two_steps_on_cifar10_pickles_write_metrics(tmp_path):
     root = write_cifar(tmp_path / "data", "cifar10", n_train=16)  # 5 batches of 16
     metrics = run(tmp_path / "run", "--data-dir", str(root), "--steps", "2", "--sigma", "0.3")
-    assert metrics["method"] == "simclr" and metrics["sigma"] == 0.3
+    assert metrics["method"] == "simclr" and metrics["sigma"] == 0.3 and metrics["head"] == "bn"
     assert metrics["data"]["n_train"] == 80 and metrics["data"]["n_test"] == 32
     assert metrics["steps"] == 2 and len(metrics["train_history"]) == 2
     assert math.isfinite(metrics["final_loss"])
@@ -510,6 +531,19 @@ def test_bench_reports_the_split_and_the_projection(capsys):
 # evaluate.py: Table 1 and the sigma sweep of cifar_ssl.py runs
 # --------------------------------------------------------------------------------------------
 
+def evaluate_main(argv):
+    """evaluate.py's main, imported here so that the cifar_ssl.py tests run without it."""
+    import evaluate
+    return evaluate.main(argv)
+
+
+MNIST_METRICS = {"capacity": 1.6, "mi_heldout": 1.0, "sigma": 0.5, "dim": 2, "seed": 0,
+                 "critic": "separable", "loss": "infonce", "steps": 2000, "batch_size": 256,
+                 "normality": {"dagostino_p": 0.1, "shapiro_p": 0.2, "henze_zirkler_p": 0.3,
+                               "subsample": 128}, "data": {"dataset": "mnist"}}
+"""The layout of an mnist_gauss.py run's metrics.json, as far as evaluate.py's modes read it."""
+
+
 def fake_ssl_run(root, name, method="simclr", sigma=0.0, dataset="cifar10", seed=0, top1=0.9,
                  steps=1000, hz=0.5):
     metrics = {"method": method, "sigma": sigma, "dataset": dataset, "arch": "resnet18",
@@ -531,7 +565,7 @@ def test_table1_next_to_the_paper(tmp_path, capsys):
     fake_ssl_run(tmp_path, "c", "vicreg", 0.0, "cifar100", top1=0.5)
     fake_ssl_run(tmp_path, "d", "vicreg", 0.0, "cifar100", top1=0.2, steps=0)
     fake_ssl_run(tmp_path, "e", "simclr", 0.1, "fashion-mnist", top1=0.7)
-    evaluate.main(["--table", str(tmp_path), "--out", str(tmp_path / "t1")])
+    evaluate_main(["--table", str(tmp_path), "--out", str(tmp_path / "t1")])
     text = capsys.readouterr().out
     assert (tmp_path / "t1.md").read_text() in text
     row = next(line for line in text.splitlines() if line.startswith("| SimCLR σ = 0.3 |"))
@@ -552,16 +586,17 @@ def test_table1_refuses_mnist_runs_duplicate_seeds_and_mixed_settings(tmp_path, 
     fake_ssl_run(tmp_path / "dup", "a")
     fake_ssl_run(tmp_path / "dup", "b")
     with pytest.raises(SystemExit) as exc:
-        evaluate.main(["--table", str(tmp_path / "dup"), "--out", str(tmp_path / "t")])
+        evaluate_main(["--table", str(tmp_path / "dup"), "--out", str(tmp_path / "t")])
     assert exc.value.code == 2 and "both seed 0" in capsys.readouterr().err
     fake_ssl_run(tmp_path / "steps", "a")
     fake_ssl_run(tmp_path / "steps", "b", seed=1, steps=5)
     with pytest.raises(SystemExit) as exc:
-        evaluate.main(["--table", str(tmp_path / "steps"), "--out", str(tmp_path / "t")])
+        evaluate_main(["--table", str(tmp_path / "steps"), "--out", str(tmp_path / "t")])
     assert exc.value.code == 2 and "differ in steps" in capsys.readouterr().err
-    write_run(tmp_path, "mnist")
+    (tmp_path / "mnist").mkdir()  # an mnist_gauss.py run: metrics without "method"
+    (tmp_path / "mnist" / "metrics.json").write_text(json.dumps(MNIST_METRICS))
     with pytest.raises(SystemExit) as exc:
-        evaluate.main(["--table", str(tmp_path / "mnist"), "--out", str(tmp_path / "t")])
+        evaluate_main(["--table", str(tmp_path / "mnist"), "--out", str(tmp_path / "t")])
     assert exc.value.code == 2 and "not a cifar_ssl.py run" in capsys.readouterr().err
     assert not (tmp_path / "t.md").exists()
 
@@ -573,7 +608,7 @@ def test_sigma_sweep_panel_of_cifar_runs(tmp_path, capsys):
                          top1=0.8 + 0.1 * seed, hz=None)
     fake_ssl_run(tmp_path, "s0", sigma=0.0)
     fake_ssl_run(tmp_path, "untrained", sigma=0.1, steps=0, top1=0.3)
-    evaluate.main([str(tmp_path), "--out", str(tmp_path / "fig")])
+    evaluate_main([str(tmp_path), "--out", str(tmp_path / "fig")])
     text = capsys.readouterr().out
     assert (tmp_path / "fig.png").stat().st_size > 0
     assert "linear probe top-1" in text and "projector output" in text
@@ -598,7 +633,7 @@ def test_table2_mean_and_std_over_seeds_next_to_the_poster(tmp_path, capsys):
         fake_imagenet_run(tmp_path, f"in100_s0.1_{seed}", 0.1, seed, top1)
     fake_imagenet_run(tmp_path, "in1k_s0", 0.0, 0, 0.6, classes=1000)
     fake_imagenet_run(tmp_path, "in1k_untrained", 0.0, 0, 0.05, classes=1000, steps=0)
-    evaluate.main(["--table", str(tmp_path), "--out", str(tmp_path / "t")])
+    evaluate_main(["--table", str(tmp_path), "--out", str(tmp_path / "t")])
     text = capsys.readouterr().out
     assert (tmp_path / "t.md").read_text() in text
     assert "Table 1" not in text and "Table 2" in text
@@ -615,7 +650,7 @@ def test_table2_mean_and_std_over_seeds_next_to_the_poster(tmp_path, capsys):
     row = next(line for line in lines if line.startswith("| random-init encoder |"))
     assert "5.00" in row and "(" not in row
     fake_ssl_run(tmp_path, "cifar", "simclr", 0.3)
-    evaluate.main(["--table", str(tmp_path), "--out", str(tmp_path / "t")])
+    evaluate_main(["--table", str(tmp_path), "--out", str(tmp_path / "t")])
     text = capsys.readouterr().out
     assert "Table 1" in text and "Table 2" in text
     assert "ImageNet" not in text.split("Table 2")[0]
@@ -639,3 +674,154 @@ def test_workers_decoding_from_disk_equal_the_in_memory_run(tmp_path):
     assert disk["probe"] == memory["probe"]
     with pytest.raises(SystemExit):
         cifar_ssl.parse_args(["--out", str(tmp_path / "x"), "--workers", "2"])  # CIFAR in memory
+
+
+# --------------------------------------------------------------------------------------------
+# --head none, --eval-only, bad input
+# --------------------------------------------------------------------------------------------
+
+def test_head_none_run_is_labelled_apart_and_eval_only_reproduces_it(tmp_path, capsys):
+    root = write_cifar(tmp_path / "data", "cifar10", n_train=16)
+    flags = ("--data-dir", str(root), "--steps", "2", "--head", "none")
+    original = run(tmp_path / "run", *flags)
+    assert original["head"] == "none" and original["sigma"] == 0
+    assert "original" in original["label"] and original["settings"]["head"] == "none"
+    assert "head." not in "".join(torch.load(tmp_path / "run" / "model.pt")["model"])
+    (tmp_path / "run" / "metrics.json").unlink()
+    capsys.readouterr()
+    again = cifar_ssl.main(["--out", str(tmp_path / "run"), "--eval-only", "--quiet"])
+    assert "evaluating" in capsys.readouterr().out
+    assert again["probe"] == original["probe"] and again["normality"] == original["normality"]
+    assert again["train_history"] == original["train_history"] and again["steps"] == 2
+    assert json.loads((tmp_path / "run" / "metrics.json").read_text())["head"] == "none"
+    # a run written before --head: sigma 0 meant no head
+    args = json.loads((tmp_path / "run" / "args.json").read_text())
+    del args["head"]
+    (tmp_path / "run" / "args.json").write_text(json.dumps(args))
+    parsed = cifar_ssl.parse_args(["--out", str(tmp_path / "run"), "--eval-only"])
+    assert parsed.head == "none" and parsed.resume
+
+
+def damage(tmp_path, how):
+    """A CIFAR-10 folder whose data_batch_1 is damaged in one way; returns --data-dir."""
+    root = write_cifar(tmp_path / "data", "cifar10", n_train=16)
+    file = root / "cifar-10-batches-py" / "data_batch_1"
+    good = file.read_bytes()
+    batch = pickle.loads(good, encoding="bytes")
+    if how == "garbage":
+        file.write_bytes(bytes(range(256)) * 4)
+    elif how == "empty":
+        file.write_bytes(b"")
+    elif how == "truncated":
+        file.write_bytes(good[:len(good) // 2])
+    elif how == "no data":
+        file.write_bytes(pickle.dumps({b"labels": batch[b"labels"]}))
+    elif how == "extra labels":
+        file.write_bytes(pickle.dumps({**batch, b"labels": batch[b"labels"] * 2}))
+    return root
+
+
+def corrupt_tree(tmp_path):
+    """An ImageFolder tree with one PNG cut short and one that is not an image at all."""
+    gen = torch.Generator().manual_seed(1)
+    for split in ("train", "val"):
+        for name in ("a", "b"):
+            (tmp_path / "tree" / split / name).mkdir(parents=True)
+            for i in range(4):
+                image = torch.randint(0, 255, (16, 16, 3), generator=gen, dtype=torch.uint8)
+                Image.fromarray(image.numpy()).save(tmp_path / "tree" / split / name / f"{i}.png")
+    png = tmp_path / "tree" / "train" / "b" / "2.png"
+    png.write_bytes(png.read_bytes()[:60])
+    (tmp_path / "tree" / "val" / "a" / "0.png").write_bytes(b"not a png")
+    return tmp_path / "tree"
+
+
+def mnist_run(tmp_path):
+    """An mnist_gauss.py run directory: args.json without cifar_ssl.py's keys."""
+    (tmp_path / "mnist").mkdir()
+    (tmp_path / "mnist" / "args.json").write_text(json.dumps(
+        {"sigma": 0.5, "dim": 2, "critic": "separable", "loss": "infonce", "steps": 300,
+         "batch_size": 256, "lr": 0.001, "seed": 0, "dataset": "mnist"}))
+    return tmp_path / "mnist"
+
+
+CUDA = torch.cuda.is_available()
+BAD_FLAGS = [  # (flags, text the one line names); argparse errors, exit code 2
+    (["--vicreg-weights", "1", "1", "1e30"], "--vicreg-weights"),
+    (["--vicreg-weights", "1", "nan", "1"], "--vicreg-weights"),
+    (["--method", "vicreg", "--vicreg-weights", "0", "0", "0"], "--vicreg-weights"),
+    (["--temperature", "inf"], "--temperature"),
+    (["--temperature", "nan"], "--temperature"),
+    (["--temperature", "0"], "--temperature"),
+    (["--online-lr", "nan"], "--online-lr"),
+    (["--lr", "nan"], "--lr"),
+    (["--lr", "inf"], "--lr"),
+    (["--seed", "-1"], "--seed"),
+    (["--batch-size", "1"], "--batch-size"),
+    (["--log-every", "-1"], "--log-every"),
+    (["--subsample", "3"], "--subsample"),
+    (["--dim", "1"], "--dim"),
+    (["--device", "foo"], "--device"),
+    (["--device", ""], "--device"),
+    (["--device", "meta"], "--device"),
+    pytest.param(["--device", "cuda"], "--device", marks=pytest.mark.skipif(CUDA, reason="CUDA")),
+    (["--head", "none", "--sigma", "0.3"], "--head"),
+    (["--out", "{file}"], "--out"),
+    (["--out", "{file}/run"], "--out"),
+    (["--resume", "--out", "{mnist}"], "not a cifar_ssl.py run"),
+    (["--eval-only", "--out", "{mnist}"], "not a cifar_ssl.py run"),
+]
+
+
+@pytest.mark.parametrize(("flags", "named"), BAD_FLAGS)
+def test_bad_flags_end_in_one_argparse_line(tmp_path, monkeypatch, capsys, flags, named):
+    (tmp_path / "file").write_text("a file")
+    mnist = mnist_run(tmp_path)
+    before = (mnist / "args.json").read_text()
+    flags = [f.format(file=tmp_path / "file", mnist=mnist) for f in flags]
+    if "--out" not in flags:
+        flags += ["--out", str(tmp_path / "run")]
+    monkeypatch.setattr(sys, "argv", ["cifar_ssl.py"])
+    with pytest.raises(SystemExit) as exc:
+        cifar_ssl.main(flags)
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and "Traceback" not in err
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("cifar_ssl.py: error:") and named in last, err
+    assert (mnist / "args.json").read_text() == before and not (tmp_path / "run").exists()
+
+
+BAD_FILES = [  # (how the data is damaged, extra flags, text the one line names)
+    ("garbage", [], "data_batch_1"),
+    ("empty", [], "data_batch_1"),
+    ("truncated", [], "data_batch_1"),
+    ("no data", [], "b'data'"),
+    ("extra labels", [], "data_batch_1"),
+    ("png", [], ".png"),
+    ("png", ["--workers", "1"], ".png"),
+    ("png", ["--workers", "1", "--probe-train", "10"], ".png"),
+    ("no model", ["--eval-only"], "no model.pt"),
+    ("diverges", ["--lr", "1e30"], "smaller --lr"),
+]
+
+
+@pytest.mark.parametrize(("how", "flags", "named"), BAD_FILES)
+def test_damaged_files_and_divergence_end_in_one_line(tmp_path, capsys, how, flags, named):
+    out = tmp_path / "run"
+    if how == "png":
+        flags = ["--dataset", "folder", "--data-dir", str(corrupt_tree(tmp_path)), *flags]
+    elif how == "no model":  # a run killed before its first checkpoint
+        out.mkdir()
+        args = vars(cifar_ssl.parse_args(["--out", str(tmp_path / "x"), *FAST]))
+        (out / "args.json").write_text(json.dumps(
+            {k: v for k, v in args.items() if k not in cifar_ssl.NOT_SAVED}))
+    else:
+        flags = ["--data-dir", str(damage(tmp_path, how)), *flags]
+    with pytest.raises(SystemExit) as exc:
+        cifar_ssl.main(["--out", str(out), *FAST, "--steps", "3", *flags])
+    err = capsys.readouterr().err
+    assert exc.value.code == (3 if how == "diverges" else 2) and "Traceback" not in err
+    assert len(err.strip().splitlines()) == 1 and named in err, err
+    assert not (out / "metrics.json").exists()
+    if how == "diverges":
+        assert "step" in err and "no checkpoint was written yet" in err
