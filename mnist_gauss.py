@@ -306,7 +306,7 @@ def train_and_evaluate(args: argparse.Namespace) -> None:
         out.mkdir(parents=True, exist_ok=True)
         write_json({k: v for k, v in vars(args).items() if k not in RUNTIME_FLAGS},
                    out / "args.json")
-    if args.resume and (out / "checkpoint.pt").is_file():
+    if args.resume and (out / "checkpoint.pt").exists():
         ckpt = load_run_file(out / "checkpoint.pt", device)
         load_models(models, ckpt["models"], out / "checkpoint.pt")
         opt.load_state_dict(ckpt["optimizer"])

@@ -1,0 +1,240 @@
+"""Bad input to the MNIST scripts ends in one clear line and exit code 2 (3 for a diverged run):
+malformed or meaningless flags, conflicting flags, wrong paths, damaged data files and broken
+run folders. Each case checks the exit code, the message, that there is no traceback, and that
+nothing the user had was changed."""
+import gzip
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+import mnist_gauss
+import mnist_uniform
+
+SCRIPTS = {"gauss": mnist_gauss, "uniform": mnist_uniform}
+
+
+def snapshot(root):
+    return {p: p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def expect_exit(script, argv, capsys, code=2):
+    """Run main(argv); return the stderr of its SystemExit, checked to be `code`."""
+    with pytest.raises(SystemExit) as exc:
+        SCRIPTS[script].main(argv)
+    err = capsys.readouterr().err
+    assert exc.value.code == code, err
+    assert "Traceback" not in err
+    return err
+
+
+# (script, flags, text the message must contain): refused by the parser, naming the flag
+FLAG_CASES = [
+    ("gauss", ["--lr", "nan"], "--lr"),
+    ("gauss", ["--lr", "inf"], "--lr"),
+    ("gauss", ["--lr", "0"], "--lr"),
+    ("gauss", ["--seed", "-1"], "--seed"),
+    ("gauss", ["--seed", "1e3"], "--seed"),
+    ("gauss", ["--batch-size", "1"], "--batch-size"),
+    ("gauss", ["--subsample", "3"], "--subsample"),
+    ("gauss", ["--subsample", "1"], "--subsample"),
+    ("gauss", ["--dim", "0"], "--dim"),
+    ("gauss", ["--sigma", "-1"], "--sigma"),
+    ("gauss", ["--sigma", "nan"], "--sigma"),
+    ("gauss", ["--aug-sigma", "inf"], "--aug-sigma"),
+    ("gauss", ["--reg-weight", "-1"], "--reg-weight"),
+    ("gauss", ["--steps", "-5"], "--steps"),
+    ("gauss", ["--eval-every", "-1"], "--eval-every"),
+    ("gauss", ["--log-every", "-1"], "--log-every"),
+    ("gauss", ["--seeds", "1000000000"], "--seeds"),
+    ("gauss", ["--device", "foo"], "--device"),
+    ("gauss", ["--device", ""], "--device"),
+    ("gauss", ["--device", "meta"], "--device"),
+    ("gauss", ["--device", "cuda:x"], "--device"),
+    ("gauss", ["--sigma", "0", "--critic", "gaussian"], "Theorem 4.1"),
+    ("gauss", ["--sigma", "0.5", "--sigmas", "0.1", "0.2"], "--sigmas"),
+    ("gauss", ["--paper", "--steps", "2"], "--paper"),
+    ("gauss", ["--resume"], "--resume"),
+    ("gauss", ["--eval-only"], "--eval-only"),
+    ("uniform", ["--eps", "0.7"], "--eps"),
+    ("uniform", ["--epss", "0.1", "0"], "--epss"),
+    ("uniform", ["--eps", "0.2", "--epss", "0.1"], "--epss"),
+    ("uniform", ["--critic", "gaussian"], "--critic"),
+    ("uniform", ["--lr", "-1e-3"], "--lr"),
+]
+
+
+@pytest.mark.parametrize("script,flags,message", FLAG_CASES,
+                         ids=[" ".join(c[1]) or "empty" for c in FLAG_CASES])
+def test_bad_flags_are_one_argparse_error(script, flags, message, capsys, tmp_path):
+    last = expect_exit(script, [*flags, "--out", str(tmp_path / "run")], capsys).splitlines()[-1]
+    assert "error:" in last and message in last
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
+def test_missing_cuda_is_one_line(cli, tmp_path):
+    proc = cli("mnist_gauss.py", "--device", "cuda", "--out", tmp_path / "run")
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert "CUDA is not available" in proc.stderr.strip().splitlines()[-1]
+
+
+@pytest.fixture(scope="module")
+def finished_run(run_script, tmp_path_factory):
+    """A finished 2-step Gaussian run and a finished uniform run (copied per test)."""
+    root = tmp_path_factory.mktemp("finished")
+    run_script(mnist_gauss, root / "gauss", "--steps", "2", "--sigma", "0.5")
+    run_script(mnist_uniform, root / "uniform", "--steps", "2", "--eps", "0.2")
+    return root
+
+
+RUN_CASES = [
+    # (script, the run folder to damage, how, extra flags, exit code, message)
+    ("uniform", "gauss", None, ["--resume"], 2, "not a run of"),
+    ("gauss", "uniform", None, ["--resume"], 2, "not a run of"),
+    ("gauss", "gauss", None, ["--resume", "--sigma", "0.9"], 2, "--sigma 0.9 differs"),
+    ("gauss", "gauss", "args_types", ["--resume"], 2, "is not a"),
+    ("gauss", "gauss", "args_garbage", ["--resume"], 2, "not valid JSON"),
+    ("gauss", "gauss", "no_model", ["--eval-only"], 2, "holds no model.pt"),
+    ("gauss", "gauss", "model_truncated", ["--eval-only"], 2, "model.pt is damaged"),
+    ("gauss", "gauss", "checkpoint_truncated", ["--resume"], 2, "checkpoint.pt is damaged"),
+    ("gauss", "gauss", "checkpoint_dir", ["--resume"], 2, "checkpoint.pt is damaged"),
+    ("gauss", "gauss", "checkpoint_other_dim", ["--resume"], 2, "other model settings"),
+]
+
+
+@pytest.mark.parametrize("script,folder,damage,flags,code,message", RUN_CASES,
+                         ids=[f"{c[0]}-{c[1]}-{c[2]}-{' '.join(c[3])}" for c in RUN_CASES])
+def test_broken_run_folders_are_refused_before_anything_is_written(
+        finished_run, tmp_path, capsys, script, folder, damage, flags, code, message):
+    run = tmp_path / folder
+    shutil.copytree(finished_run / folder, run)
+    if damage == "args_types":
+        saved = json.loads((run / "args.json").read_text())
+        (run / "args.json").write_text(json.dumps({**saved, "batch_size": "many"}))
+    elif damage == "args_garbage":
+        (run / "args.json").write_text("{not json")
+    elif damage == "no_model":
+        (run / "model.pt").unlink()
+    elif damage == "model_truncated":
+        (run / "model.pt").write_bytes((run / "model.pt").read_bytes()[:100])
+    elif damage in ("checkpoint_truncated", "checkpoint_dir", "checkpoint_other_dim"):
+        (run / "metrics.json").unlink()  # an unfinished run, so --resume reads the checkpoint
+        if damage == "checkpoint_truncated":
+            (run / "checkpoint.pt").write_bytes((run / "checkpoint.pt").read_bytes()[:200])
+        elif damage == "checkpoint_dir":
+            (run / "checkpoint.pt").unlink()
+            (run / "checkpoint.pt").mkdir()
+        else:
+            ckpt = torch.load(run / "checkpoint.pt", weights_only=False)
+            ckpt["models"] = {k: torch.cat([v, v]) if v.ndim and v.shape[0] == 2 else v
+                              for k, v in ckpt["models"].items()}
+            torch.save(ckpt, run / "checkpoint.pt")
+    before = snapshot(tmp_path)
+    lines = expect_exit(script, ["--out", str(run), "--quiet", *flags], capsys, code).splitlines()
+    assert "error:" in lines[-1] and message in lines[-1]
+    assert len(lines) == 1 or lines[0].startswith("usage:")  # one line, or argparse's two
+    assert snapshot(tmp_path) == before
+
+
+def write_digits(write_idx, root, n_train=40, n_test=20, labels=None):
+    rng = np.random.default_rng(0)
+    for split, n in (("train", n_train), ("t10k", n_test)):
+        write_idx(root / f"{split}-images-idx3-ubyte.gz", rng.integers(0, 256, (n, 28, 28)))
+        write_idx(root / f"{split}-labels-idx1-ubyte.gz",
+                  np.arange(n) % 10 if labels is None else np.full(n, labels))
+
+
+def damage_file(path, how):
+    data = gzip.decompress(path.read_bytes())
+    if how == "truncated_gzip":
+        path.write_bytes(path.read_bytes()[:len(path.read_bytes()) // 2])
+    elif how == "not_gzip":
+        path.write_bytes(b"this is not a gzip stream" * 10)
+    elif how == "empty":
+        path.write_bytes(gzip.compress(b""))
+    elif how == "bad_magic":
+        path.write_bytes(gzip.compress(b"\x01\x02\x08\x03" + data[4:]))
+    elif how == "header_cut":
+        path.write_bytes(gzip.compress(data[:6]))
+    elif how == "values_missing":
+        path.write_bytes(gzip.compress(data[:-50]))
+
+
+DATA_CASES = [
+    ("truncated_gzip", "train-images-idx3-ubyte.gz", "is damaged"),
+    ("not_gzip", "train-images-idx3-ubyte.gz", "is damaged"),
+    ("empty", "t10k-labels-idx1-ubyte.gz", "shorter than an IDX header"),
+    ("bad_magic", "train-labels-idx1-ubyte.gz", "not an unsigned-byte IDX file"),
+    ("header_cut", "t10k-images-idx3-ubyte.gz", "not an unsigned-byte IDX file"),
+    ("values_missing", "train-images-idx3-ubyte.gz", "is truncated"),
+    ("few_images", None, "at least 20 images"),
+    ("one_label", None, "2 labels"),
+    ("no_files", None, "--data-dir"),
+]
+
+
+@pytest.mark.parametrize("how,name,message", DATA_CASES, ids=[c[0] for c in DATA_CASES])
+def test_damaged_data_is_one_line_naming_the_file(write_idx, tmp_path, capsys, how, name,
+                                                  message):
+    data = tmp_path / "data"
+    data.mkdir()
+    if how == "few_images":
+        write_digits(write_idx, data, n_train=5, n_test=5)
+    elif how == "one_label":
+        write_digits(write_idx, data, labels=3)
+    elif how != "no_files":
+        write_digits(write_idx, data)
+        damage_file(data / name, how)
+    err = expect_exit("gauss", ["--data-dir", str(data), "--out", str(tmp_path / "run"),
+                                "--quiet", "--batch-size", "4", "--subsample", "20"], capsys)
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and message in lines[0]
+    if name:
+        assert name in lines[0]
+
+
+def test_truncated_gzip_from_the_command_line_is_one_line(cli, write_idx, tmp_path):
+    write_digits(write_idx, tmp_path)
+    damage_file(tmp_path / "t10k-images-idx3-ubyte.gz", "truncated_gzip")
+    proc = cli("mnist_uniform.py", "--data-dir", tmp_path, "--out", tmp_path / "run", "--quiet")
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "t10k-images-idx3-ubyte.gz is damaged" in lines[0]
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("target", ["file", "under_file"])
+def test_out_that_is_or_lies_under_a_file_is_refused(tmp_path, capsys, target):
+    (tmp_path / "f").write_text("keep me")
+    out = tmp_path / "f" if target == "file" else tmp_path / "f" / "run"
+    err = expect_exit("gauss", ["--out", str(out)], capsys)
+    assert "is a file, not a folder" in err.strip().splitlines()[-1]
+    assert (tmp_path / "f").read_text() == "keep me"
+
+
+def test_sweep_into_a_file_is_refused(tmp_path, capsys):
+    (tmp_path / "f").write_text("keep me")
+    err = expect_exit("gauss", ["--sigmas", "0.1", "0.2", "--out", str(tmp_path / "f")], capsys)
+    assert "is a file" in err and (tmp_path / "f").read_text() == "keep me"
+
+
+def test_diverged_run_names_the_step_and_suggests_a_smaller_lr(run_script, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exc:
+        run_script(mnist_gauss, tmp_path / "run", "--steps", "6", "--lr", "1e30",
+                   "--log-every", "2")
+    assert exc.value.code == 3
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and "by step 2" in lines[0] and "smaller --lr" in lines[0]
+    assert "no checkpoint was written yet" in lines[0]
+    assert not (tmp_path / "run" / "metrics.json").exists()
+
+
+@pytest.mark.parametrize("dim", ["1", "40"])
+def test_embedding_sizes_the_plots_and_tests_must_handle(run_script, tmp_path, dim, capsys):
+    metrics = run_script(mnist_gauss, tmp_path / "run", "--steps", "2", "--dim", dim)
+    assert (tmp_path / "run" / "scatter.png").is_file()
+    assert (metrics["normality"]["henze_zirkler_p"] is None) == (int(dim) >= 32)
+    assert "Henze-Zirkler n/a" in capsys.readouterr().out or dim == "1"
