@@ -27,8 +27,8 @@ from tqdm import tqdm
 
 from common import (
     LOG10,
-    OOD_SETS,
     LOSSES,
+    OOD_SETS,
     RUNTIME_FLAGS,
     ConvEncoder,
     DataError,
@@ -49,6 +49,7 @@ from common import (
     make_critic,
     mi_loss,
     nonnegative_float,
+    normality_lines,
     normality_report,
     pick_device,
     positive_float,
@@ -261,14 +262,12 @@ def evaluate(models: nn.ModuleDict, data: tuple, args: argparse.Namespace) -> di
 
 
 def summary(m: dict) -> str:
-    n, d = m["normality"], m["downstream"]
-    hz = "n/a (d >= subsample)" if n["henze_zirkler_p"] is None else f"{n['henze_zirkler_p']:.3f}"
+    d = m["downstream"]
     return "\n".join([
         f"capacity C = {m['capacity']:.3f} nats   (class information log 10 = {LOG10:.3f})",
         f"MI estimate (held-out) = {m['mi_heldout']:.3f} +- {m['mi_heldout_se']:.3f}"
         f"   DM gap C - I = {m['dm_gap']:.3f}",
-        f"normality p (subsample {n['subsample']}): D'Agostino {n['dagostino_p']:.3f}   "
-        f"Shapiro-Wilk {n['shapiro_p']:.3f}   Henze-Zirkler {hz}",
+        *normality_lines(m["normality"]),
         f"accuracy: k-NN {d['knn_acc']:.4f}   GaussianNB {d['gnb_acc']:.4f}   "
         f"MLP {d['mlp_acc']:.4f}   silhouette {d['silhouette']:.3f}",
         f"wall time {m['wall_time_s']:.0f} s ({m['steps']} steps)"])

@@ -29,8 +29,8 @@ from tqdm import tqdm
 
 from common import (
     LOG10,
-    OOD_SETS,
     LOSSES,
+    OOD_SETS,
     RUNTIME_FLAGS,
     ConvEncoder,
     DataError,
@@ -50,6 +50,7 @@ from common import (
     make_critic,
     mi_loss,
     nonnegative_float,
+    normality_lines,
     normality_report,
     open_interval,
     pick_device,
@@ -279,14 +280,13 @@ def scatter_with_marginals(u: np.ndarray, y: np.ndarray, eps: float, capacity: f
 
 
 def summary(m: dict) -> str:
-    n, d = m["normality"], m["downstream"]
-    hz = "n/a (d >= subsample)" if n["henze_zirkler_p"] is None else f"{n['henze_zirkler_p']:.3f}"
+    d = m["downstream"]
     return "\n".join([
         f"capacity C = {m['capacity']:.3f} nats   (class information log 10 = {LOG10:.3f})",
         f"MI estimate (held-out) = {m['mi_heldout']:.3f} +- {m['mi_heldout_se']:.3f}"
         f"   DM gap C - I = {m['dm_gap']:.3f}",
-        f"normality p (subsample {n['subsample']}): D'Agostino {n['dagostino_p']:.3f}   "
-        f"Shapiro-Wilk {n['shapiro_p']:.3f}   Henze-Zirkler {hz}   (after Phi^-1)",
+        "normality of Phi^-1(u) (Section 3.3):",
+        *normality_lines(m["normality"]),
         f"uniformity: Kolmogorov-Smirnov mean p {m['uniformity']['ks_p_mean']:.3f}   "
         f"max D {m['uniformity']['ks_stat_max']:.3f}",
         f"accuracy: k-NN {d['knn_acc']:.4f}   GaussianNB {d['gnb_acc']:.4f}   "
