@@ -1,24 +1,29 @@
 """Evaluate saved runs of mnist_gauss.py / mnist_uniform.py / cifar_ssl.py (Section 5).
 
-Four modes:
-
     python evaluate.py runs/sweep [RUN_DIR ...] --out figure1
-        Figure 1: every metric against the capacity C, mean over seeds with 99% confidence
-        intervals, the sigma = 0 and untrained-encoder baselines as horizontal lines; writes
-        PREFIX.png, PREFIX.pdf, PREFIX.md and PREFIX.csv, prints the table, and lists every run
-        whose MI estimate exceeds its bound C by more than 3 standard errors. For a sigma sweep
-        of cifar_ssl.py runs (poster Figure 2) the panels are the normality p-values of the
-        normalized projector outputs and the probe accuracies, against sigma.
+        Figure 1: each metric against the capacity C, mean over seeds with 99% confidence
+        intervals, the sigma = 0 and untrained-encoder baselines as lines, and in the normality
+        panels the null band (what N(0, I) samples of the same n and d score); writes PREFIX.png,
+        .pdf, .md, .csv, prints the table and every run whose MI estimate exceeds its bound C by
+        more than 3 standard errors. A sigma sweep of cifar_ssl.py runs (poster Figure 2) gets
+        the normality and probe panels against sigma.
     python evaluate.py --table runs/cifar_ssl [RUN_DIR ...] --out table1
-        Table 1: linear-probe top-1 / top-5 of cifar_ssl.py runs by method and sigma, next to
-        the paper's numbers; VICReg runs on ImageFolder trees of 100 or 1000 classes at 128 px
-        or more go into poster Table 2 (ImageNet-100 / 1k, mean +- std over seeds); prints the
-        tables and writes PREFIX.md.
-    python evaluate.py --embeddings RUN_DIR/embeddings.npz [--uniform]
-        The normality tests (and downstream accuracies when labels are present) of Section 5 on
-        saved embeddings (an .npz of a run, or an (n, d) .npy array), printed as JSON.
+        Table 1 (linear-probe top-1 / top-5 of cifar_ssl.py runs by method and sigma, next to
+        the paper's); VICReg runs on ImageFolder trees of 100 or 1000 classes at 128 px or more
+        go into poster Table 2 (mean +- std over seeds). Prints them and writes PREFIX.md.
+    python evaluate.py --embeddings FILE [--uniform] [--key NAME] [--out report]
+        The Section 5 report on any embeddings: a run's embeddings.npz, an (n, d) .npy, an .npz
+        or .pt / .pth (a tensor or a dict of tensors) with one 2-D array or one named embeddings
+        / z / features / x, or a .csv (one row per sample). Each averaged p-value beside its null
+        level, the sliced W2 distance to N(0, I) beside its null band, a test calibrated at 5%;
+        labels (a run's y_test; else labels / y / targets, split 80/20 stratified) add the
+        downstream scores. --out PREFIX writes PREFIX.json (or --json-out FILE).
     python evaluate.py --checkpoint RUN_DIR
-        Recompute a run's metrics from its model.pt; writes RUN_DIR/metrics_recomputed.json.
+        Runs the run's own script with --eval-only (it writes RUN_DIR/metrics_recomputed.json
+        from model.pt) and compares the numbers with metrics.json.
+    python evaluate.py --renormalize RUN_DIR [RUN_DIR ...]
+        Recomputes the normality block of each run's metrics.json (null levels, sliced W2,
+        decision) from its embeddings.npz, without retraining; everything else is kept.
 """
 from __future__ import annotations
 
@@ -28,32 +33,31 @@ import io
 import json
 import math
 import pickle
-import time
+import subprocess
+import sys
 import zipfile
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import scipy.stats
 import torch
+from sklearn.model_selection import train_test_split
 
-import mnist_gauss
-import mnist_uniform
 from common import (
     LOG10,
+    REPO,
     atomic_path,
+    device_flag,
     downstream_report,
     fail,
+    normality_lines,
     normality_report,
-    pick_device,
     positive_int,
     pyplot,
     read_json,
-    run_data,
-    run_record,
     save_figure,
-    summary,
+    seed_int,
     to_gaussian,
     uniformity_report,
     write_json,
@@ -61,39 +65,39 @@ from common import (
 
 Z99 = float(scipy.stats.norm.ppf(0.995))
 """z_{0.995}: the 99% two-sided asymptotic confidence interval is mean +- Z99 * s / sqrt(n)."""
+Run = dict[str, Any]
 
-METRICS = [("dagostino_p", "normality.dagostino_p", "D'Agostino-Pearson p"),
-           ("shapiro_p", "normality.shapiro_p", "Shapiro-Wilk p"),
-           ("henze_zirkler_p", "normality.henze_zirkler_p", "Henze-Zirkler p"),
+METRICS = [("dagostino_p", "normality.dagostino_p", "D'Agostino-Pearson p (average)"),
+           ("shapiro_p", "normality.shapiro_p", "Shapiro-Wilk p (average)"),
+           ("henze_zirkler_p", "normality.henze_zirkler_p", "Henze-Zirkler p (average)"),
+           ("sliced_w2", "normality.sliced_w2", "sliced W2 to N(0, I)"),
            ("mi_heldout", "mi_heldout", "MI estimate (nats)"),
            ("gnb_acc", "downstream.gnb_acc", "GaussianNB accuracy"),
            ("knn_acc", "downstream.knn_acc", "k-NN accuracy"),
            ("mlp_acc", "downstream.mlp_acc", "MLP accuracy"),
            ("silhouette", "downstream.silhouette", "silhouette")]
-"""The panels of Figure 1: (column name, entry of metrics.json, title)."""
-UNIFORM_METRICS = [("ks_p_mean", "uniformity.ks_p_mean", "Kolmogorov-Smirnov p (mean)"),
-                   ("ks_stat_max", "uniformity.ks_stat_max", "Kolmogorov-Smirnov D (max)")]
-"""Extra panels for uniform DM (Section 3.2): per-coordinate tests against U[0, 1]."""
-
-SSL_METRICS = METRICS[:3] + [
-    ("top1", "probe.top1", "linear probe top-1"),
-    ("top5", "probe.top5", "linear probe top-5"),
-    ("online_top1", "online_probe.test_top1", "online probe top-1")]
-"""The panels for cifar_ssl.py runs: normality of the normalized projector outputs, probes."""
-
+"""The panels of Figure 1: (column name, entry of metrics.json, title). Runs saved before the
+sliced W2 distance existed lack it: nan there."""
+PANELS = {"sigma": METRICS,
+          "eps": METRICS + [("ks_p_mean", "uniformity.ks_p_mean", "Kolmogorov-Smirnov p (mean)"),
+                            ("ks_stat_max", "uniformity.ks_stat_max",
+                             "Kolmogorov-Smirnov D (max)")],
+          "ssl": METRICS[:4] + [("top1", "probe.top1", "linear probe top-1"),
+                                ("top5", "probe.top5", "linear probe top-5"),
+                                ("online_top1", "online_probe.test_top1", "online probe top-1")]}
+"""Panels per family: uniform DM adds per-coordinate tests against U[0, 1] (Section 3.2);
+cifar_ssl.py runs show the normality of the projector outputs and the probes."""
 FAMILIES = {"sigma": ("Gaussian", "σ", "eq. 5"), "eps": ("uniform", "ε", "eq. 6"),
             "ssl": ("SSL Gaussian", "σ", "eq. 5")}
-"""Kind of run -> (name, symbol, capacity equation): mnist_gauss.py, mnist_uniform.py,
-cifar_ssl.py."""
-SHARED = ("dim", "data.dataset", "data.split", "data.n_train", "data.n_test",
-          "normality.subsample")
-"""Settings every run of one figure must share: embedding size, data, power of the tests."""
-TRAINING = ("critic", "loss", "steps", "batch_size")
-"""Settings shared by all trained runs, and within each baseline."""
-SSL_SHARED = ("dim", "data.dataset", "data.n_train", "probe_images.train", "probe_images.test",
-              "normality.subsample")
-SSL_TRAINING = ("method", "arch", "steps", "batch_size")
-"""The same for cifar_ssl.py runs."""
+"""Family (mnist_gauss.py, mnist_uniform.py, cifar_ssl.py) -> (name, symbol, capacity eq.)."""
+SETTINGS = {"sigma": (("dim", "data.dataset", "data.split", "data.n_train", "data.n_test",
+                       "normality.subsample"), ("critic", "loss", "steps", "batch_size")),
+            "ssl": (("dim", "data.dataset", "data.n_train", "probe_images.train",
+                     "probe_images.test", "normality.subsample"),
+                    ("method", "arch", "steps", "batch_size"))}
+"""Family -> (settings all runs of a figure share, settings shared within trained runs and
+within each baseline)."""
+SETTINGS["eps"] = SETTINGS["sigma"]
 
 PAPER_TABLE1 = {
     ("simclr", 0.0): (90.83, 99.76, 65.64, 89.91), ("simclr", 0.1): (90.96, 99.72, 67.03, 90.49),
@@ -110,16 +114,30 @@ PAPER_TABLE2 = {
 top-1, top-5) as (mean, std over seeds) in %."""
 
 
+def md_table(header: list[str], rows: list[list[str]]) -> str:
+    """A markdown table: first column left-aligned, the others right-aligned."""
+    return "\n".join(["| " + " | ".join(header) + " |", "| --- |" + " ---: |" * (len(header) - 1),
+                      *("| " + " | ".join(row) + " |" for row in rows)])
+
+
+def save_texts(prefix: str, texts: dict[str, str]) -> None:
+    """PREFIX.SUFFIX for each entry, atomically, creating the folder; one line on failure."""
+    try:
+        Path(prefix).parent.mkdir(parents=True, exist_ok=True)
+        for suffix, text in texts.items():
+            with atomic_path(f"{prefix}.{suffix}") as tmp:
+                Path(tmp).write_text(text)
+    except OSError as err:
+        fail(f"cannot write {prefix}.* ({err.strerror or err})")
+
+
 # --------------------------------------------------------------------------------------------
 # Mode 1: Figure 1 from many runs
 # --------------------------------------------------------------------------------------------
 
 def mean_ci99(values: list[float]) -> tuple[float, float]:
-    """Mean and half-width of the 99% asymptotic confidence interval (Figure 1).
-
-    half-width = z_{0.995} s / sqrt(n), s the sample standard deviation (ddof = 1); NaN for a
-    single value, which has no interval.
-    """
+    """Mean and half-width z_{0.995} s / sqrt(n) of the 99% asymptotic confidence interval
+    (Figure 1), s the sample standard deviation (ddof 1); NaN for a single value."""
     x = np.asarray(values, dtype=np.float64)
     if len(x) < 2:
         return float(x.mean()), math.nan
@@ -148,52 +166,54 @@ def find_runs(paths: list[str]) -> list[Path]:
     return list(found)
 
 
-def panels(family: str) -> list[tuple[str, str, str]]:
-    """The metrics Figure 1 shows for runs of one family (a key of FAMILIES)."""
-    return {"sigma": METRICS, "eps": METRICS + UNIFORM_METRICS, "ssl": SSL_METRICS}[family]
+def null_bands(normality: dict[str, Any]) -> dict[str, tuple[float, float]]:
+    """(low, high) per panel from a normality block: an averaged p-value's null mean +- 2 sd,
+    the sliced W2's null mean to 95th percentile; {} for runs saved before them."""
+    bands = {name: (band["mean"] - 2 * band["sd"], band["mean"] + 2 * band["sd"])
+             for name, band in (normality.get("null") or {}).items() if isinstance(band, dict)}
+    if "sliced_w2_null" in normality:
+        bands["sliced_w2"] = (normality["sliced_w2_null"]["mean"],
+                              normality["sliced_w2_null"]["q95"])
+    return bands
 
 
-def settings_of(family: str) -> tuple[tuple[str, ...], tuple[str, ...]]:
-    """(settings all runs of a figure share, settings shared within trained runs / baselines)."""
-    return (SSL_SHARED, SSL_TRAINING) if family == "ssl" else (SHARED, TRAINING)
-
-
-def load_run(path: Path) -> dict[str, Any]:
+def load_run(path: Path) -> Run:
     """The entries of path/metrics.json that Figure 1 needs, as floats ("inf" -> inf; a test
-    that was not run, null, -> nan)."""
+    that was not run, null, or an entry older runs lack -> nan)."""
     file = path / "metrics.json"
+    saved = read_json(file)
     try:
-        saved = json.loads(file.read_text())
         family = "ssl" if "method" in saved else "eps" if "eps" in saved else "sigma"
         noise_key = "eps" if family == "eps" else "sigma"
-        shared, training = settings_of(family)
+        shared, training = SETTINGS[family]
+        values = {name: math.nan if name == "sliced_w2" and name not in saved["normality"]
+                  or lookup(saved, key) is None else float(lookup(saved, key))
+                  for name, key, _ in PANELS[family]}
         return {"path": path, "family": family, "noise_key": noise_key,
                 "noise": float(saved[noise_key]), "capacity": float(saved["capacity"]),
                 "seed": saved["seed"], "mi_se": float(saved.get("mi_heldout_se", math.nan)),
                 "kind": ("untrained" if saved["steps"] == 0
                          else "no noise" if math.isinf(float(saved["capacity"])) else "trained"),
-                "values": {name: math.nan if lookup(saved, key) is None
-                           else float(lookup(saved, key)) for name, key, _ in panels(family)},
+                "values": values, "bands": null_bands(saved["normality"]),
                 "settings": {key: lookup(saved, key) for key in shared + training},
                 "saved": saved}
     except KeyError as err:
         fail(f"{file} lacks the entry {err}")
-    except (OSError, ValueError, TypeError) as err:
+    except (ValueError, TypeError, AttributeError) as err:
         fail(f"{file} is not a valid metrics.json ({err})")
 
 
-def check_same(runs: list[dict[str, Any]], keys: tuple[str, ...], what: str) -> None:
+def check_same(runs: list[Run], keys: tuple[str, ...], what: str) -> None:
     """Stop with one line when two runs to be averaged together differ in one of `keys`."""
     for key in keys:
-        first = runs[0]
         for run in runs[1:]:
-            if run["settings"][key] != first["settings"][key]:
-                fail(f"{first['path']} and {run['path']} differ in {key} "
-                     f"({first['settings'][key]!r} vs {run['settings'][key]!r}): "
+            if run["settings"][key] != runs[0]["settings"][key]:
+                fail(f"{runs[0]['path']} and {run['path']} differ in {key} "
+                     f"({runs[0]['settings'][key]!r} vs {run['settings'][key]!r}): "
                      f"{what} must share it")
 
 
-def refuse_repeated_seeds(members: list[dict[str, Any]], what: str) -> None:
+def refuse_repeated_seeds(members: list[Run], what: str) -> None:
     """Stop with one line when two runs averaged together share a seed (it would count twice)."""
     seeds: dict[Any, Path] = {}
     for run in members:
@@ -203,56 +223,43 @@ def refuse_repeated_seeds(members: list[dict[str, Any]], what: str) -> None:
         seeds[run["seed"]] = run["path"]
 
 
-def group_rows(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """One row per noise value of the trained runs, then one per baseline (kind, noise value).
-
-    Refuses runs of different families (Gaussian, uniform, SSL) together, runs whose shared
-    settings differ, and two runs with the same seed in one row (averaging them would count one
-    seed twice).
-    """
+def group_rows(runs: list[Run]) -> list[dict[str, Any]]:
+    """One row per noise value of the trained runs, then one per baseline (kind, noise value),
+    each metric as (mean, 99% CI half-width). Refuses runs of different families together,
+    shared settings that differ, and one seed twice in a row."""
     families = [family for family in FAMILIES if any(run["family"] == family for run in runs)]
     if len(families) > 1:
-        first, second = (next(r for r in runs if r["family"] == f) for f in families[:2])
-        fail(f"cannot mix {FAMILIES[families[0]][0]} ({families[0]}) and "
-             f"{FAMILIES[families[1]][0]} ({families[1]}) runs in one figure: {first['path']} is "
-             f"{FAMILIES[families[0]][0]}, {second['path']} is {FAMILIES[families[1]][0]}")
-    shared, training = settings_of(families[0])
+        (a, b), (first, second) = families[:2], (next(r for r in runs if r["family"] == f)
+                                                 for f in families[:2])
+        fail(f"cannot mix {FAMILIES[a][0]} ({a}) and {FAMILIES[b][0]} ({b}) runs in one figure: "
+             f"{first['path']} is {FAMILIES[a][0]}, {second['path']} is {FAMILIES[b][0]}")
+    shared, training = SETTINGS[families[0]]
     check_same(runs, shared, "runs of one figure")
     trained = [run for run in runs if run["kind"] == "trained"]
     if not trained:
         fail(f"none of the {len(runs)} runs is a trained run with finite capacity C")
     check_same(trained, training, "the trained runs of one figure")
-    groups: dict[tuple[int, float], list[dict[str, Any]]] = {}
-    order = {"trained": 0, "no noise": 1, "untrained": 2}
+    groups: dict[tuple[int, float], list[Run]] = {}
     for run in runs:
-        groups.setdefault((order[run["kind"]], run["noise"]), []).append(run)
+        order = ("trained", "no noise", "untrained").index(run["kind"])
+        groups.setdefault((order, run["noise"]), []).append(run)
     rows = []
     for (_, noise), members in sorted(groups.items()):
         kind = members[0]["kind"]
         if kind != "trained":
             check_same(members, training, f"the {kind} baseline runs")
         refuse_repeated_seeds(members, f"{members[0]['noise_key']} = {noise:g} ({kind})")
-        names = members[0]["values"]
         rows.append({"kind": kind, "noise": noise, "capacity": members[0]["capacity"],
                      "seeds": len(members),
                      **{name: mean_ci99([run["values"][name] for run in members])
-                        for name in names}})
+                        for name in members[0]["values"]}})
     return rows
 
 
-def baseline_label(row: dict[str, Any], symbol: str) -> str:
-    """How a baseline row is named in the legend of Figure 1."""
-    if row["kind"] == "no noise":
-        return f"{symbol} = 0 (no noise)"
-    return f"untrained encoder ({symbol} = {row['noise']:g})"
-
-
-def mi_bound_violations(runs: list[dict[str, Any]]) -> list[str]:
-    """Trained runs whose held-out MI exceeds the capacity C by more than 3 standard errors.
-
-    Theorems 3.4 and 3.5 bound I(f(X'); f(X) + Z) by C (eqs. 5, 6); an estimate above it is a
-    bug, not a result. A run without a standard error (one held-out batch) is held to I <= C.
-    """
+def mi_bound_violations(runs: list[Run]) -> list[str]:
+    """Trained runs whose held-out MI exceeds the capacity C by more than 3 standard errors:
+    Theorems 3.4 and 3.5 bound I(f(X'); f(X) + Z) by C (eqs. 5, 6), so that is a bug, not a
+    result. A run without a standard error (one held-out batch) is held to I <= C."""
     lines = []
     for run in runs:
         se = run["mi_se"] if math.isfinite(run["mi_se"]) else 0.0
@@ -269,24 +276,9 @@ def fmt(x: float) -> str:
     return f"{x:.1e}" if 0 < abs(x) < 1e-3 else f"{x:.3f}"
 
 
-def markdown(rows: list[dict[str, Any]], metrics: list[tuple[str, str, str]], symbol: str,
-             caption: str) -> str:
-    """The numbers of Figure 1 as a markdown table: mean +- 99% CI half-width per metric."""
-    header = ["runs", symbol, "C", "seeds", *(title for _, _, title in metrics)]
-    lines = [caption, "", "| " + " | ".join(header) + " |",
-             "| --- | " + " | ".join("---:" for _ in header[1:]) + " |"]
-    for row in rows:
-        cells = [row["kind"], f"{row['noise']:g}", fmt(row["capacity"]), str(row["seeds"])]
-        for name, _, _ in metrics:
-            mean, half = row[name]
-            cells.append(fmt(mean) if math.isnan(half) else f"{fmt(mean)} ± {fmt(half)}")
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
-
-
 def csv_text(rows: list[dict[str, Any]], metrics: list[tuple[str, str, str]],
              noise_key: str) -> str:
-    """The same numbers as CSV: NAME_mean and NAME_ci99 (half-width, nan for one seed)."""
+    """The numbers of Figure 1 as CSV: NAME_mean and NAME_ci99 (half-width, nan for one seed)."""
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
     writer.writerow(["kind", noise_key, "capacity", "seeds",
@@ -298,48 +290,47 @@ def csv_text(rows: list[dict[str, Any]], metrics: list[tuple[str, str, str]],
 
 
 def plot_figure1(rows: list[dict[str, Any]], metrics: list[tuple[str, str, str]], symbol: str,
-                 title: str, against_noise: bool = False) -> Any:
+                 title: str, bands: dict[str, tuple[float, float]],
+                 against_noise: bool = False) -> Any:
     """Figure 1: each metric against capacity C, mean over seeds with 99% CI error bars.
 
-    Dashed: the bound I = C in the MI panel; dotted: C = log 10, below which the noisy channel
-    cannot carry the digit; horizontal lines: the baselines (mean over their seeds).
-    `against_noise`: the noise level on the x-axis instead of C (cifar_ssl.py sweeps, where C
-    grows with the projector's dimension and the paper's tables are indexed by sigma).
+    Dashed: the bound I = C; dotted: C = log 10, below which the noisy channel cannot carry the
+    digit; dash-dotted: the baselines (mean over their seeds); grey: the null `bands`, where
+    N(0, I) samples of the same n and d lie. `against_noise`: the noise level on the x-axis
+    (cifar_ssl.py sweeps, where C grows with the projector's dimension).
     """
     plt = pyplot()
-    ncols = 4
-    nrows = math.ceil(len(metrics) / ncols)
-    fig, axes = plt.subplots(nrows, ncols, figsize=(4.2 * ncols, 3.4 * nrows), squeeze=False)
+    nrows = math.ceil(len(metrics) / 4)
+    fig, axes = plt.subplots(nrows, 4, figsize=(16.8, 3.4 * nrows), squeeze=False)
     trained = [row for row in rows if row["kind"] == "trained"]
-    baselines = [row for row in rows if row["kind"] != "trained"]
     capacity = [row["capacity"] for row in trained]
     x = [row["noise"] for row in trained] if against_noise else capacity
-    legend_ax = axes.flat[0]
     for ax, (name, _, panel) in zip(axes.flat, metrics, strict=False):
-        mean = [row[name][0] for row in trained]
-        half = np.nan_to_num([row[name][1] for row in trained])
-        ax.errorbar(x, mean, yerr=half, fmt="o-", capsize=3, color="C0",
+        ax.errorbar(x, [row[name][0] for row in trained], capsize=3, color="C0", fmt="o-",
+                    yerr=np.nan_to_num([row[name][1] for row in trained]),
                     label="trained: mean ± 99% CI")
-        for i, row in enumerate(baselines):
+        for i, row in enumerate(row for row in rows if row["kind"] != "trained"):
             ax.axhline(row[name][0], color=f"C{i + 1}", linestyle="-.",
-                       label=baseline_label(row, symbol))
-        if name == "mi_heldout":
-            # through a plotted point, so that the line does not stretch the axes
+                       label=(f"{symbol} = 0 (no noise)" if row["kind"] == "no noise"
+                              else f"untrained encoder ({symbol} = {row['noise']:g})"))
+        if name in bands:
+            ax.axhspan(*bands[name], color="0.5", alpha=0.3, label="N(0, I) samples (null band)")
+        if name == "mi_heldout":  # through a plotted point, so that it does not stretch the axes
             ax.axline((capacity[0], capacity[0]), slope=1, color="k", linestyle="--",
                       linewidth=1, label="bound I = C")
-            legend_ax = ax
-        if against_noise:
-            ax.set(title=panel, xlabel=f"noise {symbol}")
-        else:
+        if not against_noise:
             ax.axvline(LOG10, color="gray", linestyle=":", label="C = log 10")
-            ax.set(title=panel, xlabel="capacity C (nats)")
+        ax.set(title=panel, xlabel=f"noise {symbol}" if against_noise else "capacity C (nats)")
     for ax in axes.flat[len(metrics):]:
         ax.remove()
-    handles, labels = legend_ax.get_legend_handles_labels()
+    legend = {}  # every entry once, from whichever panel has it
+    for ax in axes.flat[:len(metrics)]:
+        legend.update((label, handle) for handle, label in zip(*ax.get_legend_handles_labels(),
+                                                               strict=True) if label not in legend)
     fig.suptitle(title)
     fig.tight_layout()
-    fig.legend(handles, labels, loc="upper center", bbox_to_anchor=(0.5, 0.0),
-               ncol=min(len(labels), 4))
+    fig.legend(legend.values(), legend.keys(), loc="upper center", bbox_to_anchor=(0.5, 0.0),
+               ncol=min(len(legend), 4))
     return fig
 
 
@@ -349,7 +340,7 @@ def aggregate(paths: list[str], prefix: str) -> None:
     rows = group_rows(runs)
     noise_key, ssl = runs[0]["noise_key"], runs[0]["family"] == "ssl"
     family, symbol, equation = FAMILIES[runs[0]["family"]]
-    metrics = panels(runs[0]["family"])
+    metrics = PANELS[runs[0]["family"]]
     settings = runs[0]["settings"]
     trained = [run for run in runs if run["kind"] == "trained"]
     first = trained[0]["settings"]
@@ -360,6 +351,18 @@ def aggregate(paths: list[str], prefix: str) -> None:
              f"normality tests on {settings['normality.subsample']}-point subsamples")
     caption = (f"Figure 1 ({about}): mean ± 99% CI half-width over seeds "
                f"(z = {Z99:.3f}, none for one seed); C from {equation}")
+    bands: dict[str, Any] = {}
+    for run in runs:  # they share n, d and subsample size: their bands differ by reference draws
+        for name, band in run["bands"].items():
+            bands.setdefault(name, []).append(band)
+    bands = {name: tuple(np.mean(values, axis=0)) for name, values in bands.items()}
+    titles = {name: title for name, _, title in metrics}
+    null = ("null band (the same statistics on N(0, I) samples of the same n and d; averaged "
+            "p: mean ± 2 sd, sliced W2: mean to 95th percentile): "
+            + "; ".join(f"{titles[name]} {fmt(low)} to {fmt(high)}"
+                        for name, (low, high) in bands.items() if name in titles)
+            if bands else "null band: none (these runs' metrics.json predate it; see "
+            "evaluate.py --renormalize)")
     if ssl:  # the SSL losses give no MI estimate to hold against C
         check = "MI check: none (cifar_ssl.py runs record no MI estimate)"
     else:
@@ -368,249 +371,330 @@ def aggregate(paths: list[str], prefix: str) -> None:
                  + (f"{len(violations)} of {len(trained)} trained runs exceed the bound:\n"
                     + "\n".join(violations) if violations
                     else f"no trained run exceeds the bound ({len(trained)} checked)"))
-    text = markdown(rows, metrics, symbol, caption) + "\n\n" + check + "\n"
-    out = Path(prefix)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig = plot_figure1(rows, metrics, symbol, f"Figure 1: {about}", against_noise=ssl)
+    cells = [[row["kind"], f"{row['noise']:g}", fmt(row["capacity"]), str(row["seeds"]),
+              *(fmt(row[name][0]) if math.isnan(row[name][1])
+                else f"{fmt(row[name][0])} ± {fmt(row[name][1])}" for name, _, _ in metrics)]
+             for row in rows]
+    table = md_table(["runs", symbol, "C", "seeds", *titles.values()], cells)
+    text = f"{caption}\n\n{table}\n\n{null}\n\n{check}\n"
+    save_texts(prefix, {"md": text, "csv": csv_text(rows, metrics, noise_key)})
+    fig = plot_figure1(rows, metrics, symbol, f"Figure 1: {about}", bands, against_noise=ssl)
     for suffix in ("png", "pdf"):
-        save_figure(fig, f"{out}.{suffix}")
-    with atomic_path(f"{out}.md") as tmp:
-        Path(tmp).write_text(text)
-    with atomic_path(f"{out}.csv") as tmp:
-        Path(tmp).write_text(csv_text(rows, metrics, noise_key))
-    print(text + f"\nsaved {out}.png, {out}.pdf, {out}.md, {out}.csv")
+        save_figure(fig, f"{prefix}.{suffix}")
+    print(text + f"\nsaved {prefix}.png, {prefix}.pdf, {prefix}.md, {prefix}.csv")
 
 
 # --------------------------------------------------------------------------------------------
-# Mode 2: Table 1 from cifar_ssl.py runs
+# Mode 2: Table 1 (and poster Table 2) from cifar_ssl.py runs
 # --------------------------------------------------------------------------------------------
 
 TABLE_DATASETS = {"cifar10": "CIFAR-10", "cifar100": "CIFAR-100"}
+TABLE2_DATASETS = {100: "ImageNet-100", 1000: "ImageNet-1k"}
+"""Poster Table 2's columns, by the number of classes of the ImageFolder tree."""
 METHOD_NAMES = {"simclr": "SimCLR", "vicreg": "VICReg"}
-UNTRAINED = ("untrained", 0.0)
-"""The Table 1 row of random-init encoders (--steps 0), whatever their method and sigma."""
 
 
-def table_cell(values: list[float], paper: float | None) -> str:
-    """Our mean in % (± 99% CI half-width over seeds when there are several), then the paper's
-    number in parentheses; "–" where there is no run or no paper number."""
+def probe_cell(values: list[float], paper: float | tuple[float, float] | None,
+               std: bool) -> str:
+    """Our mean in % (± 99% CI half-width over seeds, or ± std (ddof 1) with `std`, when there
+    are several), then the paper's number (or mean ± std) in parentheses; "–" where none."""
     ours = "–"
     if values:
-        mean, half = mean_ci99(values)
-        ours = f"{100 * mean:.2f}" + ("" if math.isnan(half) else f" ± {100 * half:.2f}")
+        mean, spread = ((np.mean(values), np.std(values, ddof=1) if len(values) > 1 else math.nan)
+                        if std else mean_ci99(values))
+        ours = f"{100 * mean:.2f}" + ("" if math.isnan(spread) else f" ± {100 * spread:.2f}")
+    if isinstance(paper, tuple):
+        return ours + f" ({paper[0]:.2f} ± {paper[1]:.2f})"
     return ours + ("" if paper is None else f" ({paper:.2f})")
 
 
-def check_seeds(members: list[dict[str, Any]], what: str) -> None:
-    """The runs of one table cell must share their settings and differ in their seeds."""
-    check_same(members, ("arch", "steps", "batch_size", "probe_images.train",
-                         "probe_images.test"), what)
-    refuse_repeated_seeds(members, what)
-
-
-def table1_text(runs: list[dict[str, Any]]) -> str:
-    """Table 1 in the paper's layout (method x sigma rows; top-1 / top-5 per dataset), our runs
-    next to the paper's numbers; datasets beyond CIFAR get columns of their own, and random-init
-    encoders (--steps 0) a row of their own. Runs of one cell are seeds of one setting."""
-    cells: dict[tuple[tuple[str, float], str], list[dict[str, Any]]] = {}
+def probe_table(runs: list[Run], row_of: Any, rows: list[tuple[Any, str]], column_of: Any,
+                columns: dict[Any, str], paper: dict[Any, tuple], std: bool) -> str:
+    """Rows x (column, top-1 / top-5) of linear-probe accuracies, ours beside the paper's
+    (`paper[row]` holds top-1, top-5 per column in order, for the first columns). The runs of
+    one cell are seeds of one setting: they must share it and differ in their seeds."""
+    cells: dict[tuple[Any, Any], list[Run]] = {}
     for run in runs:
-        row = (UNTRAINED if run["kind"] == "untrained"
-               else (run["saved"]["method"], run["noise"]))
-        cells.setdefault((row, run["saved"]["dataset"]), []).append(run)
-    for (row, dataset), members in cells.items():
-        check_seeds(members, f"the runs of {row[0]} sigma = {row[1]:g} on {dataset}")
-    datasets = list(TABLE_DATASETS) + sorted({key[1] for key in cells} - set(TABLE_DATASETS))
-    rows = sorted(set(PAPER_TABLE1) | {key[0] for key in cells} - {UNTRAINED})
-    rows += [UNTRAINED] if any(key[0] == UNTRAINED for key in cells) else []
-    header = ["", *(f"{TABLE_DATASETS.get(d, d)} top-{k}" for d in datasets for k in (1, 5))]
-    lines = ["| " + " | ".join(header) + " |", "| --- |" + " ---: |" * (len(header) - 1)]
-    for method, sigma in rows:
-        label = ("random-init encoder" if (method, sigma) == UNTRAINED
-                 else METHOD_NAMES[method] + ("" if sigma == 0 else f" σ = {sigma:g}"))
-        row = [label]
-        for d in datasets:
-            probes = [run["saved"]["probe"] for run in cells.get(((method, sigma), d), [])]
-            paper = PAPER_TABLE1.get((method, sigma)) if d in TABLE_DATASETS else None
-            offset = 2 * list(TABLE_DATASETS).index(d) if paper else 0
-            for k, key in enumerate(("top1", "top5")):
-                row.append(table_cell([probe[key] for probe in probes],
-                                      paper[offset + k] if paper else None))
-        lines.append("| " + " | ".join(row) + " |")
-    return ("Table 1: linear-probe accuracy (%) on the test split, ours (paper's in parentheses: "
-            "ResNet-18, 800 epochs, batch 256)\n\n" + "\n".join(lines)
-            + f"\n\nour runs ({len(runs)}): {run_notes(runs, lambda r: r['saved']['dataset'])}\n")
-
-
-def run_notes(runs: list[dict[str, Any]], name: Callable[[dict[str, Any]], str]) -> str:
-    """The settings of the runs of a table, one entry per data set (`name` of a run)."""
-    settings = sorted({(name(r), r["saved"]["arch"], round(r["saved"]["epochs"], 2),
+        cells.setdefault((row_of(run), column_of(run)), []).append(run)
+    for (row, column), members in cells.items():
+        what = f"the runs of {dict(rows).get(row, row)} on {columns[column]}"
+        check_same(members, ("arch", "steps", "batch_size", "probe_images.train",
+                             "probe_images.test"), what)
+        refuse_repeated_seeds(members, what)
+    lines = [[label, *(probe_cell([run["saved"]["probe"][key] for run in cells.get((row, col), [])],
+                                  paper[row][2 * c + k] if row in paper and 2 * c + k < len(
+                                      paper[row]) else None, std)
+                       for c, col in enumerate(columns) for k, key in enumerate(("top1", "top5")))]
+             for row, label in rows]
+    header = ["σ" if std else "", *(f"{name} top-{k}" for name in columns.values() for k in (1, 5))]
+    settings = sorted({(columns[column_of(r)], r["saved"]["arch"], round(r["saved"]["epochs"], 2),
                         r["saved"]["batch_size"], r["saved"]["probe_images"]["train"])
                        for r in runs})
-    return "; ".join(f"{d}: {arch}, {epochs:g} epochs, batch {batch}, probe on {n} images"
-                     for d, arch, epochs, batch, n in settings)
-
-
-TABLE2_DATASETS = {100: "ImageNet-100", 1000: "ImageNet-1k"}
-"""Poster Table 2's columns, by the number of classes of the ImageFolder tree."""
-
-
-def in_table2(run: dict[str, Any]) -> bool:
-    """A VICReg run (or random-init encoder) on an ImageFolder tree of 100 or 1000 classes at
-    128 px or more: the ImageNet-100 / ImageNet-1k setting of poster Table 2 (224 px)."""
-    saved = run["saved"]
-    return (saved["dataset"] == "folder" and saved["method"] == "vicreg"
-            and saved["data"].get("n_classes") in TABLE2_DATASETS
-            and saved["data"].get("image_size", 0) >= 128)
-
-
-def mean_std_cell(values: list[float], paper: tuple[float, float] | None) -> str:
-    """Our mean in % (± standard deviation over seeds, ddof 1, when there are several), then
-    the poster's mean ± std in parentheses; "–" where there is no run or no poster number."""
-    ours = "–"
-    if values:
-        ours = f"{100 * np.mean(values):.2f}" + (f" ± {100 * np.std(values, ddof=1):.2f}"
-                                                 if len(values) > 1 else "")
-    return ours + ("" if paper is None else f" ({paper[0]:.2f} ± {paper[1]:.2f})")
-
-
-def table2_text(runs: list[dict[str, Any]]) -> str:
-    """Poster Table 2 in its layout: one row per sigma (the poster's four and any other of our
-    runs, then the random-init encoder), top-1 / top-5 on ImageNet-100 and ImageNet-1k, our mean
-    ± std over seeds next to the poster's."""
-    cells: dict[tuple[float | str, int], list[dict[str, Any]]] = {}
-    for run in runs:
-        row = "untrained" if run["kind"] == "untrained" else run["noise"]
-        cells.setdefault((row, run["saved"]["data"]["n_classes"]), []).append(run)
-    for (row, classes), members in cells.items():
-        check_seeds(members, f"the runs of sigma = {row} on {TABLE2_DATASETS[classes]}")
-    sigmas = sorted(set(PAPER_TABLE2) | {row for row, _ in cells if row != "untrained"})
-    rows: list[float | str] = [*sigmas]
-    rows += ["untrained"] if any(row == "untrained" for row, _ in cells) else []
-    header = ["σ", *(f"{name} top-{k}" for name in TABLE2_DATASETS.values() for k in (1, 5))]
-    lines = ["| " + " | ".join(header) + " |", "| --- |" + " ---: |" * (len(header) - 1)]
-    for row in rows:
-        line = ["random-init encoder" if row == "untrained" else f"{row:g}"]
-        paper = PAPER_TABLE2.get(row) if row != "untrained" else None
-        for c, classes in enumerate(TABLE2_DATASETS):
-            probes = [run["saved"]["probe"] for run in cells.get((row, classes), [])]
-            for k, key in enumerate(("top1", "top5")):
-                line.append(mean_std_cell([probe[key] for probe in probes],
-                                          paper[2 * c + k] if paper else None))
-        lines.append("| " + " | ".join(line) + " |")
-    return ("Table 2 (poster): VICReg linear-probe accuracy (%) on the validation split, ours "
-            "(poster's in parentheses: ResNet-50, 100 epochs; mean ± std over seeds)\n\n"
-            + "\n".join(lines) + f"\n\nour runs ({len(runs)}): "
-            + run_notes(runs, lambda r: TABLE2_DATASETS[r["saved"]["data"]["n_classes"]]) + "\n")
+    return (md_table(header, lines) + f"\n\nour runs ({len(runs)}): " + "; ".join(
+        f"{d}: {arch}, {epochs:g} epochs, batch {batch}, probe on {n} images"
+        for d, arch, epochs, batch, n in settings) + "\n")
 
 
 def table1(paths: list[str], prefix: str) -> None:
-    """Mode 2: print Table 1 (and poster Table 2 when there are ImageNet runs) from cifar_ssl.py
-    run directories and write PREFIX.md."""
-    runs = [load_run(path) for path in find_runs(paths)]
-    for run in runs:
-        if run["family"] != "ssl":
-            fail(f"{run['path']} is not a cifar_ssl.py run (its metrics.json has no method)")
-    imagenet = [run for run in runs if in_table2(run)]
-    others = [run for run in runs if not in_table2(run)]
-    parts = [table1_text(others)] if others or not imagenet else []
-    text = "\n".join(parts + ([table2_text(imagenet)] if imagenet else []))
-    out = Path(prefix)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_path(f"{out}.md") as tmp:
-        Path(tmp).write_text(text)
-    print(text + f"\nsaved {out}.md")
+    """Mode 2: print Table 1 in the paper's layout (method x sigma rows, top-1 / top-5 per data
+    set; other data sets get columns, random-init encoders (--steps 0) a row of their own) and
+    poster Table 2 for ImageNet-like runs (VICReg on an ImageFolder tree of 100 or 1000 classes
+    at 128 px or more; one row per sigma); write PREFIX.md."""
+    runs = []
+    for path in find_runs(paths):
+        if "method" not in read_json(path / "metrics.json"):
+            fail(f"{path} is not a cifar_ssl.py run (its metrics.json has no method)")
+        runs.append(load_run(path))
+    imagenet = [run for run in runs if run["saved"]["dataset"] == "folder"
+                and run["saved"]["method"] == "vicreg"
+                and run["saved"]["data"].get("n_classes") in TABLE2_DATASETS
+                and run["saved"]["data"].get("image_size", 0) >= 128]
+    others = [run for run in runs if all(run is not r for r in imagenet)]
+    parts = []
+    if others or not imagenet:
+        datasets = {**TABLE_DATASETS, **{d: d for d in sorted(
+            {run["saved"]["dataset"] for run in others} - set(TABLE_DATASETS))}}
+        keys = sorted(set(PAPER_TABLE1) | {(r["saved"]["method"], r["noise"]) for r in others
+                                           if r["kind"] != "untrained"})
+        rows = [(key, METHOD_NAMES[key[0]] + ("" if key[1] == 0 else f" σ = {key[1]:g}"))
+                for key in keys] + [("untrained", "random-init encoder")] * any(
+            r["kind"] == "untrained" for r in others)
+        parts.append("Table 1: linear-probe accuracy (%) on the test split, ours (paper's in "
+                     "parentheses: ResNet-18, 800 epochs, batch 256)\n\n" + probe_table(
+                         others, lambda r: "untrained" if r["kind"] == "untrained"
+                         else (r["saved"]["method"], r["noise"]), rows,
+                         lambda r: r["saved"]["dataset"], datasets, PAPER_TABLE1, std=False))
+    if imagenet:
+        sigmas = sorted(set(PAPER_TABLE2) | {r["noise"] for r in imagenet
+                                            if r["kind"] != "untrained"})
+        rows = [(s, f"{s:g}") for s in sigmas] + [("untrained", "random-init encoder")] * any(
+            r["kind"] == "untrained" for r in imagenet)
+        parts.append("Table 2 (poster): VICReg linear-probe accuracy (%) on the validation "
+                     "split, ours (poster's in parentheses: ResNet-50, 100 epochs; mean ± std "
+                     "over seeds)\n\n" + probe_table(
+                         imagenet, lambda r: "untrained" if r["kind"] == "untrained"
+                         else r["noise"], rows, lambda r: r["saved"]["data"]["n_classes"],
+                         TABLE2_DATASETS, PAPER_TABLE2, std=True))
+    text = "\n".join(parts)
+    save_texts(prefix, {"md": text})
+    print(text + f"\nsaved {prefix}.md")
 
 
 # --------------------------------------------------------------------------------------------
-# Mode 3: tests on saved embeddings
+# Mode 3: the report on saved embeddings (a run's or another model's)
 # --------------------------------------------------------------------------------------------
 
-def embeddings_report(file: Path, uniform: bool, subsample: int, seed: int) -> dict[str, Any]:
-    """Section 5 normality tests of the test embeddings; downstream scores when labelled.
+EMBEDDING_KEYS = ("embeddings", "z", "features", "x")
+LABEL_KEYS = ("labels", "y", "targets")
+MIN_POINTS = 8
+"""The fewest points the tests take (scipy's D'Agostino-Pearson test needs 8)."""
+
+
+def read_arrays(file: Path) -> dict[str, np.ndarray]:
+    """The arrays of an .npy ("" for the one array), .npz, .pt / .pth or .csv (numeric, one
+    row per sample, a first row that is not numeric is a header) file."""
+    if not file.is_file():
+        fail(f"{file} does not exist" if not file.exists() else f"{file} is not a file")
+    suffix = file.suffix.lower()
+    if suffix not in (".npy", ".npz", ".pt", ".pth", ".csv"):
+        fail(f"{file}: unknown format {suffix or '(no suffix)'}; expected .npy, .npz, .pt, "
+             ".pth or .csv")
+    try:
+        if suffix == ".npy":
+            return {"": np.load(file, allow_pickle=False)}
+        if suffix == ".npz":
+            with np.load(file, allow_pickle=False) as archive:
+                return {key: archive[key] for key in archive.files}
+        if suffix == ".csv":
+            with open(file, newline="") as fh:
+                rows = [row for row in csv.reader(fh) if row]
+            try:
+                return {"": np.array(rows, dtype=np.float64)}
+            except ValueError:  # a header row
+                return {"": np.array(rows[1:], dtype=np.float64)}
+        loaded = torch.load(file, map_location="cpu", weights_only=True)
+    except (OSError, ValueError, EOFError, RuntimeError, zipfile.BadZipFile,
+            pickle.UnpicklingError, UnicodeDecodeError) as err:
+        fail(f"{file} is not a readable {suffix} file ({str(err).strip().splitlines()[0]})")
+    items = loaded.items() if isinstance(loaded, dict) else [("", loaded)]
+    arrays = {str(key): (value.detach().float() if value.dtype in (torch.bfloat16, torch.float16)
+                         else value.detach()).numpy()
+              for key, value in items if isinstance(value, torch.Tensor)}
+    if not arrays:
+        fail(f"{file} holds a {type(loaded).__name__} without tensors: expected a tensor or a "
+             "dict of tensors")
+    return arrays
+
+
+def check_embeddings(z: np.ndarray, what: str) -> np.ndarray:
+    """z as an (n, d) float64 array, or one line and exit 2 where the tests cannot use it:
+    complex or non-numeric values, NaN / inf, fewer than MIN_POINTS rows, a constant column, or
+    a column whose scale under- or overflows the tests' moments in double precision."""
+    if z.dtype.kind not in "biuf":
+        fail(f"{what} holds {'complex' if z.dtype.kind == 'c' else 'non-numeric'} values "
+             f"({z.dtype}): embeddings must be real numbers")
+    z = np.asarray(z, dtype=np.float64)
+    z = z[:, None] if z.ndim == 1 else z
+    if z.ndim != 2 or 0 in z.shape:
+        fail(f"{what}: expected an (n, d) array of embeddings, got shape {z.shape}")
+    if not np.isfinite(z).all():
+        fail(f"{what} holds {int((~np.isfinite(z)).sum())} NaN or infinite values")
+    if len(z) < MIN_POINTS:
+        fail(f"{what} holds {len(z)} points: the normality tests need at least {MIN_POINTS}")
+    peak = np.abs(z).max(axis=0)  # the sd of z / peak cannot under- or overflow
+    sd = (z / np.where(peak > 0, peak, 1)).std(axis=0) * peak
+    for j, s in enumerate(sd):
+        if s == 0:
+            fail(f"{what}: column {j} is constant ({z[0, j]:g}); the tests need variation in "
+                 "every coordinate (drop the column)")
+        if not 1e-50 <= s <= 1e50:
+            fail(f"{what}: column {j} has standard deviation {s:.1e}, outside [1e-50, 1e50] "
+                 "where the tests' moments under- or overflow in double precision; rescale it")
+    return z
+
+
+def check_labels(y: np.ndarray, n: int, what: str) -> np.ndarray:
+    """n labels of two classes or more, or one line and exit 2."""
+    y = np.asarray(y).reshape(-1) if np.ndim(y) == 2 and 1 in np.shape(y) else np.asarray(y)
+    if y.ndim != 1 or len(y) != n:
+        fail(f"{what} has shape {y.shape}: expected {n} labels, one per embedding")
+    if len(np.unique(y)) < 2:
+        fail(f"{what} holds a single class: the downstream scores and the silhouette need two")
+    return y
+
+
+def pick_arrays(arrays: dict[str, np.ndarray], file: Path, key: str | None,
+                seed: int) -> tuple[np.ndarray, tuple[np.ndarray, ...] | None, str]:
+    """(tested embeddings, (z_train, y_train, z_test, y_test) or None, where they come from).
+
+    A run's embeddings.npz: z_test, with z_train / y_train / y_test when present. Otherwise the
+    array `key`, the one array named in EMBEDDING_KEYS, or the one 2-D array; labels from
+    LABEL_KEYS, split 80/20 (stratified, seeded) for the downstream scores.
+    """
+    found = ", ".join(f"{name or 'the array'} {a.shape}" for name, a in arrays.items())
+    if key is None and "z_test" in arrays:
+        z = check_embeddings(arrays["z_test"], f"{file} (z_test)")
+        if not {"z_train", "y_train", "y_test"} <= arrays.keys():
+            return z, None, "z_test"
+        z_tr = check_embeddings(arrays["z_train"], f"{file} (z_train)")
+        if z_tr.shape[1] != z.shape[1]:
+            fail(f"{file}: z_train has {z_tr.shape[1]} columns, z_test {z.shape[1]}")
+        return z, (z_tr, check_labels(arrays["y_train"], len(z_tr), f"{file} (y_train)"), z,
+                   check_labels(arrays["y_test"], len(z), f"{file} (y_test)")), "z_test"
+    if key is not None and key not in arrays:
+        fail(f"{file} holds no array {key!r}; it holds: {found}")
+    candidates = ([key] if key is not None else [k for k in EMBEDDING_KEYS if k in arrays]
+                  or [k for k, a in arrays.items() if a.ndim == 2]
+                  or (list(arrays) if len(arrays) == 1 else []))
+    if len(candidates) != 1:
+        fail(f"{file}: cannot tell which array holds the embeddings (found {found}); "
+             "name it with --key NAME")
+    key = candidates[0]
+    z = check_embeddings(arrays[key], f"{file} ({key or 'the array'})")
+    label = next((name for name in LABEL_KEYS if name in arrays and name != key), None)
+    if label is None:
+        return z, None, key or "the array"
+    y = check_labels(arrays[label], len(z), f"{file} ({label})")
+    try:
+        z_tr, z_te, y_tr, y_te = train_test_split(z, y, test_size=0.2, random_state=seed,
+                                                  stratify=y)
+    except ValueError:  # a class with a single member cannot be stratified
+        z_tr, z_te, y_tr, y_te = train_test_split(z, y, test_size=0.2, random_state=seed)
+    return z, (z_tr, y_tr, z_te, y_te), f"{key}, labels from {label}, seeded stratified 80/20 split"
+
+
+def embeddings_report(file: Path, key: str | None, uniform: bool, subsample: int,
+                      seed: int) -> dict[str, Any]:
+    """Section 5 normality report of saved embeddings; downstream scores when labelled.
 
     With `uniform` (Section 3.3) the embeddings must lie in [0, 1]^d: they are tested against
     U[0, 1] coordinate by coordinate (Kolmogorov-Smirnov) and, after the probability integral
     transform Phi^-1, for normality. Downstream scores use the embeddings as saved.
     """
-    try:
-        loaded = np.load(file, allow_pickle=False)
-        arrays = ({k: loaded[k] for k in loaded.files} if isinstance(loaded, np.lib.npyio.NpzFile)
-                  else {"z_test": loaded})
-    except FileNotFoundError:
-        fail(f"{file} does not exist")
-    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as err:
-        fail(f"{file} is not a NumPy .npy/.npz file ({str(err).splitlines()[0]})")
-    if "z_test" not in arrays:
-        fail(f"{file} holds no z_test array (a run's embeddings.npz holds z_train, y_train, "
-             "z_test, y_test)")
-    z = np.asarray(arrays["z_test"], dtype=np.float64)
-    if z.ndim != 2 or not np.isfinite(z).all():
-        fail(f"{file}: expected a finite (n, d) array of embeddings, got shape {z.shape}")
+    z, labelled, source = pick_arrays(read_arrays(file), file, key, seed)
     if uniform and (z.min() < 0 or z.max() > 1):
         fail(f"{file}: --uniform needs embeddings in [0, 1], found [{z.min():.3g}, {z.max():.3g}]")
-    report: dict[str, Any] = {"file": str(file), "n": len(z), "dim": z.shape[1],
-                              "uniform": uniform}
-    try:
-        if uniform:
-            report["uniformity"] = uniformity_report(z)
-        report["normality"] = normality_report(to_gaussian(z) if uniform else z, seed=seed,
-                                               subsample=subsample)
-        if {"z_train", "y_train", "y_test"} <= arrays.keys():
-            report["downstream"] = downstream_report(arrays["z_train"], arrays["y_train"], z,
-                                                     arrays["y_test"], seed=seed)
-    except ValueError as err:
-        fail(f"{file}: {str(err).splitlines()[0]}")
+    report: dict[str, Any] = {"file": str(file), "arrays": source, "n": len(z),
+                              "dim": z.shape[1], "uniform": uniform}
+    if uniform:
+        report["uniformity"] = uniformity_report(z)
+    report["normality"] = normality_report(to_gaussian(z) if uniform else z, seed=seed,
+                                           subsample=subsample)
+    if labelled:
+        report["downstream"] = downstream_report(*labelled, seed=seed)
+    if not np.isfinite([v for v in report["normality"].values() if isinstance(v, float)]).all():
+        fail(f"{file}: the normality tests returned NaN on these embeddings")
     return report
 
 
+def report_lines(report: dict[str, Any]) -> list[str]:
+    """The embeddings report as text."""
+    lines = [f"{report['file']} ({report['arrays']}): n = {report['n']}, d = {report['dim']}"
+             + (", tested after the PIT Phi^-1 (--uniform)" if report["uniform"] else "")]
+    if "uniformity" in report:
+        lines.append(f"uniformity: Kolmogorov-Smirnov p (mean over coordinates) "
+                     f"{report['uniformity']['ks_p_mean']:.3f}, largest D "
+                     f"{report['uniformity']['ks_stat_max']:.3f}")
+    lines += normality_lines(report["normality"])
+    if "downstream" in report:
+        d = report["downstream"]
+        lines.append(f"downstream: k-NN {d['knn_acc']:.4f}   GaussianNB {d['gnb_acc']:.4f}   "
+                     f"MLP {d['mlp_acc']:.4f}   silhouette {d['silhouette']:.3f}")
+    return lines
+
+
 # --------------------------------------------------------------------------------------------
-# Mode 4: recompute a run's metrics from its saved model
+# Mode 4: recompute a run's metrics from its model; mode 5: renew its normality block
 # --------------------------------------------------------------------------------------------
 
-def recompute(run_dir: Path, device_name: str) -> dict[str, Any]:
-    """A run's evaluate() (Section 5 protocol) on its model.pt, with the run's own settings.
-
-    Data and models are prepared exactly as common.run_infomax prepares them, so on the run's
-    device the numbers reproduce metrics.json.
-    """
+def recompute(run_dir: Path, device: str) -> int:
+    """Run the run's own script with --eval-only (it writes metrics_recomputed.json and prints
+    its summary), then compare with metrics.json; returns the script's exit code."""
     args_file = run_dir / "args.json"
     if not args_file.is_file():
         fail(f"{run_dir} holds no args.json: not a run directory of mnist_gauss.py / "
              "mnist_uniform.py")
     saved = read_json(args_file)
-    script = mnist_uniform if "eps" in saved else mnist_gauss
-    args = script.parse_args(["--out", str(run_dir), "--resume", "--quiet",
-                              "--device", device_name])
-    device = pick_device(args.device)
-    started = time.time()
-    data, data_info = run_data(args, device)
-    models = script.build_models(args, device)
-    model_file = run_dir / "model.pt"
-    if not model_file.is_file():
-        fail(f"{run_dir} holds no model.pt: the run has not finished")
-    try:
-        models.load_state_dict(torch.load(model_file, map_location=device,
-                                          weights_only=True)["models"])
-    except (OSError, RuntimeError, KeyError, EOFError, pickle.UnpicklingError) as err:
-        fail(f"{model_file} does not hold this run's models ({str(err).splitlines()[0]})")
-    metrics = script.evaluate(models, data, args)
-    del metrics["embeddings"]
-    metrics.update(run_record(args, device, data_info, started))
-    return metrics
+    if not isinstance(saved, dict) or not {"sigma", "eps"} & saved.keys():
+        fail(f"{args_file} names neither sigma nor eps: not a run of mnist_gauss.py / "
+             "mnist_uniform.py")
+    script = REPO / ("mnist_uniform.py" if "eps" in saved else "mnist_gauss.py")
+    sys.stdout.flush()
+    code = subprocess.run([sys.executable, str(script), "--out", str(run_dir), "--eval-only",
+                           "--device", device]).returncode
+    if code == 0:
+        again = json.loads((run_dir / "metrics_recomputed.json").read_text())
+        try:
+            saved = json.loads((run_dir / "metrics.json").read_text())
+        except (OSError, ValueError):
+            saved = {}
+        differ = [key for key in again if saved.get(key) != again[key] and key not in
+                  ("data", "device", "wall_time_s", "train_history", "curve")]  # not evaluation
+        print(f"identical to {run_dir / 'metrics.json'}" if not differ
+              else f"differs from {run_dir / 'metrics.json'} in: {', '.join(differ)}")
+    return code
 
 
-def compare_with_saved(run_dir: Path) -> str:
-    """One line: do metrics_recomputed.json and metrics.json of run_dir hold the same numbers?"""
-    saved_file = run_dir / "metrics.json"
-    try:
-        saved = json.loads(saved_file.read_text())
-    except (OSError, ValueError) as err:
-        return f"nothing to compare with: {saved_file} is unreadable ({err})"
-    again = json.loads((run_dir / "metrics_recomputed.json").read_text())
-    differ = [key for key in again if key not in ("data", "device", "wall_time_s")
-              and saved.get(key) != again[key]]
-    return (f"identical to {saved_file}" if not differ
-            else f"differs from {saved_file} in: {', '.join(differ)}")
+def renormalize(paths: list[str]) -> None:
+    """Recompute each run's normality block from RUN/embeddings.npz (z_test) with the settings
+    and seed it recorded, and write it into RUN/metrics.json atomically, keeping the rest."""
+    for run in find_runs(paths):
+        metrics = read_json(run / "metrics.json")
+        if "method" in metrics or not {"sigma", "eps"} & metrics.keys():
+            fail(f"{run}: --renormalize takes runs of mnist_gauss.py / mnist_uniform.py")
+        z = pick_arrays(read_arrays(run / "embeddings.npz"), run / "embeddings.npz", None, 0)[0]
+        old = metrics.get("normality", {})
+        try:
+            new = normality_report(to_gaussian(z) if "eps" in metrics else z,
+                                   seed=metrics["seed"], subsample=old["subsample"],
+                                   n_proj=old.get("n_proj", 10), n_boot=old.get("n_boot", 20))
+        except (KeyError, TypeError) as err:
+            fail(f"{run / 'metrics.json'} lacks the seed or normality settings ({err})")
+        same = all(new[k] == old.get(k) for k in ("dagostino_p", "shapiro_p", "henze_zirkler_p"))
+        write_json({**metrics, "normality": new}, run / "metrics.json")
+        print("\n".join([f"{run}: averaged p-values " + ("reproduced" if same else "differ from "
+                         "the saved ones (other embeddings or library versions)"),
+                         *normality_lines(new)]))
 
 
 # --------------------------------------------------------------------------------------------
@@ -624,37 +708,45 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescript
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("runs", nargs="*", metavar="RUN_DIR",
-                   help="Figure 1 and Table 1 modes: run directories, or folders searched "
-                        "recursively for run directories (those holding metrics.json)")
-    p.add_argument("--table", action="store_true",
-                   help="Table 1 mode: the RUN_DIRs are cifar_ssl.py runs")
+                   help="Figure 1, --table and --renormalize: run directories, or folders "
+                        "searched recursively for them (those holding metrics.json)")
+    p.add_argument("--table", action="store_true", help="Table 1 of cifar_ssl.py RUN_DIRs")
+    p.add_argument("--renormalize", action="store_true",
+                   help="renew the normality block of each RUN_DIR from its embeddings.npz")
     p.add_argument("--out", default=None, metavar="PREFIX",
-                   help="Figure 1 mode: write PREFIX.png, PREFIX.pdf, PREFIX.md, PREFIX.csv "
-                        "(default figure1); Table 1 mode: PREFIX.md (default table1)")
+                   help="Figure 1: PREFIX.png, .pdf, .md, .csv (default figure1); --table: "
+                        "PREFIX.md (default table1); --embeddings: PREFIX.json")
     p.add_argument("--embeddings", default=None, metavar="FILE",
-                   help="embeddings mode: a run's embeddings.npz (z_test tested; z_train, "
-                        "y_train, y_test give downstream scores) or an (n, d) .npy array")
+                   help="report on the embeddings in FILE: .npy, .npz, .pt, .pth or .csv")
+    p.add_argument("--key", default=None, metavar="NAME",
+                   help="--embeddings: the array of FILE that holds the embeddings")
     p.add_argument("--uniform", action="store_true",
-                   help="embeddings in [0, 1]^d (uniform DM, Section 3.3): Kolmogorov-Smirnov "
+                   help="--embeddings in [0, 1]^d (uniform DM, Section 3.3): Kolmogorov-Smirnov "
                         "tests against U[0, 1], normality tests after Phi^-1")
     p.add_argument("--subsample", type=positive_int, default=128,
                    help="subsample size of the bootstrapped normality tests (as in the scripts)")
-    p.add_argument("--seed", type=int, default=0,
-                   help="seed of the test subsamples, projections and MLP (a run used its --seed)")
+    p.add_argument("--seed", type=seed_int, default=0,
+                   help="seed of the test subsamples, projections, split and MLP")
     p.add_argument("--json-out", default=None, metavar="FILE",
-                   help="embeddings mode: also write the report to FILE")
+                   help="--embeddings: write the report to FILE")
     p.add_argument("--checkpoint", default=None, metavar="RUN_DIR",
-                   help="checkpoint mode: recompute the run's metrics from RUN_DIR/model.pt")
-    p.add_argument("--device", default="auto",
-                   help="checkpoint mode: auto (CUDA when present), cpu, cuda; the run's own "
+                   help="recompute the run's metrics from RUN_DIR/model.pt")
+    p.add_argument("--device", default="auto", type=device_flag,
+                   help="--checkpoint: auto (CUDA when present), cpu, cuda; the run's own "
                         "device reproduces its numbers exactly")
     args = p.parse_args(argv)
     if bool(args.runs) + (args.embeddings is not None) + (args.checkpoint is not None) != 1:
         p.error("give run directories, --embeddings FILE or --checkpoint RUN_DIR (one mode)")
-    if args.embeddings is None and (args.uniform or args.json_out):
-        p.error("--uniform and --json-out go with --embeddings")
-    if args.table and not args.runs:
-        p.error("--table needs the cifar_ssl.py run directories")
+    if args.embeddings is None and (args.uniform or args.json_out or args.key):
+        p.error("--uniform, --key and --json-out go with --embeddings")
+    if (args.table and args.renormalize) or ((args.table or args.renormalize) and not args.runs):
+        p.error("--table or --renormalize (one of them) needs run directories")
+    if args.out is not None and (args.checkpoint or args.renormalize):
+        p.error("--out has no meaning here: the results go into the run directories")
+    if args.out is not None and args.json_out is not None:
+        p.error("give --out PREFIX or --json-out FILE, not both")
+    if args.subsample < MIN_POINTS:
+        p.error(f"--subsample must be >= {MIN_POINTS}: the normality tests need that many points")
     return args
 
 
@@ -662,23 +754,26 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     if args.table:
         table1(args.runs, args.out or "table1")
+    elif args.renormalize:
+        renormalize(args.runs)
     elif args.runs:
         aggregate(args.runs, args.out or "figure1")
     elif args.embeddings is not None:
-        report = embeddings_report(Path(args.embeddings), args.uniform, args.subsample,
-                                   args.seed)
-        if args.json_out:
-            write_json(report, args.json_out)
-        print(json.dumps(report, indent=2))
-    else:
-        run_dir = Path(args.checkpoint)
-        if not run_dir.is_dir():
-            fail(f"{run_dir} is not a directory")
-        metrics = recompute(run_dir, args.device)
-        write_json(metrics, run_dir / "metrics_recomputed.json")
-        print(summary(metrics))
-        print(compare_with_saved(run_dir)
-              + f"\nsaved to {run_dir / 'metrics_recomputed.json'}")
+        report = embeddings_report(Path(args.embeddings), args.key, args.uniform,
+                                   args.subsample, args.seed)
+        print("\n".join(report_lines(report)))
+        if args.json_out or args.out:
+            out = Path(args.json_out or f"{args.out.removesuffix('.json')}.json")
+            try:
+                out.parent.mkdir(parents=True, exist_ok=True)
+                write_json(report, out)
+            except OSError as err:
+                fail(f"cannot write {out} ({err.strerror or err})")
+            print(f"saved {out}")
+    elif not Path(args.checkpoint).is_dir():
+        fail(f"{args.checkpoint} is not a directory")
+    elif code := recompute(Path(args.checkpoint), args.device):
+        sys.exit(code)
 
 
 if __name__ == "__main__":

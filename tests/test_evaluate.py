@@ -8,9 +8,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from test_mnist_gauss import run, tiny_mnist  # noqa: F401  (pytest fixture)
+import torch
 
 import evaluate
+import mnist_gauss
 import mnist_uniform
 
 REPO = Path(__file__).resolve().parents[1]
@@ -105,6 +106,29 @@ def test_one_clean_run_passes_the_mi_check(tmp_path, capsys):
     assert "no trained run exceeds the bound (1 checked)" in capsys.readouterr().out
 
 
+def test_figure1_draws_null_bands_and_the_distance_column(tmp_path, capsys):
+    normality = {"dagostino_p": 0.3, "shapiro_p": 0.35, "henze_zirkler_p": 0.2,
+                 "henze_zirkler_stat": 2.0, "subsample": 128, "n_proj": 10, "n_boot": 20,
+                 "null": {"dagostino_p": {"mean": 0.5, "sd": 0.03},
+                          "shapiro_p": {"mean": 0.5, "sd": 0.025},
+                          "henze_zirkler_p": {"mean": 0.49, "sd": 0.07}, "draws": 39},
+                 "sliced_w2": 0.06, "sliced_w2_null": {"mean": 0.031, "q95": 0.037, "draws": 39},
+                 "decision": {"test": "henze-zirkler", "level": 0.05, "p": 1e-4,
+                              "reject": True}}
+    for seed in range(2):
+        write_run(tmp_path / "runs", f"s{seed}", 0.5, seed, normality=normality)
+    write_run(tmp_path / "runs", "old", 1.0)  # saved before the null levels: no band, no W2
+    evaluate.main([str(tmp_path / "runs"), "--out", str(tmp_path / "fig")])
+    printed = capsys.readouterr().out
+    assert "sliced W2 to N(0, I)" in printed and "| 0.060 ± 0.000 |" in printed
+    assert "D'Agostino-Pearson p (average) 0.440 to 0.560" in printed
+    assert "sliced W2 to N(0, I) 0.031 to 0.037" in printed
+    rows = {float(row["sigma"]): row for row in csv.DictReader(open(tmp_path / "fig.csv"))}
+    assert float(rows[0.5]["sliced_w2_mean"]) == pytest.approx(0.06)
+    assert math.isnan(float(rows[1.0]["sliced_w2_mean"]))
+    assert (tmp_path / "fig.png").stat().st_size > 0
+
+
 def write_uniform_run(root, name, eps=0.1, seed=0, ks_p=0.5):
     """A fake mnist_uniform.py run: eps instead of sigma, eq. 6 capacity, KS uniformity tests."""
     out = write_run(root, name, 0.5, seed, capacity=2 * math.log1p(1 / (2 * eps)),
@@ -141,7 +165,7 @@ def corrupt(root):
     (mixed, "cannot mix Gaussian"),
     (lambda root: [str(root / "missing")], "does not exist"),
     (lambda root: [str(root)], "holds no metrics.json"),
-    (corrupt, "not a valid metrics.json"),
+    (corrupt, "not valid JSON"),
     (lambda root: [str(write_run(root, "a")), str(write_run(root, "b", seed=1, dim=3))],
      "differ in dim"),
     (lambda root: [str(write_run(root, "a")), str(write_run(root, "b", steps=500))],
@@ -165,32 +189,44 @@ def test_command_line_missing_path_has_no_traceback(tmp_path):
 
 
 def embeddings(tmp_path, capsys, name, flags=(), **arrays):
-    """Save arrays, run --embeddings on them, return the printed JSON report."""
+    """Save arrays, run --embeddings on them with --out, return the JSON report it wrote."""
     file = tmp_path / name
     if name.endswith(".npy"):
         np.save(file, arrays["z"])
     else:
         np.savez(file, **arrays)
-    evaluate.main(["--embeddings", str(file), *flags])
-    return json.loads(capsys.readouterr().out)
+    out = tmp_path / "reports" / name
+    evaluate.main(["--embeddings", str(file), "--out", str(out), *flags])
+    printed = capsys.readouterr().out
+    assert f"saved {out}.json" in printed
+    return json.loads(Path(f"{out}.json").read_text()), printed
 
 
 def test_embeddings_normality_of_gaussian_and_uniform_samples(tmp_path, capsys):
     rng = np.random.default_rng(0)
-    normal = embeddings(tmp_path, capsys, "gauss.npy", z=rng.standard_normal((1000, 2)))
+    normal, printed = embeddings(tmp_path, capsys, "gauss.npy", z=rng.standard_normal((1000, 2)))
     for key in ("dagostino_p", "shapiro_p", "henze_zirkler_p"):
         assert normal["normality"][key] > 0.3
+        band = normal["normality"]["null"][key]
+        assert abs(normal["normality"][key] - band["mean"]) < 3 * band["sd"]
+        assert f"{band['mean']:.3f} +- {band['sd']:.3f}" in printed  # value beside its null level
     assert normal["n"] == 1000 and "downstream" not in normal
+    w2 = normal["normality"]["sliced_w2_null"]
+    assert f"{normal['normality']['sliced_w2']:.4f}   null {w2['mean']:.4f}" in printed
+    assert not normal["normality"]["decision"]["reject"] and "not rejected" in printed
     u = rng.uniform(size=(1000, 2))
-    json_out = tmp_path / "report.json"
-    pit = embeddings(tmp_path, capsys, "u.npz", ("--uniform", "--json-out", str(json_out)),
-                     z_test=u)
+    json_out = tmp_path / "new" / "folder" / "report.json"  # created on the way
+    file = tmp_path / "u.npz"
+    np.savez(file, z_test=u)
+    evaluate.main(["--embeddings", str(file), "--uniform", "--json-out", str(json_out)])
+    pit = json.loads(json_out.read_text())
     for key in ("dagostino_p", "shapiro_p", "henze_zirkler_p"):
         assert pit["normality"][key] > 0.3
     assert pit["uniformity"]["ks_p_mean"] > 0.1 and len(pit["uniformity"]["ks_p"]) == 2
-    assert json.loads(json_out.read_text()) == pit
-    raw = embeddings(tmp_path, capsys, "u2.npz", z_test=u)
+    raw, printed = embeddings(tmp_path, capsys, "u2.npz", z_test=u)
     assert raw["normality"]["henze_zirkler_p"] < 0.01
+    assert raw["normality"]["decision"]["reject"] and "rejected" in printed
+    assert raw["normality"]["sliced_w2"] > raw["normality"]["sliced_w2_null"]["q95"]
 
 
 def test_embeddings_with_labels_give_downstream_scores(tmp_path, capsys):
@@ -200,18 +236,78 @@ def test_embeddings_with_labels_give_downstream_scores(tmp_path, capsys):
 
     def points(y):
         return centers[y] + rng.standard_normal((len(y), 2)) * 0.5
-    report = embeddings(tmp_path, capsys, "e.npz", z_train=points(y_tr), y_train=y_tr,
-                        z_test=points(y_te), y_test=y_te)
+    report, _ = embeddings(tmp_path, capsys, "e.npz", z_train=points(y_tr), y_train=y_tr,
+                           z_test=points(y_te), y_test=y_te)
     for key in ("gnb_acc", "knn_acc", "mlp_acc"):
         assert report["downstream"][key] > 0.9
     assert report["downstream"]["silhouette"] > 0.5
 
 
+def clusters(n=500, seed=2):
+    rng = np.random.default_rng(seed)
+    y = rng.integers(0, 3, n)
+    return 5.0 * np.eye(3)[y, :2] + rng.standard_normal((n, 2)) * 0.5, y
+
+
+def save_other(file, z, y):
+    """Another model's embeddings in the format the file name says."""
+    if file.suffix == ".npz":
+        np.savez(file, embeddings=z, labels=y)
+    elif file.suffix == ".pt":
+        torch.save({"features": torch.tensor(z, dtype=torch.float32),
+                    "targets": torch.tensor(y)}, file)
+    elif file.suffix == ".pth":
+        torch.save(torch.tensor(z), file)
+    else:
+        file.write_text("a,b\n" + "\n".join(f"{a},{b}" for a, b in z))
+
+
+@pytest.mark.parametrize("name,labelled", [("other.npz", True), ("other.pt", True),
+                                           ("tensor.pth", False), ("table.csv", False)])
+def test_embeddings_of_other_models(tmp_path, capsys, name, labelled):
+    z, y = clusters()
+    save_other(tmp_path / name, z, y)
+    evaluate.main(["--embeddings", str(tmp_path / name), "--json-out", str(tmp_path / "r.json")])
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert report["n"] == 500 and report["dim"] == 2
+    assert report["normality"]["decision"]["reject"]  # three clusters are not Gaussian
+    assert ("downstream" in report) == labelled
+    if labelled:  # seeded stratified 80/20 split of the labelled points
+        assert report["downstream"]["knn_acc"] > 0.9 and "80/20" in report["arrays"]
+
+
+def test_key_picks_one_of_several_arrays(tmp_path, capsys):
+    z, _ = clusters()
+    np.savez(tmp_path / "two.npz", first=z, second=z[:, :1] * 0 + z[:, 1:])
+    evaluate.main(["--embeddings", str(tmp_path / "two.npz"), "--key", "first"])
+    assert "n = 500, d = 2" in capsys.readouterr().out
+
+
 @pytest.mark.parametrize("name,save,flags,message", [
-    ("z.npy", lambda file: file.write_text("not an array"), (), "not a NumPy"),
-    ("z.npy", lambda file: np.save(file, np.full((20, 2), 2.0)), ("--uniform",),
+    ("z.npy", lambda f: f.write_text("not an array"), (), "is not a readable .npy file"),
+    ("z.npy", lambda f: np.save(f, np.linspace(1, 3, 40).reshape(20, 2)), ("--uniform",),
      "embeddings in [0, 1]"),
-    ("z.npz", lambda file: np.savez(file, z=np.zeros((20, 2))), (), "holds no z_test"),
+    ("z.npz", lambda f: np.savez(f, a=np.ones((20, 2)), b=np.ones((20, 2))), (),
+     "found a (20, 2), b (20, 2)); name it with --key NAME"),
+    ("z.npz", lambda f: np.savez(f, a=np.ones((20, 2))), ("--key", "c"), "holds no array 'c'"),
+    ("z.npy", lambda f: np.save(f, np.column_stack([np.arange(20.0), np.full(20, 3.0)])), (),
+     "column 1 is constant"),
+    ("z.npy", lambda f: np.save(f, np.full((20, 2), np.nan)), (), "40 NaN or infinite"),
+    ("z.npy", lambda f: np.save(f, np.ones((20, 2)) * (1 + 1j)), (), "complex values"),
+    ("z.npy", lambda f: np.save(f, np.ones((5, 2)).cumsum(0)), (), "need at least 8"),
+    ("z.npy", lambda f: np.save(f, np.random.default_rng(0).standard_normal((50, 2)) * 1e-300),
+     (), "outside [1e-50, 1e50]"),
+    ("z.npy", lambda f: np.save(f, np.random.default_rng(0).standard_normal((50, 2)) * 1e200),
+     (), "outside [1e-50, 1e50]"),
+    ("z.npz", lambda f: np.savez(f, z=np.random.default_rng(0).standard_normal((50, 2)),
+                                 y=np.zeros(50)), (), "single class"),
+    ("z.npz", lambda f: np.savez(f, z=np.random.default_rng(0).standard_normal((50, 2)),
+                                 labels=np.arange(40) % 2), (), "expected 50 labels"),
+    ("z.pt", lambda f: f.write_bytes(b"garbage"), (), "is not a readable .pt file"),
+    ("z.pt", lambda f: torch.save({"note": "text"}, f), (), "without tensors"),
+    ("z.csv", lambda f: f.write_text("1,2\n3,x\n"), (), "could not convert string to float: 'x'"),
+    ("z.txt", lambda f: f.write_text("1"), (), "unknown format .txt"),
+    ("missing.npy", lambda f: None, (), "does not exist"),
 ])
 def test_bad_embeddings_are_one_line(tmp_path, capsys, name, save, flags, message):
     file = tmp_path / name
@@ -219,31 +315,60 @@ def test_bad_embeddings_are_one_line(tmp_path, capsys, name, save, flags, messag
     with pytest.raises(SystemExit) as exc:
         evaluate.main(["--embeddings", str(file), *flags])
     err = capsys.readouterr().err
-    assert exc.value.code == 2 and len(err.strip().splitlines()) == 1 and message in err
+    assert exc.value.code == 2 and len(err.strip().splitlines()) == 1 and message in err, err
 
 
-def test_checkpoint_reproduces_gaussian_run(tiny_mnist, tmp_path, capsys):  # noqa: F811
+@pytest.mark.parametrize("flags", [("--checkpoint", "x", "--out", "y"), ("--subsample", "3"),
+                                   ("--renormalize",), ("--embeddings", "e.npy", "--out", "a",
+                                                        "--json-out", "b")])
+def test_flags_without_meaning_are_refused(flags, capsys):
+    with pytest.raises(SystemExit) as exc:
+        evaluate.main(list(flags) if flags[0] != "--subsample" else ["--embeddings", "e.npy",
+                                                                     *flags])
+    assert exc.value.code == 2
+
+
+def test_checkpoint_reproduces_gaussian_run(run_script, tmp_path, capfd):
     out = tmp_path / "run"
-    saved = run(tiny_mnist, out, "--steps", "2", "--sigma", "0.5", "--device", "cpu")
-    capsys.readouterr()
+    saved = run_script(mnist_gauss, out, "--steps", "2", "--sigma", "0.5", "--device", "cpu")
+    capfd.readouterr()
     evaluate.main(["--checkpoint", str(out), "--device", "cpu"])
-    printed = capsys.readouterr().out
+    printed = capfd.readouterr().out
     again = json.loads((out / "metrics_recomputed.json").read_text())
     for key in ("capacity", "mi_heldout", "mi_heldout_se", "normality", "downstream"):
         assert again[key] == saved[key]
     assert "identical to" in printed and "MI estimate (held-out)" in printed
 
 
-def test_checkpoint_reproduces_uniform_run(tiny_mnist, tmp_path, capsys):  # noqa: F811
+def test_checkpoint_reproduces_uniform_run_and_renormalize_keeps_it(run_script, tmp_path,
+                                                                   capfd):
     out = tmp_path / "run"
-    mnist_uniform.main(["--data-dir", str(tiny_mnist), "--out", str(out), "--steps", "2",
-                        "--eps", "0.2", "--batch-size", "64", "--subsample", "32", "--quiet",
-                        "--device", "cpu"])
-    saved = json.loads((out / "metrics.json").read_text())
+    saved = run_script(mnist_uniform, out, "--steps", "2", "--eps", "0.2", "--device", "cpu")
     evaluate.main(["--checkpoint", str(out), "--device", "cpu"])
     again = json.loads((out / "metrics_recomputed.json").read_text())
     for key in ("mi_heldout", "normality", "uniformity", "downstream"):
         assert again[key] == saved[key]
+    # --renormalize on a run saved before the null levels: the block comes back complete
+    old = {**saved, "normality": {k: saved["normality"][k] for k in (
+        "dagostino_p", "shapiro_p", "henze_zirkler_p", "henze_zirkler_stat", "subsample",
+        "n_proj", "n_boot")}}
+    (out / "metrics.json").write_text(json.dumps(old))
+    capfd.readouterr()
+    evaluate.main(["--renormalize", str(out)])
+    assert "averaged p-values reproduced" in capfd.readouterr().out
+    renewed = json.loads((out / "metrics.json").read_text())
+    assert renewed["normality"] == saved["normality"]
+    assert {k: v for k, v in renewed.items() if k != "normality"} == {
+        k: v for k, v in old.items() if k != "normality"}
+
+
+def test_renormalize_without_embeddings_is_one_line(tmp_path, capsys):
+    write_run(tmp_path, "a")
+    with pytest.raises(SystemExit) as exc:
+        evaluate.main(["--renormalize", str(tmp_path / "a")])
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and len(err.strip().splitlines()) == 1
+    assert "embeddings.npz does not exist" in err
 
 
 def test_checkpoint_of_broken_run_dir_is_one_line(tmp_path, capsys):
@@ -254,9 +379,10 @@ def test_checkpoint_of_broken_run_dir_is_one_line(tmp_path, capsys):
     assert exc.value.code == 2 and len(err.strip().splitlines()) == 1 and "args.json" in err
 
 
-def test_help_documents_the_three_modes(capsys):
+def test_help_documents_the_modes(capsys):
     with pytest.raises(SystemExit) as exc:
         evaluate.main(["--help"])
     text = capsys.readouterr().out
     assert exc.value.code == 0
-    assert "Figure 1" in text and "--embeddings" in text and "--checkpoint" in text
+    for needle in ("Figure 1", "--table", "--embeddings", "--checkpoint", "--renormalize"):
+        assert needle in text
