@@ -53,6 +53,7 @@ from common import (
     fail,
     normality_lines,
     normality_report,
+    outlier_report,
     positive_int,
     pyplot,
     read_json,
@@ -698,6 +699,74 @@ def renormalize(paths: list[str]) -> None:
 
 
 # --------------------------------------------------------------------------------------------
+# Mode 6: outliers from the known prior against the fitted detector
+# --------------------------------------------------------------------------------------------
+
+def outlier_arrays(file: Path, uniform: bool, prior: str) -> tuple[dict[str, np.ndarray], bool]:
+    """The train / test / shifted embeddings of an embeddings.npz written with --ood, and
+    whether the prior is U[0, 1]^d (one line and exit 2 when unusable)."""
+    if prior != "auto" and uniform != (prior == "uniform"):
+        fail(f"{file}: embeddings of a {'uniform' if uniform else 'Gaussian'} DM run; the "
+             f"{prior} prior does not apply (drop --prior or pass --prior "
+             f"{'uniform' if uniform else 'gaussian'})")
+    arrays = read_arrays(file)
+    shifted = {key.removeprefix("z_ood_"): check_embeddings(value, f"{file}:{key}")
+               for key, value in arrays.items() if key.startswith("z_ood_")}
+    if not shifted or not {"z_train", "z_test"} <= set(arrays):
+        fail(f"{file} holds no out-of-distribution embeddings (z_ood_<name>) beside z_train and "
+             "z_test: run the script with --ood fashion-mnist inverted noise")
+    return {"z_train": check_embeddings(arrays["z_train"], f"{file}:z_train"),
+            "z_test": check_embeddings(arrays["z_test"], f"{file}:z_test"), **shifted}, uniform
+
+
+def outliers(paths: list[str], embeddings: str | None, prior: str, prefix: str | None) -> None:
+    """Mode 6: false-alarm and detection rates of the prior rule (chi^2_d p-value of ||z||^2,
+    after Phi^-1 for uniform DM) and of the fitted Mahalanobis rule at alpha = 0.01, 0.05, 0.10,
+    and AUROC; for run directories one table over the noise level, mean +- 99% CI over seeds."""
+    sources = ([(Path(embeddings), prior == "uniform", ("file", math.nan, math.nan))]
+               if embeddings else
+               [(run["path"] / "embeddings.npz", run["family"] == "eps",
+                 (run["kind"], run["noise"], run["capacity"]))
+                for run in map(load_run, find_runs(paths))])
+    groups: dict[tuple[str, float, float], list[dict[str, Any]]] = {}
+    for file, uniform, key in sources:
+        arrays, uniform = outlier_arrays(file, uniform, prior)
+        groups.setdefault(key, []).append(outlier_report(
+            arrays.pop("z_train"), arrays.pop("z_test"), arrays, uniform=uniform))
+
+    def cell(values: list[float]) -> str:
+        mean, half = mean_ci99(values)
+        return f"{mean:.3f}" + ("" if math.isnan(half) else f" ± {half:.3f}")
+    alphas, shifts = list(groups[next(iter(groups))][0]["alphas"]), []
+    for reports in groups.values():
+        shifts += [name for name in reports[0]["auroc"] if name not in shifts]
+    alarms, detections = [], []
+    for (kind, noise, capacity), reports in groups.items():
+        head = [kind, f"{noise:g}", fmt(capacity), str(len(reports))]
+        alarms.append(head + [cell([r["alphas"][a][rule]["false_alarm"] for r in reports])
+                              for rule in ("prior", "fitted") for a in alphas])
+        detections += [head + [name] + [
+            cell([r["alphas"]["0.05"][rule].get(f"detect_{name}", math.nan) for r in reports])
+            for rule in ("prior", "fitted")] + [
+            cell([r["auroc"].get(name, {}).get(rule, math.nan) for r in reports])
+            for rule in ("prior", "fitted")] for name in shifts]
+    head = ["runs", "noise", "C", "seeds"]
+    text = ("Outliers from the prior: false-alarm rate on the held-out test embeddings (nominal "
+            "= alpha), mean ± 99% CI over seeds\n\n"
+            + md_table(head + [f"{rule} α={a}" for rule in ("prior", "fitted") for a in alphas],
+                       alarms)
+            + "\n\nDetection rate at α = 0.05 and AUROC on each shifted set\n\n"
+            + md_table(head + ["shift", "prior detect", "fitted detect", "prior AUROC",
+                               "fitted AUROC"], detections) + "\n")
+    print(text)
+    if prefix:
+        save_texts(prefix, {"md": text, "json": json.dumps(
+            [{"kind": k, "noise": n, "reports": r} for (k, n, _), r in groups.items()],
+            indent=1, default=str)})
+        print(f"saved {prefix}.md, {prefix}.json")
+
+
+# --------------------------------------------------------------------------------------------
 # Command line
 # --------------------------------------------------------------------------------------------
 
@@ -711,6 +780,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="Figure 1, --table and --renormalize: run directories, or folders "
                         "searched recursively for them (those holding metrics.json)")
     p.add_argument("--table", action="store_true", help="Table 1 of cifar_ssl.py RUN_DIRs")
+    p.add_argument("--outliers", action="store_true",
+                   help="outlier detection from the prior (chi^2 of ||z||^2) against the fitted "
+                        "Mahalanobis rule, on RUN_DIRs or --embeddings FILE written with --ood")
+    p.add_argument("--prior", choices=["auto", "gaussian", "uniform"], default="auto",
+                   help="--outliers: the prior of the embeddings (auto: from the run)")
     p.add_argument("--renormalize", action="store_true",
                    help="renew the normality block of each RUN_DIR from its embeddings.npz")
     p.add_argument("--out", default=None, metavar="PREFIX",
@@ -743,6 +817,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error("--table or --renormalize (one of them) needs run directories")
     if args.out is not None and (args.checkpoint or args.renormalize):
         p.error("--out has no meaning here: the results go into the run directories")
+    if args.outliers and (args.table or args.renormalize or args.checkpoint):
+        p.error("--outliers goes with RUN_DIRs or --embeddings FILE")
+    if args.prior != "auto" and not args.outliers:
+        p.error("--prior goes with --outliers")
+    if args.outliers and args.embeddings and args.prior == "auto":
+        p.error("--outliers --embeddings FILE needs --prior gaussian or --prior uniform")
     if args.out is not None and args.json_out is not None:
         p.error("give --out PREFIX or --json-out FILE, not both")
     if args.subsample < MIN_POINTS:
@@ -752,7 +832,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    if args.table:
+    if args.outliers:
+        outliers(args.runs, args.embeddings, args.prior, args.out)
+    elif args.table:
         table1(args.runs, args.out or "table1")
     elif args.renormalize:
         renormalize(args.runs)

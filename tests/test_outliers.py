@@ -1,9 +1,14 @@
 """Outliers from the known prior (common.py): the chi^2 p-value of ||z||^2 needs no fitting and
 keeps its false-alarm rate on N(0, I) embeddings; AUROC, the Mahalanobis baseline, intervals."""
+import json
+
 import numpy as np
 import pytest
 import scipy.stats
 
+import evaluate
+import mnist_gauss
+import mnist_uniform
 from common import (
     auroc,
     binomial_interval,
@@ -71,3 +76,52 @@ def test_outlier_report_on_gaussian_in_and_shifted_out():
         assert at5[rule]["detect_same"] == pytest.approx(0.05, abs=0.025)
     assert report["auroc"]["far"]["prior"] > 0.99
     assert report["auroc"]["same"]["fitted"] == pytest.approx(0.5, abs=0.05)
+
+
+@pytest.fixture(scope="module")
+def runs_with_shifts(run_script, tmp_path_factory):
+    """Two seeds of a short Gaussian run and one uniform run, each with two shifted test sets."""
+    root = tmp_path_factory.mktemp("outlier_runs")
+    for seed in ("0", "1"):
+        run_script(mnist_gauss, root / "gauss" / f"seed{seed}", "--steps", "2", "--sigma", "0.5",
+                   "--seed", seed, "--ood", "inverted", "noise")
+    run_script(mnist_uniform, root / "uniform", "--steps", "2", "--ood", "noise")
+    return root
+
+
+def test_outlier_table_over_runs(runs_with_shifts, tmp_path, capsys):
+    evaluate.main(["--outliers", str(runs_with_shifts / "gauss"), "--out", str(tmp_path / "o")])
+    out = capsys.readouterr().out
+    assert "| trained | 0.5 | 1.609 | 2 |" in out
+    assert "| inverted |" in out and "| noise |" in out
+    saved = json.loads((tmp_path / "o.json").read_text())
+    rates = saved[0]["reports"][0]["alphas"]["0.05"]["prior"]
+    assert 0 <= rates["false_alarm"] <= 1 and 0 <= rates["detect_noise"] <= 1
+    assert (tmp_path / "o.md").read_text().startswith("Outliers from the prior")
+
+
+def test_outliers_of_an_embeddings_file(tmp_path, capsys):
+    rng = np.random.default_rng(5)
+    np.savez(tmp_path / "emb.npz", z_train=rng.standard_normal((3000, 2)),
+             z_test=rng.standard_normal((1000, 2)), z_ood_far=5 + rng.standard_normal((1000, 2)))
+    evaluate.main(["--outliers", "--embeddings", str(tmp_path / "emb.npz"), "--prior",
+                   "gaussian"])
+    row = next(line for line in capsys.readouterr().out.splitlines() if "| far |" in line)
+    assert row.split("|")[6].strip().startswith(("0.99", "1.000"))  # prior detection at 5%
+
+
+@pytest.mark.parametrize("case,message", [
+    ("no_shift", "holds no out-of-distribution embeddings"),
+    ("uniform_as_gaussian", "the gaussian prior does not apply"),
+    ("no_prior", "needs --prior gaussian or --prior uniform"),
+])
+def test_unusable_outlier_input_is_one_line(runs_with_shifts, tmp_path, capsys, case, message):
+    np.savez(tmp_path / "plain.npz", z_train=np.zeros((30, 2)), z_test=np.zeros((30, 2)))
+    argv = {"no_shift": ["--embeddings", str(tmp_path / "plain.npz"), "--prior", "gaussian"],
+            "uniform_as_gaussian": [str(runs_with_shifts / "uniform"), "--prior", "gaussian"],
+            "no_prior": ["--embeddings", str(tmp_path / "plain.npz")]}[case]
+    with pytest.raises(SystemExit) as exc:
+        evaluate.main(["--outliers", *argv])
+    assert exc.value.code == 2
+    last = capsys.readouterr().err.strip().splitlines()
+    assert message in last[-1] and "Traceback" not in "\n".join(last)
