@@ -734,36 +734,56 @@ def outliers(paths: list[str], embeddings: str | None, prior: str, prefix: str |
         groups.setdefault(key, []).append(outlier_report(
             arrays.pop("z_train"), arrays.pop("z_test"), arrays, uniform=uniform))
 
-    def cell(values: list[float]) -> str:
-        mean, half = mean_ci99(values)
-        return f"{mean:.3f}" + ("" if math.isnan(half) else f" ± {half:.3f}")
     alphas, shifts = list(groups[next(iter(groups))][0]["alphas"]), []
     for reports in groups.values():
         shifts += [name for name in reports[0]["auroc"] if name not in shifts]
-    alarms, detections = [], []
-    for (kind, noise, capacity), reports in groups.items():
-        head = [kind, f"{noise:g}", fmt(capacity), str(len(reports))]
-        alarms.append(head + [cell([r["alphas"][a][rule]["false_alarm"] for r in reports])
-                              for rule in ("prior", "fitted") for a in alphas])
-        detections += [head + [name] + [
-            cell([r["alphas"]["0.05"][rule].get(f"detect_{name}", math.nan) for r in reports])
-            for rule in ("prior", "fitted")] + [
-            cell([r["auroc"].get(name, {}).get(rule, math.nan) for r in reports])
-            for rule in ("prior", "fitted")] for name in shifts]
+    measures = {**{f"false_alarm_{rule}_{a}": (lambda r, rule=rule, a=a:
+                                               r["alphas"][a][rule]["false_alarm"])
+                   for rule in ("prior", "fitted") for a in alphas},
+                **{f"{what}_{rule}_{name}": (lambda r, what=what, rule=rule, name=name:
+                                             r["alphas"]["0.05"][rule].get(f"detect_{name}",
+                                                                           math.nan)
+                                             if what == "detect_at_0.05"
+                                             else r["auroc"].get(name, {}).get(rule, math.nan))
+                   for name in shifts for what in ("detect_at_0.05", "auroc")
+                   for rule in ("prior", "fitted")}}
+    rows = [{"kind": kind, "noise": noise, "capacity": capacity, "seeds": len(reports),
+             **{m: mean_ci99([get(r) for r in reports]) for m, get in measures.items()}}
+            for (kind, noise, capacity), reports in sorted(groups.items(), key=lambda item: (
+                ("trained", "no noise", "untrained", "file").index(item[0][0]), item[0][1]))]
+
+    def cell(row: dict[str, Any], measure: str) -> str:
+        mean, half = row[measure]
+        return f"{mean:.3f}" + ("" if math.isnan(half) else f" ± {half:.3f}")
     head = ["runs", "noise", "C", "seeds"]
+
+    def first(row: dict[str, Any]) -> list[str]:
+        return [row["kind"], f"{row['noise']:g}", fmt(row["capacity"]), str(row["seeds"])]
     text = ("Outliers from the prior: false-alarm rate on the held-out test embeddings (nominal "
             "= alpha), mean ± 99% CI over seeds\n\n"
             + md_table(head + [f"{rule} α={a}" for rule in ("prior", "fitted") for a in alphas],
-                       alarms)
+                       [first(row) + [cell(row, f"false_alarm_{rule}_{a}")
+                                      for rule in ("prior", "fitted") for a in alphas]
+                        for row in rows])
             + "\n\nDetection rate at α = 0.05 and AUROC on each shifted set\n\n"
             + md_table(head + ["shift", "prior detect", "fitted detect", "prior AUROC",
-                               "fitted AUROC"], detections) + "\n")
+                               "fitted AUROC"],
+                       [first(row) + [name] + [cell(row, f"{what}_{rule}_{name}")
+                                               for what in ("detect_at_0.05", "auroc")
+                                               for rule in ("prior", "fitted")]
+                        for row in rows for name in shifts]) + "\n")
     print(text)
     if prefix:
-        save_texts(prefix, {"md": text, "json": json.dumps(
+        table = io.StringIO()
+        writer = csv.writer(table)
+        writer.writerow(["kind", "noise", "capacity", "seeds",
+                         *(f"{m}_{part}" for m in measures for part in ("mean", "ci99"))])
+        writer.writerows([row["kind"], row["noise"], row["capacity"], row["seeds"],
+                          *(v for m in measures for v in row[m])] for row in rows)
+        save_texts(prefix, {"md": text, "csv": table.getvalue(), "json": json.dumps(
             [{"kind": k, "noise": n, "reports": r} for (k, n, _), r in groups.items()],
             indent=1, default=str)})
-        print(f"saved {prefix}.md, {prefix}.json")
+        print(f"saved {prefix}.md, {prefix}.csv, {prefix}.json")
 
 
 # --------------------------------------------------------------------------------------------
