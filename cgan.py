@@ -324,7 +324,7 @@ def train(gen: Generator, disc: Discriminator, opt_g, opt_d, x_tr: torch.Tensor,
     """
     per_epoch, bs = len(x_tr) // args.batch_size, args.batch_size
     bar = tqdm(range(start, args.steps), initial=start, total=args.steps, disable=args.quiet,
-               desc="cGAN", dynamic_ncols=True)
+               desc="cGAN", dynamic_ncols=True, mininterval=common.progress_interval())
     d_losses, g_losses, saved_at = [], [], start
     gen.train()
     disc.train()
@@ -372,7 +372,8 @@ def train_classifier(x: torch.Tensor, y: torch.Tensor, args: argparse.Namespace)
         clf = common.ConvEncoder(N_CLASSES).to(x.device).to(memory_format=torch.channels_last)
         opt = torch.optim.Adam(clf.parameters(), lr=args.clf_lr)
         clf.train()
-        for epoch in tqdm(range(args.clf_epochs), desc="classifier", disable=args.quiet):
+        for epoch in tqdm(range(args.clf_epochs), desc="classifier", disable=args.quiet,
+                          mininterval=common.progress_interval()):
             order = common.epoch_order(len(x), args.seed + 1, epoch, x.device)
             for i in range(0, len(x) - batch + 1, batch):
                 idx = order[i:i + batch]

@@ -64,6 +64,7 @@ from common import (
     pick_device,
     positive_float,
     positive_int,
+    progress_interval,
     read_json,
     recompute_bn_stats,
     resolve_out,
@@ -908,7 +909,7 @@ def train(trainer: Trainer, batches: Batches, plan: dict[str, int], out: Path, s
     rank, world = rank_and_world()
     bar = tqdm(range(start, plan["steps"]), initial=start, total=plan["steps"],
                disable=args.quiet or rank > 0, desc=f"{args.method} sigma={args.sigma:g}",
-               dynamic_ncols=True, mininterval=1 if os.isatty(2) else 60)
+               dynamic_ncols=True, mininterval=progress_interval())
     losses, accuracies = [], []
     for step in bar:
         epoch, k = divmod(step, per_epoch)
