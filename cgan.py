@@ -75,8 +75,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="unconditional samples per prior for the class histograms")
     p.add_argument("--box", type=common.positive_float, default=3.0,
                    help="half-width a of the mismatched prior U[-a, a]^2")
-    p.add_argument("--seed", type=int, default=0, help="fixes data order, noise and init")
-    p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, cuda:1")
+    p.add_argument("--seed", type=common.seed_int, default=0,
+                   help="fixes data order, noise and init")
+    p.add_argument("--device", type=common.device_flag, default="auto",
+                   help="auto (CUDA when present), cpu, cuda, cuda:N, mps")
     p.add_argument("--dataset", choices=["mnist", "fashion-mnist", "mnist-test-split"],
                    default="mnist", help="mnist falls back to the shipped MNIST test split "
                    "(8k/2k) when the full set is neither on disk nor downloadable; must match "
@@ -119,19 +121,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     # checked after --resume has filled in the stored settings, so they hold for those too
     if args.steps < 0 or args.encoder_steps < 0:
         p.error("--steps and --encoder-steps must be >= 0")
-    if not 0 <= args.seed < 2**32:
-        p.error(f"--seed must be in [0, 2^32 - 1] (numpy's seeds), got {args.seed}")
     if args.batch_size < 2:
         p.error("--batch-size must be >= 2: the generator's BatchNorm needs two images")
-    try:
-        device = common.pick_device(args.device)
-    except RuntimeError:  # torch.device's answer to a name it does not know
-        device = torch.device("meta")
-    if device.type not in ("cpu", "cuda"):
-        p.error(f"--device must be auto, cpu, cuda or cuda:N, got {args.device!r}")
-    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
-        p.error(f"--device {args.device}: this machine has {torch.cuda.device_count()} CUDA "
-                "device(s); use --device cpu or auto")
     return args
 
 

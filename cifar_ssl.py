@@ -30,7 +30,6 @@ import argparse
 import math
 import os
 import pickle
-import re
 import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
@@ -54,6 +53,8 @@ from common import (
     atomic_path,
     atomic_save,
     autocast,
+    bounded,
+    device_flag,
     epoch_order,
     fail,
     gaussian_capacity,
@@ -70,6 +71,7 @@ from common import (
     resolve_out,
     save_figure,
     scatter_embeddings,
+    seed_int,
     seeded_split,
     vicreg_loss,
     write_json,
@@ -96,16 +98,6 @@ RUN_KEYS = ("method", "sigma", "dataset", "arch", "batch_size", "temperature", "
 
 
 # ---- Flags ---------------------------------------------------------------------------------------
-
-def bounded(kind: type, low: float, high: float) -> Callable[[str], Any]:
-    """argparse type: a finite number of `kind` in [low, high]."""
-    def parse(text: str) -> Any:
-        value = kind(text)
-        if not low <= value <= high:  # also false for nan
-            raise argparse.ArgumentTypeError(f"must lie in [{low:g}, {high:g}], got {text}")
-        return value
-    return parse
-
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
@@ -182,9 +174,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
              "D'Agostino needs 8); Henze-Zirkler needs dim < subsample")
     add("--normality-points", type=bounded(int, 8, 1 << 30), default=2000,
         help="test embeddings the normality tests draw from")
-    add("--seed", type=bounded(int, 0, 2**32 - 1), default=0,
+    add("--seed", type=seed_int, default=0,
         help="fixes init, data order and augmentation")
-    add("--device", default="auto", help="auto (CUDA when present), cpu, cuda, cuda:N, mps")
+    add("--device", type=device_flag, default="auto",
+        help="auto (CUDA when present), cpu, cuda, cuda:N, mps")
     add("--amp", action=argparse.BooleanOptionalAction, default=True,
         help="bf16 autocast (fp16 + GradScaler on GPUs without bf16); --no-amp: fp32")
     add("--channels-last", action=argparse.BooleanOptionalAction, default=True,
@@ -205,18 +198,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add("--quiet", action="store_true", help="no progress bar")
     args = p.parse_args(argv)
 
-    if not re.fullmatch(r"auto|cpu|cuda(:\d+)?|mps", args.device):
-        p.error(f"--device must be auto, cpu, cuda, cuda:N or mps, got {args.device!r}")
-    if args.device.startswith("cuda") and not (
-            torch.cuda.is_available() and int(args.device.partition(":")[2] or 0)
-            < torch.cuda.device_count()):
-        p.error(f"--device {args.device}: no such CUDA device on this machine "
-                f"({torch.cuda.device_count()} found); use --device cpu or auto")
-    if args.device == "mps" and not torch.backends.mps.is_available():
-        p.error("--device mps: MPS is not available on this machine; use --device cpu or auto")
     out = Path(args.out) if args.out else None
-    if out and (out.is_file() or any(parent.is_file() for parent in out.parents)):
-        p.error(f"--out {args.out} is a file or lies under one; name a directory")
     if args.eval_only:
         args.resume = True  # the settings come from --out/args.json, as for --resume
     saved = read_json(out / "args.json") if args.resume and out and (out / "args.json").is_file() \

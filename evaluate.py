@@ -702,9 +702,9 @@ def renormalize(paths: list[str]) -> None:
 # Mode 6: outliers from the known prior against the fitted detector
 # --------------------------------------------------------------------------------------------
 
-def outlier_arrays(file: Path, uniform: bool, prior: str) -> tuple[dict[str, np.ndarray], bool]:
-    """The train / test / shifted embeddings of an embeddings.npz written with --ood, and
-    whether the prior is U[0, 1]^d (one line and exit 2 when unusable)."""
+def outlier_arrays(file: Path, uniform: bool, prior: str) -> dict[str, np.ndarray]:
+    """The train / test / shifted embeddings of an embeddings.npz written with --ood (one line
+    and exit 2 when unusable, or when `prior` contradicts the run's `uniform` head)."""
     if prior != "auto" and uniform != (prior == "uniform"):
         fail(f"{file}: embeddings of a {'uniform' if uniform else 'Gaussian'} DM run; the "
              f"{prior} prior does not apply (drop --prior or pass --prior "
@@ -716,7 +716,7 @@ def outlier_arrays(file: Path, uniform: bool, prior: str) -> tuple[dict[str, np.
         fail(f"{file} holds no out-of-distribution embeddings (z_ood_<name>) beside z_train and "
              "z_test: run the script with --ood fashion-mnist inverted noise")
     return {"z_train": check_embeddings(arrays["z_train"], f"{file}:z_train"),
-            "z_test": check_embeddings(arrays["z_test"], f"{file}:z_test"), **shifted}, uniform
+            "z_test": check_embeddings(arrays["z_test"], f"{file}:z_test"), **shifted}
 
 
 def outliers(paths: list[str], embeddings: str | None, prior: str, prefix: str | None) -> None:
@@ -730,7 +730,7 @@ def outliers(paths: list[str], embeddings: str | None, prior: str, prefix: str |
                 for run in map(load_run, find_runs(paths))])
     groups: dict[tuple[str, float, float], list[dict[str, Any]]] = {}
     for file, uniform, key in sources:
-        arrays, uniform = outlier_arrays(file, uniform, prior)
+        arrays = outlier_arrays(file, uniform, prior)
         groups.setdefault(key, []).append(outlier_report(
             arrays.pop("z_train"), arrays.pop("z_test"), arrays, uniform=uniform))
 
