@@ -549,6 +549,43 @@ LOSSES: dict[str, Callable[..., tuple[torch.Tensor, torch.Tensor]]] = {
     "infonce": infonce, "nwj": nwj, "dv": dv, "js": js, "redv": redv, "renwj": renwj}
 
 
+def bound_estimates(scores: torch.Tensor) -> dict[str, tuple[float, float]]:
+    """InfoNCE, NWJ and DV values of one score matrix, each with a standard error over its rows.
+
+    The values equal infonce, nwj and dv above. InfoNCE cannot exceed log B (B = rows); NWJ and
+    DV have no such cap but need E_Q e^T, whose Monte Carlo variance grows like e^(2I) for a
+    critic near the PMI (chi^2 + 1 = (1 + 1/sigma^2)^d = e^(2C) on the ideal channel of eq. 5).
+    Each value is the mean of per-row terms (DV: linearized at the overall mean), and its
+    standard error is their sd / sqrt(B); rows share columns, so it is an approximation.
+    Computed in float64.
+    """
+    s = scores.detach().double()
+    n = s.shape[0]
+    off = s.masked_fill(torch.eye(n, dtype=torch.bool, device=s.device), -math.inf)
+    row_lme = off.logsumexp(dim=1) - math.log(n - 1)           # log mean_{j != i} e^S_ij
+    lme = row_lme.logsumexp(dim=0) - math.log(n)               # log mean_{i != j} e^S_ij
+    diag = s.diagonal()
+    terms = {"infonce": diag - s.logsumexp(dim=1) + math.log(n),
+             "nwj": diag + 1 - row_lme.exp(),
+             "dv": diag - (row_lme - lme).exp() + 1 - lme}
+    return {name: (float(t.mean()), float(t.std() / math.sqrt(n))) for name, t in terms.items()}
+
+
+
+def bound_estimates_table(batches: Sequence[torch.Tensor], whole: torch.Tensor) -> dict:
+    """bound_estimates over disjoint batches (mean, sd / sqrt(batches)) and over one whole batch.
+
+    Returns {estimator: {"batch": [value, se], "whole": [value, row se]}}: the batches show the
+    training-size estimate with its cap log B, the whole batch how far a larger B reaches.
+    """
+    rows = [bound_estimates(s) for s in batches]
+    table = {}
+    for name, whole_value in bound_estimates(whole).items():
+        values = [r[name][0] for r in rows]
+        se = np.std(values, ddof=1) / math.sqrt(len(values)) if len(values) > 1 else math.nan
+        table[name] = {"batch": [float(np.mean(values)), float(se)], "whole": list(whole_value)}
+    return table
+
 # --------------------------------------------------------------------------------------------
 # Capacity bounds
 # --------------------------------------------------------------------------------------------

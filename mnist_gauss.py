@@ -25,48 +25,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from common import (
-    LOG10,
-    LOSSES,
-    OOD_SETS,
-    RUNTIME_FLAGS,
-    ConvEncoder,
-    DataError,
-    GaussianNoise,
-    atomic_path,
-    atomic_save,
-    autocast,
-    bounded,
-    check_resume,
-    device_flag,
-    downstream_report,
-    epoch_order,
-    fail,
-    gaussian_capacity,
-    load_data,
-    load_models,
-    load_run_file,
-    make_critic,
-    mi_loss,
-    nonnegative_float,
-    normality_lines,
-    normality_report,
-    pick_device,
-    positive_float,
-    positive_int,
-    progress_interval,
-    read_json,
-    recompute_bn_stats,
-    resolve_out,
-    run_commands,
-    save_figure,
-    scatter_embeddings,
-    seed_int,
-    shifted_images,
-    sweep_plan,
-    time_per_step,
-    write_json,
-)
+import common
 
 PAPER = {"batch_size": 1024, "epochs": 2000, "steps": None, "critic": "concat", "loss": "infonce",
          "lr": 1e-3, "aug_sigma": 0.6}
@@ -76,11 +35,12 @@ PAPER = {"batch_size": 1024, "epochs": 2000, "steps": None, "critic": "concat", 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--sigma", type=nonnegative_float, default=0.3,
+    p.add_argument("--sigma", type=common.nonnegative_float, default=0.3,
                    help="std of the injected noise Z ~ N(0, sigma^2 I) (Theorem 3.4); 0: plain "
                         "DIM; 0.3 gives C = 2.49 nats, just above the class information log 10")
-    p.add_argument("--dim", type=positive_int, default=2, help="embedding dimension (Figure 1: 2)")
-    p.add_argument("--aug-sigma", type=nonnegative_float, default=0.6,
+    p.add_argument("--dim", type=common.positive_int, default=2,
+                   help="embedding dimension (Figure 1: 2)")
+    p.add_argument("--aug-sigma", type=common.nonnegative_float, default=0.6,
                    help="std of the pixel noise X -> X' (Appendix C: 0.6)")
     p.add_argument("--critic", default="separable",
                    choices=["separable", "gaussian", "concat", "bilinear"],
@@ -90,29 +50,30 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--critic-impl", choices=["fast", "reference"], default="fast",
                    help="concat critic: fast (first layer split, bf16 row chunks, same function) "
                         "or reference (all B x B pairs materialised, the definition)")
-    p.add_argument("--loss", choices=sorted(LOSSES), default="infonce",
+    p.add_argument("--loss", choices=sorted(common.LOSSES), default="infonce",
                    help="MI bound (paper: infonce, eq. 2); redv/renwj: Choi & Lee")
-    p.add_argument("--reg-weight", type=nonnegative_float, default=0.1,
+    p.add_argument("--reg-weight", type=common.nonnegative_float, default=0.1,
                    help="lambda of the redv/renwj penalty (Choi & Lee try 0.1, 0.01, 0.001)")
-    p.add_argument("--clip", type=nonnegative_float, default=10.0,
+    p.add_argument("--clip", type=common.nonnegative_float, default=10.0,
                    help="renwj: T clipped to [-clip, clip] in the NWJ terms (Choi & Lee, Table 1: "
                         "10); 0: no clipping")
-    p.add_argument("--batch-size", type=positive_int, default=256, help="paper: 1024")
-    p.add_argument("--lr", type=positive_float, default=1e-3,
+    p.add_argument("--batch-size", type=common.positive_int, default=256, help="paper: 1024")
+    p.add_argument("--lr", type=common.positive_float, default=1e-3,
                    help="Adam learning rate (Appendix C: 1e-3)")
-    p.add_argument("--steps", type=bounded(int, 0), default=2000,
+    p.add_argument("--steps", type=common.bounded(int, 0), default=2000,
                    help="optimizer steps (paper: 2000 epochs = 117k steps on 60k images)")
-    p.add_argument("--epochs", type=positive_int, default=None,
+    p.add_argument("--epochs", type=common.positive_int, default=None,
                    help="train for this many passes over the training set instead of --steps")
-    p.add_argument("--seed", type=seed_int, default=0, help="fixes data order, noise and init")
-    p.add_argument("--sigmas", type=nonnegative_float, nargs="+", default=None,
+    p.add_argument("--seed", type=common.seed_int, default=0,
+                   help="fixes data order, noise and init")
+    p.add_argument("--sigmas", type=common.nonnegative_float, nargs="+", default=None,
                    help="sweep: one run per sigma (times --seeds) in sub-directories of --out")
-    p.add_argument("--seeds", type=bounded(int, 1, 1000), default=1,
+    p.add_argument("--seeds", type=common.bounded(int, 1, 1000), default=1,
                    help="sweep: N runs with seeds --seed ... --seed + N - 1")
-    p.add_argument("--jobs", type=positive_int, default=None,
+    p.add_argument("--jobs", type=common.positive_int, default=None,
                    help="sweep: runs at once, each a process with CPU threads / N threads; "
                         "default 2 on a CPU with 2+ threads (the most runs per hour, README)")
-    p.add_argument("--device", type=device_flag, default="auto",
+    p.add_argument("--device", type=common.device_flag, default="auto",
                    help="auto (CUDA when present), cpu, cuda, cuda:N, mps")
     p.add_argument("--dataset", choices=["mnist", "fashion-mnist", "mnist-test-split"],
                    default="mnist", help="mnist falls back to the shipped MNIST test split "
@@ -120,7 +81,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                                          "downloadable")
     p.add_argument("--data-dir", default=None, help="folder with the IDX files (optionally .gz)")
     p.add_argument("--no-download", action="store_true", help="never try to download data")
-    p.add_argument("--ood", nargs="+", choices=OOD_SETS, default=[],
+    p.add_argument("--ood", nargs="+", choices=common.OOD_SETS, default=[],
                    help="also embed these out-of-distribution test sets (as many images as the "
                         "test split) into embeddings.npz as z_ood_<name>, for evaluate.py "
                         "--outliers; inverted and noise need no download")
@@ -129,17 +90,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--resume", action="store_true", help="continue the run in --out")
     p.add_argument("--eval-only", action="store_true",
                    help="re-evaluate the finished run in --out from its model.pt")
-    p.add_argument("--subsample", type=bounded(int, 20), default=128,
+    p.add_argument("--subsample", type=common.bounded(int, 20), default=128,
                    help="subsample size of the bootstrapped normality tests (sets their power)")
-    p.add_argument("--eval-every", type=bounded(int, 0), default=0,
+    p.add_argument("--eval-every", type=common.bounded(int, 0), default=0,
                    help="full evaluation every N steps, stored as a convergence curve (0: off)")
-    p.add_argument("--log-every", type=positive_int, default=10, help="progress update interval")
-    p.add_argument("--ckpt-every", type=positive_int, default=500, help="checkpoint interval")
+    p.add_argument("--log-every", type=common.positive_int, default=10,
+                   help="progress update interval")
+    p.add_argument("--ckpt-every", type=common.positive_int, default=500,
+                   help="checkpoint interval")
     p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=True,
                    help="bf16 autocast for encoder and learned critics (fp16 on GPUs without "
                         "bf16); --no-amp: float32, faster on CPUs without native bf16")
     p.add_argument("--compile", action="store_true", help="torch.compile encoder and critic")
-    p.add_argument("--bench", type=positive_int, default=0, metavar="N",
+    p.add_argument("--bench", type=common.positive_int, default=0, metavar="N",
                    help="time N steps of this run and of the reference path (concat critic's "
                         "definition, float32, NCHW), print ms/step and projections, and exit")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -155,9 +118,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.sigmas is not None and args.sigma != p.get_default("sigma"):
         p.error("--sigma and --sigmas exclude each other")
     if args.resume or args.eval_only:
-        check_resume(p, args, needs="sigma", forbids="eps")
+        common.check_resume(p, args, needs="sigma", forbids="eps")
     elif args.sigmas is None and args.seeds == 1:
-        resolve_out(p, args, f"runs/mnist_gauss/sigma{args.sigma:g}_seed{args.seed}")
+        common.resolve_out(p, args, f"runs/mnist_gauss/sigma{args.sigma:g}_seed{args.seed}")
     if args.critic == "gaussian" and 0 in (args.sigmas or [args.sigma]):
         p.error("--critic gaussian (Theorem 4.1) divides by sigma^2: use --sigma > 0 or a learned "
                 "critic (--critic separable / concat / bilinear)")
@@ -168,26 +131,34 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def build_models(args: argparse.Namespace, device: torch.device) -> nn.ModuleDict:
     """Encoder f (Table 2), the normalization of Theorem 3.4 (BatchNorm1d, no affine), critic T."""
-    models = nn.ModuleDict({"encoder": ConvEncoder(args.dim),
-                            "head": GaussianNoise(args.dim, args.sigma),
-                            "critic": make_critic(args.critic, args.dim, args.sigma,
-                                                  fast=args.critic_impl == "fast")})
+    models = nn.ModuleDict({"encoder": common.ConvEncoder(args.dim),
+                            "head": common.GaussianNoise(args.dim, args.sigma),
+                            "critic": common.make_critic(args.critic, args.dim, args.sigma,
+                                                         fast=args.critic_impl == "fast")})
     return models.to(device).to(memory_format=torch.channels_last)
 
 
-def infomax_loss(models: nn.ModuleDict, x: torch.Tensor, args: argparse.Namespace
-                 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(loss, MI estimate) of I(f(X'); f(X) + Z) on one batch of clean images x (Section 3)."""
+def two_views(models: nn.ModuleDict, x: torch.Tensor, args: argparse.Namespace
+              ) -> tuple[torch.Tensor, torch.Tensor]:
+    """a = f(X') and b = f(X) + Z on one batch of clean images x (Section 3)."""
     x_aug = x + args.aug_sigma * torch.randn_like(x)               # X -> X' (Appendix C)
-    with autocast(x.device, args.amp):
+    with common.autocast(x.device, args.amp):
         f, f_aug = models["encoder"](x), models["encoder"](x_aug)
         # each branch normalized over its own batch: Theorem 3.4 constrains f(X) alone
         b = models["head"](f.float(), noisy=False)                 # E f(X) = 0, Var f(X)_i = 1
         if args.sigma > 0:
             b = b + args.sigma * torch.randn_like(b)               # f(X) + Z, Z ~ N(0, sigma^2 I)
         a = models["head"](f_aug.float(), noisy=False)             # f(X'), no noise
+    return a, b
+
+
+def infomax_loss(models: nn.ModuleDict, x: torch.Tensor, args: argparse.Namespace
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(loss, MI estimate) of I(f(X'); f(X) + Z) on one batch of clean images x (eq. 2)."""
+    a, b = two_views(models, x, args)
+    with common.autocast(x.device, args.amp):
         scores = models["critic"](a, b).float()                    # S[i, j] = T(a_i, b_j)
-    return mi_loss(args.loss, args.reg_weight, args.clip or None)(scores)
+    return common.mi_loss(args.loss, args.reg_weight, args.clip or None)(scores)
 
 
 def bench(args: argparse.Namespace, device: torch.device) -> None:
@@ -203,7 +174,7 @@ def bench(args: argparse.Namespace, device: torch.device) -> None:
                 opt.zero_grad(set_to_none=True)
                 infomax_loss(models, x, run)[0].backward()
                 opt.step()
-            return 1e3 * time_per_step(step, args.bench, device)
+            return 1e3 * common.time_per_step(step, args.bench, device)
 
     reference = argparse.Namespace(**{**vars(args), "critic_impl": "reference", "amp": False})
     paper = argparse.Namespace(**{**vars(args), **PAPER})
@@ -236,38 +207,59 @@ def embed(models: nn.ModuleDict, x: torch.Tensor) -> np.ndarray:
 @torch.no_grad()
 def evaluate(models: nn.ModuleDict, data: tuple, args: argparse.Namespace) -> dict:
     """Section 5 protocol: held-out MI against C = d/2 log(1 + 1/sigma^2) (eq. 5) and the DM gap
-    (Lemma B.1), normality of the clean test embeddings, downstream accuracies and silhouette."""
+    (Lemma B.1), normality of the clean test embeddings, downstream accuracies and silhouette.
+
+    mi_estimates: InfoNCE, NWJ and DV (eqs. 2-3) with the trained critic and, for sigma > 0, the
+    Theorem 4.1 critic, on the test batches and on the whole test split as one batch, where
+    InfoNCE's cap log B is higher and NWJ / DV can reach C beyond it (README, Higher dimension).
+    """
     x_tr, y_tr, x_te, y_te = data
     models.train()  # the held-out MI uses the training objective, each branch its own batch
     bs = min(args.batch_size, len(x_te))
+    loss = common.mi_loss(args.loss, args.reg_weight, args.clip or None)
+    critics = {"trained": models["critic"]}
+    if args.sigma > 0:
+        critics["theorem41"] = common.GaussianCritic(args.sigma)
     with torch.random.fork_rng(devices=[x_te.device] if x_te.device.type == "cuda" else []):
         torch.manual_seed(args.seed + 1)
-        mis = [infomax_loss(models, x_te[i:i + bs], args)[1].item()
-               for i in range(0, len(x_te) - bs + 1, bs)]
+        views = [two_views(models, x_te[i:i + bs], args)
+                 for i in range(0, len(x_te) - bs + 1, bs)]
+        views.append(two_views(models, x_te, args))  # the whole test split as one batch
+    scores = {}
+    for name, critic in critics.items():
+        with common.autocast(x_te.device, args.amp):
+            scores[name] = [critic(a, b).float() for a, b in views]
+    mis = [loss(s)[1].item() for s in scores["trained"][:-1]]
     # eval-mode embeddings: BatchNorm statistics recomputed on the clean training images
-    recompute_bn_stats(models, lambda x: models["head"](models["encoder"](x), noisy=False),
-                       x_tr, args.batch_size)
+    common.recompute_bn_stats(models, lambda x: models["head"](models["encoder"](x), noisy=False),
+                              x_tr, args.batch_size)
     z_tr, z_te = embed(models, x_tr), embed(models, x_te)
     if not (np.isfinite(z_tr).all() and np.isfinite(z_te).all()):
-        fail("the embeddings are not finite: training diverged; try a smaller --lr", code=3)
-    capacity = gaussian_capacity(args.dim, args.sigma)
+        common.fail("the embeddings are not finite: training diverged; try a smaller --lr", code=3)
+    capacity = common.gaussian_capacity(args.dim, args.sigma)
     mi = float(np.mean(mis))
     return {"sigma": args.sigma, "capacity": capacity, "mi_heldout": mi,
             "mi_heldout_se": float(np.std(mis, ddof=1) / math.sqrt(len(mis)))
-            if len(mis) > 1 else math.nan, "dm_gap": capacity - mi, "class_information": LOG10,
-            "normality": normality_report(z_te, seed=args.seed, subsample=args.subsample),
-            "downstream": downstream_report(z_tr, y_tr.cpu().numpy(), z_te,
-                                            y_te.cpu().numpy(), seed=args.seed),
+            if len(mis) > 1 else math.nan, "dm_gap": capacity - mi,
+            "class_information": common.LOG10,
+            "mi_estimates": {"batch": bs, "n_test": len(x_te), **{
+                name: common.bound_estimates_table(s[:-1], s[-1]) for name, s in scores.items()}},
+            "normality": common.normality_report(z_te, seed=args.seed, subsample=args.subsample),
+            "downstream": common.downstream_report(z_tr, y_tr.cpu().numpy(), z_te,
+                                                   y_te.cpu().numpy(), seed=args.seed),
             "embeddings": (z_tr, z_te)}
 
 
 def summary(m: dict) -> str:
     d = m["downstream"]
     return "\n".join([
-        f"capacity C = {m['capacity']:.3f} nats   (class information log 10 = {LOG10:.3f})",
+        f"capacity C = {m['capacity']:.3f} nats   (class information log 10 = {common.LOG10:.3f})",
         f"MI estimate (held-out) = {m['mi_heldout']:.3f} +- {m['mi_heldout_se']:.3f}"
         f"   DM gap C - I = {m['dm_gap']:.3f}",
-        *normality_lines(m["normality"]),
+        *[f"  whole test split (B = {m['mi_estimates']['n_test']}), {name} critic: "
+          + "   ".join(f"{k} {e['whole'][0]:.3f} +- {e['whole'][1]:.3f}" for k, e in est.items())
+          for name, est in m.get("mi_estimates", {}).items() if isinstance(est, dict)],
+        *common.normality_lines(m["normality"]),
         f"accuracy: k-NN {d['knn_acc']:.4f}   GaussianNB {d['gnb_acc']:.4f}   "
         f"MLP {d['mlp_acc']:.4f}   silhouette {d['silhouette']:.3f}",
         f"wall time {m['wall_time_s']:.0f} s ({m['steps']} steps)"])
@@ -275,39 +267,40 @@ def summary(m: dict) -> str:
 
 def train_and_evaluate(args: argparse.Namespace) -> None:
     """One run: data, models, --resume, training, evaluation, saving (or --bench, --eval-only)."""
-    device = pick_device(args.device)
+    device = common.pick_device(args.device)
     torch.manual_seed(args.seed)
     if args.bench:
         return bench(args, device)
     started, out = time.time(), Path(args.out)
-    x_tr, y_tr, x_te, y_te, data_info = load_data(args.dataset, args.data_dir,
-                                                  download=not args.no_download)
+    x_tr, y_tr, x_te, y_te, data_info = common.load_data(args.dataset, args.data_dir,
+                                                         download=not args.no_download)
     if "note" in data_info:
         print(data_info["note"])
     x_tr, x_te = (x.to(device).contiguous(memory_format=torch.channels_last) for x in (x_tr, x_te))
     data = (x_tr, y_tr.to(device), x_te, y_te.to(device))
-    shifted = {name: shifted_images(name, x_te, None, not args.no_download, args.seed)
+    shifted = {name: common.shifted_images(name, x_te, None, not args.no_download, args.seed)
                for name in args.ood}
     if args.batch_size > len(x_tr):
-        fail(f"--batch-size {args.batch_size} exceeds the {len(x_tr)} training images")
+        common.fail(f"--batch-size {args.batch_size} exceeds the {len(x_tr)} training images")
     if args.epochs is not None:
         args.steps = args.epochs * (len(x_tr) // args.batch_size)
     if args.resume and (out / "metrics.json").is_file():
-        return print(f"{out} is finished:\n" + summary(read_json(out / "metrics.json")))
+        return print(f"{out} is finished:\n" + summary(common.read_json(out / "metrics.json")))
 
     models = build_models(args, device)
     opt = torch.optim.Adam(models.parameters(), lr=args.lr)
     start, history, curve = 0, [], []
     if args.eval_only:
-        load_models(models, load_run_file(out / "model.pt", device)["models"], out / "model.pt")
+        state = common.load_run_file(out / "model.pt", device)["models"]
+        common.load_models(models, state, out / "model.pt")
         start = args.steps
     else:
         out.mkdir(parents=True, exist_ok=True)
-        write_json({k: v for k, v in vars(args).items() if k not in RUNTIME_FLAGS},
-                   out / "args.json")
+        common.write_json({k: v for k, v in vars(args).items() if k not in common.RUNTIME_FLAGS},
+                          out / "args.json")
     if args.resume and (out / "checkpoint.pt").exists():
-        ckpt = load_run_file(out / "checkpoint.pt", device)
-        load_models(models, ckpt["models"], out / "checkpoint.pt")
+        ckpt = common.load_run_file(out / "checkpoint.pt", device)
+        common.load_models(models, ckpt["models"], out / "checkpoint.pt")
         opt.load_state_dict(ckpt["optimizer"])
         torch.set_rng_state(ckpt["rng"])
         start, history, curve = ckpt["step"], ckpt["history"], ckpt["curve"]
@@ -323,12 +316,12 @@ def train_and_evaluate(args: argparse.Namespace) -> None:
     per_epoch = len(x_tr) // args.batch_size
     bar = tqdm(range(start, args.steps), initial=start, total=args.steps, disable=args.quiet,
                desc=f"sigma={args.sigma:g} seed={args.seed}", dynamic_ncols=True,
-               mininterval=progress_interval())
+               mininterval=common.progress_interval())
     losses, mis, saved = [], [], (out / "checkpoint.pt").is_file()
     for step in bar:
         epoch, k = divmod(step, per_epoch)
         if k == 0 or step == start:
-            order = epoch_order(len(x_tr), args.seed, epoch, x_tr.device)
+            order = common.epoch_order(len(x_tr), args.seed, epoch, x_tr.device)
         models.train()
         loss, mi = infomax_loss(train, x_tr[order[k * args.batch_size:(k + 1) * args.batch_size]],
                                 args)
@@ -344,8 +337,8 @@ def train_and_evaluate(args: argparse.Namespace) -> None:
             if not (math.isfinite(mean_loss) and math.isfinite(mean_mi)):
                 kept = (f"the last good checkpoint is kept in {out / 'checkpoint.pt'}" if saved
                         else "no checkpoint was written yet")
-                fail(f"the loss became {mean_loss} by step {done}: training diverged; try a "
-                     f"smaller --lr (now {args.lr:g}); {kept}", code=3)
+                common.fail(f"the loss became {mean_loss} by step {done}: training diverged; try a "
+                            f"smaller --lr (now {args.lr:g}); {kept}", code=3)
             history.append([done, mean_loss, mean_mi])
             bar.set_postfix(epoch=epoch, loss=f"{mean_loss:.3f}", mi=f"{mean_mi:.3f}",
                             refresh=False)
@@ -355,9 +348,9 @@ def train_and_evaluate(args: argparse.Namespace) -> None:
                           "knn_acc": m["downstream"]["knn_acc"],
                           "henze_zirkler_p": m["normality"]["henze_zirkler_p"]})
         if done % args.ckpt_every == 0 or done == args.steps:
-            atomic_save({"step": done, "models": models.state_dict(), "optimizer": opt.state_dict(),
-                         "rng": torch.get_rng_state(), "history": history, "curve": curve},
-                        out / "checkpoint.pt")
+            common.atomic_save({"step": done, "models": models.state_dict(),
+                                "optimizer": opt.state_dict(), "rng": torch.get_rng_state(),
+                                "history": history, "curve": curve}, out / "checkpoint.pt")
             saved = True
 
     metrics = evaluate(models, data, args)
@@ -366,16 +359,16 @@ def train_and_evaluate(args: argparse.Namespace) -> None:
                    batch_size=args.batch_size, seed=args.seed, data=data_info, device=str(device),
                    wall_time_s=time.time() - started, train_history=history, curve=curve)
     if args.eval_only:  # the run's own files stay as they are
-        write_json(metrics, out / "metrics_recomputed.json")
+        common.write_json(metrics, out / "metrics_recomputed.json")
         return print(summary(metrics) + f"\nsaved to {out / 'metrics_recomputed.json'}")
     y_tr_np, y_te_np = data[1].cpu().numpy(), data[3].cpu().numpy()
     z_ood = {f"z_ood_{name.replace('-', '_')}": embed(models, x) for name, x in shifted.items()}
-    with atomic_path(out / "embeddings.npz") as tmp, open(tmp, "wb") as fh:
+    with common.atomic_path(out / "embeddings.npz") as tmp, open(tmp, "wb") as fh:
         np.savez(fh, z_train=z_tr, y_train=y_tr_np, z_test=z_te, y_test=y_te_np, **z_ood)
-    atomic_save({"models": models.state_dict(), "args": vars(args)}, out / "model.pt")
+    common.atomic_save({"models": models.state_dict(), "args": vars(args)}, out / "model.pt")
     title = f"sigma = {args.sigma:g}, C = {metrics['capacity']:.2f} nats"
-    save_figure(scatter_embeddings(z_te, y_te_np, title), out / "scatter.png")
-    write_json(metrics, out / "metrics.json")
+    common.save_figure(common.scatter_embeddings(z_te, y_te_np, title), out / "scatter.png")
+    common.write_json(metrics, out / "metrics.json")
     print(summary(metrics) + f"\nsaved to {out}")
 
 
@@ -384,18 +377,18 @@ def main(argv: list[str] | None = None) -> None:
     if args.sigmas is None and args.seeds == 1:
         try:
             return train_and_evaluate(args)
-        except DataError as err:  # a missing or damaged file: one line, exit code 2
-            fail(str(err))
+        except common.DataError as err:  # a missing or damaged file: one line, exit code 2
+            common.fail(str(err))
     # a sweep: this script once per (sigma, seed), --jobs at a time, each with --resume
-    jobs = args.jobs or (1 if pick_device(args.device).type == "cuda"
+    jobs = args.jobs or (1 if common.pick_device(args.device).type == "cuda"
                          else min(2, torch.get_num_threads()))
-    runs = sweep_plan(args, "sigma", args.sigmas or [args.sigma], "runs/mnist_gauss")
+    runs = common.sweep_plan(args, "sigma", args.sigmas or [args.sigma], "runs/mnist_gauss")
     quiet = ["--quiet"] if args.quiet or jobs > 1 else []
-    codes = run_commands([[sys.executable, __file__, "--out", run, "--resume", "--device",
-                           args.device, *quiet] for run in runs], jobs)
+    codes = common.run_commands([[sys.executable, __file__, "--out", run, "--resume", "--device",
+                                  args.device, *quiet] for run in runs], jobs)
     if any(codes):
-        fail(f"{sum(map(bool, codes))} of {len(codes)} runs failed; repeat the command to resume "
-             "them", code=max(abs(c) for c in codes))
+        common.fail(f"{sum(map(bool, codes))} of {len(codes)} runs failed; repeat the command to "
+                    "resume them", code=max(abs(c) for c in codes))
 
 
 if __name__ == "__main__":

@@ -27,51 +27,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from common import (
-    LOG10,
-    LOSSES,
-    OOD_SETS,
-    RUNTIME_FLAGS,
-    ConvEncoder,
-    DataError,
-    UniformNoise,
-    atomic_path,
-    atomic_save,
-    autocast,
-    bounded,
-    check_resume,
-    device_flag,
-    downstream_report,
-    epoch_order,
-    fail,
-    load_data,
-    load_models,
-    load_run_file,
-    make_critic,
-    mi_loss,
-    nonnegative_float,
-    normality_lines,
-    normality_report,
-    open_interval,
-    pick_device,
-    positive_float,
-    positive_int,
-    progress_interval,
-    pyplot,
-    read_json,
-    recompute_bn_stats,
-    resolve_out,
-    run_commands,
-    save_figure,
-    seed_int,
-    shifted_images,
-    sweep_plan,
-    time_per_step,
-    to_gaussian,
-    uniform_capacity,
-    uniformity_report,
-    write_json,
-)
+import common
 
 PAPER = {"batch_size": 1024, "epochs": 2000, "steps": None, "critic": "concat", "loss": "infonce",
          "lr": 1e-3, "aug_sigma": 0.6}
@@ -81,10 +37,11 @@ PAPER = {"batch_size": 1024, "epochs": 2000, "steps": None, "critic": "concat", 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--eps", type=open_interval(0, 0.5), default=0.1,
+    p.add_argument("--eps", type=common.open_interval(0, 0.5), default=0.1,
                    help="half-width of the injected noise Z ~ U[-eps, eps]^d (Theorem 3.5)")
-    p.add_argument("--dim", type=positive_int, default=2, help="embedding dimension (Figure 1: 2)")
-    p.add_argument("--aug-sigma", type=nonnegative_float, default=0.6,
+    p.add_argument("--dim", type=common.positive_int, default=2,
+                   help="embedding dimension (Figure 1: 2)")
+    p.add_argument("--aug-sigma", type=common.nonnegative_float, default=0.6,
                    help="std of the pixel noise X -> X' (Appendix C: 0.6)")
     p.add_argument("--critic", default="separable", choices=["separable", "concat", "bilinear"],
                    help="separable: <phi(a), psi(b)> (Tschannen et al.), best trained in 2000 "
@@ -92,29 +49,30 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--critic-impl", choices=["fast", "reference"], default="fast",
                    help="concat critic: fast (first layer split, bf16 row chunks, same function) "
                         "or reference (all B x B pairs materialised, the definition)")
-    p.add_argument("--loss", choices=sorted(LOSSES), default="infonce",
+    p.add_argument("--loss", choices=sorted(common.LOSSES), default="infonce",
                    help="MI bound (paper: infonce, eq. 2); redv/renwj: Choi & Lee")
-    p.add_argument("--reg-weight", type=nonnegative_float, default=0.1,
+    p.add_argument("--reg-weight", type=common.nonnegative_float, default=0.1,
                    help="lambda of the redv/renwj penalty (Choi & Lee try 0.1, 0.01, 0.001)")
-    p.add_argument("--clip", type=nonnegative_float, default=10.0,
+    p.add_argument("--clip", type=common.nonnegative_float, default=10.0,
                    help="renwj: T clipped to [-clip, clip] in the NWJ terms (Choi & Lee, Table 1: "
                         "10); 0: no clipping")
-    p.add_argument("--batch-size", type=positive_int, default=256, help="paper: 1024")
-    p.add_argument("--lr", type=positive_float, default=1e-3,
+    p.add_argument("--batch-size", type=common.positive_int, default=256, help="paper: 1024")
+    p.add_argument("--lr", type=common.positive_float, default=1e-3,
                    help="Adam learning rate (Appendix C: 1e-3)")
-    p.add_argument("--steps", type=bounded(int, 0), default=2000,
+    p.add_argument("--steps", type=common.bounded(int, 0), default=2000,
                    help="optimizer steps (paper: 2000 epochs = 117k steps on 60k images)")
-    p.add_argument("--epochs", type=positive_int, default=None,
+    p.add_argument("--epochs", type=common.positive_int, default=None,
                    help="train for this many passes over the training set instead of --steps")
-    p.add_argument("--seed", type=seed_int, default=0, help="fixes data order, noise and init")
-    p.add_argument("--epss", type=open_interval(0, 0.5), nargs="+", default=None,
+    p.add_argument("--seed", type=common.seed_int, default=0,
+                   help="fixes data order, noise and init")
+    p.add_argument("--epss", type=common.open_interval(0, 0.5), nargs="+", default=None,
                    help="sweep: one run per eps (times --seeds) in sub-directories of --out")
-    p.add_argument("--seeds", type=bounded(int, 1, 1000), default=1,
+    p.add_argument("--seeds", type=common.bounded(int, 1, 1000), default=1,
                    help="sweep: N runs with seeds --seed ... --seed + N - 1")
-    p.add_argument("--jobs", type=positive_int, default=None,
+    p.add_argument("--jobs", type=common.positive_int, default=None,
                    help="sweep: runs at once, each a process with CPU threads / N threads; "
                         "default 2 on a CPU with 2+ threads (the most runs per hour, README)")
-    p.add_argument("--device", type=device_flag, default="auto",
+    p.add_argument("--device", type=common.device_flag, default="auto",
                    help="auto (CUDA when present), cpu, cuda, cuda:N, mps")
     p.add_argument("--dataset", choices=["mnist", "fashion-mnist", "mnist-test-split"],
                    default="mnist", help="mnist falls back to the shipped MNIST test split "
@@ -122,7 +80,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                                          "downloadable")
     p.add_argument("--data-dir", default=None, help="folder with the IDX files (optionally .gz)")
     p.add_argument("--no-download", action="store_true", help="never try to download data")
-    p.add_argument("--ood", nargs="+", choices=OOD_SETS, default=[],
+    p.add_argument("--ood", nargs="+", choices=common.OOD_SETS, default=[],
                    help="also embed these out-of-distribution test sets (as many images as the "
                         "test split) into embeddings.npz as z_ood_<name>, for evaluate.py "
                         "--outliers; inverted and noise need no download")
@@ -131,17 +89,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--resume", action="store_true", help="continue the run in --out")
     p.add_argument("--eval-only", action="store_true",
                    help="re-evaluate the finished run in --out from its model.pt")
-    p.add_argument("--subsample", type=bounded(int, 20), default=128,
+    p.add_argument("--subsample", type=common.bounded(int, 20), default=128,
                    help="subsample size of the bootstrapped normality tests (sets their power)")
-    p.add_argument("--eval-every", type=bounded(int, 0), default=0,
+    p.add_argument("--eval-every", type=common.bounded(int, 0), default=0,
                    help="full evaluation every N steps, stored as a convergence curve (0: off)")
-    p.add_argument("--log-every", type=positive_int, default=10, help="progress update interval")
-    p.add_argument("--ckpt-every", type=positive_int, default=500, help="checkpoint interval")
+    p.add_argument("--log-every", type=common.positive_int, default=10,
+                   help="progress update interval")
+    p.add_argument("--ckpt-every", type=common.positive_int, default=500,
+                   help="checkpoint interval")
     p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=True,
                    help="bf16 autocast for encoder and learned critics (fp16 on GPUs without "
                         "bf16); --no-amp: float32, faster on CPUs without native bf16")
     p.add_argument("--compile", action="store_true", help="torch.compile encoder and critic")
-    p.add_argument("--bench", type=positive_int, default=0, metavar="N",
+    p.add_argument("--bench", type=common.positive_int, default=0, metavar="N",
                    help="time N steps of this run and of the reference path (concat critic's "
                         "definition, float32, NCHW), print ms/step and projections, and exit")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -157,9 +117,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.epss is not None and args.eps != p.get_default("eps"):
         p.error("--eps and --epss exclude each other")
     if args.resume or args.eval_only:
-        check_resume(p, args, needs="eps", forbids="sigma")
+        common.check_resume(p, args, needs="eps", forbids="sigma")
     elif args.epss is None and args.seeds == 1:
-        resolve_out(p, args, f"runs/mnist_uniform/eps{args.eps:g}_seed{args.seed}")
+        common.resolve_out(p, args, f"runs/mnist_uniform/eps{args.eps:g}_seed{args.seed}")
     if args.batch_size < 2:
         p.error("--batch-size must be >= 2: BatchNorm and the critic's negatives need 2 samples")
     return args
@@ -167,10 +127,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def build_models(args: argparse.Namespace, device: torch.device) -> nn.ModuleDict:
     """Encoder f (Table 2), the squash Phi(BatchNorm(.)) of Theorem 3.5 and a learned critic T."""
-    models = nn.ModuleDict({"encoder": ConvEncoder(args.dim),
-                            "head": UniformNoise(args.dim, args.eps),
-                            "critic": make_critic(args.critic, args.dim,
-                                                  fast=args.critic_impl == "fast")})
+    models = nn.ModuleDict({"encoder": common.ConvEncoder(args.dim),
+                            "head": common.UniformNoise(args.dim, args.eps),
+                            "critic": common.make_critic(args.critic, args.dim,
+                                                         fast=args.critic_impl == "fast")})
     return models.to(device).to(memory_format=torch.channels_last)
 
 
@@ -178,14 +138,14 @@ def infomax_loss(models: nn.ModuleDict, x: torch.Tensor, args: argparse.Namespac
                  ) -> tuple[torch.Tensor, torch.Tensor]:
     """(loss, MI estimate) of I(f(X'); f(X) + Z) on one batch of clean images x (Section 3)."""
     x_aug = x + args.aug_sigma * torch.randn_like(x)               # X -> X' (Appendix C)
-    with autocast(x.device, args.amp):
+    with common.autocast(x.device, args.amp):
         f, f_aug = models["encoder"](x), models["encoder"](x_aug)
         # each branch squashed over its own batch: Theorem 3.5 constrains f(X) alone
         b = models["head"](f.float(), noisy=False)                 # Phi(BN(f(X))) in [0, 1]^d
         b = b + args.eps * (2 * torch.rand_like(b) - 1)            # f(X) + Z, Z ~ U[-eps, eps]^d
         a = models["head"](f_aug.float(), noisy=False)             # f(X'), no noise
         scores = models["critic"](a, b).float()                    # S[i, j] = T(a_i, b_j)
-    return mi_loss(args.loss, args.reg_weight, args.clip or None)(scores)
+    return common.mi_loss(args.loss, args.reg_weight, args.clip or None)(scores)
 
 
 def bench(args: argparse.Namespace, device: torch.device) -> None:
@@ -201,7 +161,7 @@ def bench(args: argparse.Namespace, device: torch.device) -> None:
                 opt.zero_grad(set_to_none=True)
                 infomax_loss(models, x, run)[0].backward()
                 opt.step()
-            return 1e3 * time_per_step(step, args.bench, device)
+            return 1e3 * common.time_per_step(step, args.bench, device)
 
     reference = argparse.Namespace(**{**vars(args), "critic_impl": "reference", "amp": False})
     paper = argparse.Namespace(**{**vars(args), **PAPER})
@@ -244,27 +204,28 @@ def evaluate(models: nn.ModuleDict, data: tuple, args: argparse.Namespace) -> di
         mis = [infomax_loss(models, x_te[i:i + bs], args)[1].item()
                for i in range(0, len(x_te) - bs + 1, bs)]
     # eval-mode embeddings: BatchNorm statistics recomputed on the clean training images
-    recompute_bn_stats(models, lambda x: models["head"](models["encoder"](x), noisy=False),
-                       x_tr, args.batch_size)
+    common.recompute_bn_stats(models, lambda x: models["head"](models["encoder"](x), noisy=False),
+                              x_tr, args.batch_size)
     z_tr, z_te = embed(models, x_tr), embed(models, x_te)
     if not (np.isfinite(z_tr).all() and np.isfinite(z_te).all()):
-        fail("the embeddings are not finite: training diverged; try a smaller --lr", code=3)
-    capacity = uniform_capacity(args.dim, args.eps)
+        common.fail("the embeddings are not finite: training diverged; try a smaller --lr", code=3)
+    capacity = common.uniform_capacity(args.dim, args.eps)
     mi = float(np.mean(mis))
     return {"eps": args.eps, "mi_at_uniform": args.dim * (args.eps - math.log(2 * args.eps)),
-            "uniformity": uniformity_report(z_te), "capacity": capacity, "mi_heldout": mi,
+            "uniformity": common.uniformity_report(z_te), "capacity": capacity, "mi_heldout": mi,
             "mi_heldout_se": float(np.std(mis, ddof=1) / math.sqrt(len(mis)))
-            if len(mis) > 1 else math.nan, "dm_gap": capacity - mi, "class_information": LOG10,
-            "normality": normality_report(to_gaussian(z_te), seed=args.seed,
-                                          subsample=args.subsample),
-            "downstream": downstream_report(z_tr, y_tr.cpu().numpy(), z_te,
-                                            y_te.cpu().numpy(), seed=args.seed),
+            if len(mis) > 1 else math.nan, "dm_gap": capacity - mi,
+            "class_information": common.LOG10,
+            "normality": common.normality_report(common.to_gaussian(z_te), seed=args.seed,
+                                                 subsample=args.subsample),
+            "downstream": common.downstream_report(z_tr, y_tr.cpu().numpy(), z_te,
+                                                   y_te.cpu().numpy(), seed=args.seed),
             "embeddings": (z_tr, z_te)}
 
 
 def scatter_with_marginals(u: np.ndarray, y: np.ndarray, eps: float, capacity: float) -> Any:
     """The test embeddings in the unit square coloured by digit, and each coordinate's histogram."""
-    fig, axes = pyplot().subplots(1, 2, figsize=(11, 5))
+    fig, axes = common.pyplot().subplots(1, 2, figsize=(11, 5))
     points = axes[0].scatter(u[:, 0], u[:, 1 % u.shape[1]], c=y, cmap="tab10", s=3, alpha=0.7,
                              vmin=-0.5, vmax=9.5)
     fig.colorbar(points, ax=axes[0], ticks=range(10), label="label")
@@ -282,11 +243,11 @@ def scatter_with_marginals(u: np.ndarray, y: np.ndarray, eps: float, capacity: f
 def summary(m: dict) -> str:
     d = m["downstream"]
     return "\n".join([
-        f"capacity C = {m['capacity']:.3f} nats   (class information log 10 = {LOG10:.3f})",
+        f"capacity C = {m['capacity']:.3f} nats   (class information log 10 = {common.LOG10:.3f})",
         f"MI estimate (held-out) = {m['mi_heldout']:.3f} +- {m['mi_heldout_se']:.3f}"
         f"   DM gap C - I = {m['dm_gap']:.3f}",
         "normality of Phi^-1(u) (Section 3.3):",
-        *normality_lines(m["normality"]),
+        *common.normality_lines(m["normality"]),
         f"uniformity: Kolmogorov-Smirnov mean p {m['uniformity']['ks_p_mean']:.3f}   "
         f"max D {m['uniformity']['ks_stat_max']:.3f}",
         f"accuracy: k-NN {d['knn_acc']:.4f}   GaussianNB {d['gnb_acc']:.4f}   "
@@ -296,39 +257,40 @@ def summary(m: dict) -> str:
 
 def train_and_evaluate(args: argparse.Namespace) -> None:
     """One run: data, models, --resume, training, evaluation, saving (or --bench, --eval-only)."""
-    device = pick_device(args.device)
+    device = common.pick_device(args.device)
     torch.manual_seed(args.seed)
     if args.bench:
         return bench(args, device)
     started, out = time.time(), Path(args.out)
-    x_tr, y_tr, x_te, y_te, data_info = load_data(args.dataset, args.data_dir,
-                                                  download=not args.no_download)
+    x_tr, y_tr, x_te, y_te, data_info = common.load_data(args.dataset, args.data_dir,
+                                                         download=not args.no_download)
     if "note" in data_info:
         print(data_info["note"])
     x_tr, x_te = (x.to(device).contiguous(memory_format=torch.channels_last) for x in (x_tr, x_te))
     data = (x_tr, y_tr.to(device), x_te, y_te.to(device))
-    shifted = {name: shifted_images(name, x_te, None, not args.no_download, args.seed)
+    shifted = {name: common.shifted_images(name, x_te, None, not args.no_download, args.seed)
                for name in args.ood}
     if args.batch_size > len(x_tr):
-        fail(f"--batch-size {args.batch_size} exceeds the {len(x_tr)} training images")
+        common.fail(f"--batch-size {args.batch_size} exceeds the {len(x_tr)} training images")
     if args.epochs is not None:
         args.steps = args.epochs * (len(x_tr) // args.batch_size)
     if args.resume and (out / "metrics.json").is_file():
-        return print(f"{out} is finished:\n" + summary(read_json(out / "metrics.json")))
+        return print(f"{out} is finished:\n" + summary(common.read_json(out / "metrics.json")))
 
     models = build_models(args, device)
     opt = torch.optim.Adam(models.parameters(), lr=args.lr)
     start, history, curve = 0, [], []
     if args.eval_only:
-        load_models(models, load_run_file(out / "model.pt", device)["models"], out / "model.pt")
+        state = common.load_run_file(out / "model.pt", device)["models"]
+        common.load_models(models, state, out / "model.pt")
         start = args.steps
     else:
         out.mkdir(parents=True, exist_ok=True)
-        write_json({k: v for k, v in vars(args).items() if k not in RUNTIME_FLAGS},
-                   out / "args.json")
+        common.write_json({k: v for k, v in vars(args).items() if k not in common.RUNTIME_FLAGS},
+                          out / "args.json")
     if args.resume and (out / "checkpoint.pt").exists():
-        ckpt = load_run_file(out / "checkpoint.pt", device)
-        load_models(models, ckpt["models"], out / "checkpoint.pt")
+        ckpt = common.load_run_file(out / "checkpoint.pt", device)
+        common.load_models(models, ckpt["models"], out / "checkpoint.pt")
         opt.load_state_dict(ckpt["optimizer"])
         torch.set_rng_state(ckpt["rng"])
         start, history, curve = ckpt["step"], ckpt["history"], ckpt["curve"]
@@ -344,12 +306,12 @@ def train_and_evaluate(args: argparse.Namespace) -> None:
     per_epoch = len(x_tr) // args.batch_size
     bar = tqdm(range(start, args.steps), initial=start, total=args.steps, disable=args.quiet,
                desc=f"eps={args.eps:g} seed={args.seed}", dynamic_ncols=True,
-               mininterval=progress_interval())
+               mininterval=common.progress_interval())
     losses, mis, saved = [], [], (out / "checkpoint.pt").is_file()
     for step in bar:
         epoch, k = divmod(step, per_epoch)
         if k == 0 or step == start:
-            order = epoch_order(len(x_tr), args.seed, epoch, x_tr.device)
+            order = common.epoch_order(len(x_tr), args.seed, epoch, x_tr.device)
         models.train()
         loss, mi = infomax_loss(train, x_tr[order[k * args.batch_size:(k + 1) * args.batch_size]],
                                 args)
@@ -365,8 +327,8 @@ def train_and_evaluate(args: argparse.Namespace) -> None:
             if not (math.isfinite(mean_loss) and math.isfinite(mean_mi)):
                 kept = (f"the last good checkpoint is kept in {out / 'checkpoint.pt'}" if saved
                         else "no checkpoint was written yet")
-                fail(f"the loss became {mean_loss} by step {done}: training diverged; try a "
-                     f"smaller --lr (now {args.lr:g}); {kept}", code=3)
+                common.fail(f"the loss became {mean_loss} by step {done}: training diverged; try a "
+                            f"smaller --lr (now {args.lr:g}); {kept}", code=3)
             history.append([done, mean_loss, mean_mi])
             bar.set_postfix(epoch=epoch, loss=f"{mean_loss:.3f}", mi=f"{mean_mi:.3f}",
                             refresh=False)
@@ -376,9 +338,9 @@ def train_and_evaluate(args: argparse.Namespace) -> None:
                           "knn_acc": m["downstream"]["knn_acc"],
                           "henze_zirkler_p": m["normality"]["henze_zirkler_p"]})
         if done % args.ckpt_every == 0 or done == args.steps:
-            atomic_save({"step": done, "models": models.state_dict(), "optimizer": opt.state_dict(),
-                         "rng": torch.get_rng_state(), "history": history, "curve": curve},
-                        out / "checkpoint.pt")
+            common.atomic_save({"step": done, "models": models.state_dict(),
+                                "optimizer": opt.state_dict(), "rng": torch.get_rng_state(),
+                                "history": history, "curve": curve}, out / "checkpoint.pt")
             saved = True
 
     metrics = evaluate(models, data, args)
@@ -387,16 +349,16 @@ def train_and_evaluate(args: argparse.Namespace) -> None:
                    batch_size=args.batch_size, seed=args.seed, data=data_info, device=str(device),
                    wall_time_s=time.time() - started, train_history=history, curve=curve)
     if args.eval_only:  # the run's own files stay as they are
-        write_json(metrics, out / "metrics_recomputed.json")
+        common.write_json(metrics, out / "metrics_recomputed.json")
         return print(summary(metrics) + f"\nsaved to {out / 'metrics_recomputed.json'}")
     y_tr_np, y_te_np = data[1].cpu().numpy(), data[3].cpu().numpy()
     z_ood = {f"z_ood_{name.replace('-', '_')}": embed(models, x) for name, x in shifted.items()}
-    with atomic_path(out / "embeddings.npz") as tmp, open(tmp, "wb") as fh:
+    with common.atomic_path(out / "embeddings.npz") as tmp, open(tmp, "wb") as fh:
         np.savez(fh, z_train=z_tr, y_train=y_tr_np, z_test=z_te, y_test=y_te_np, **z_ood)
-    atomic_save({"models": models.state_dict(), "args": vars(args)}, out / "model.pt")
-    save_figure(scatter_with_marginals(z_te, y_te_np, args.eps, metrics["capacity"]),
-                out / "scatter.png")
-    write_json(metrics, out / "metrics.json")
+    common.atomic_save({"models": models.state_dict(), "args": vars(args)}, out / "model.pt")
+    common.save_figure(scatter_with_marginals(z_te, y_te_np, args.eps, metrics["capacity"]),
+                       out / "scatter.png")
+    common.write_json(metrics, out / "metrics.json")
     print(summary(metrics) + f"\nsaved to {out}")
 
 
@@ -405,18 +367,18 @@ def main(argv: list[str] | None = None) -> None:
     if args.epss is None and args.seeds == 1:
         try:
             return train_and_evaluate(args)
-        except DataError as err:  # a missing or damaged file: one line, exit code 2
-            fail(str(err))
+        except common.DataError as err:  # a missing or damaged file: one line, exit code 2
+            common.fail(str(err))
     # a sweep: this script once per (eps, seed), --jobs at a time, each with --resume
-    jobs = args.jobs or (1 if pick_device(args.device).type == "cuda"
+    jobs = args.jobs or (1 if common.pick_device(args.device).type == "cuda"
                          else min(2, torch.get_num_threads()))
-    runs = sweep_plan(args, "eps", args.epss or [args.eps], "runs/mnist_uniform")
+    runs = common.sweep_plan(args, "eps", args.epss or [args.eps], "runs/mnist_uniform")
     quiet = ["--quiet"] if args.quiet or jobs > 1 else []
-    codes = run_commands([[sys.executable, __file__, "--out", run, "--resume", "--device",
-                           args.device, *quiet] for run in runs], jobs)
+    codes = common.run_commands([[sys.executable, __file__, "--out", run, "--resume", "--device",
+                                  args.device, *quiet] for run in runs], jobs)
     if any(codes):
-        fail(f"{sum(map(bool, codes))} of {len(codes)} runs failed; repeat the command to resume "
-             "them", code=max(abs(c) for c in codes))
+        common.fail(f"{sum(map(bool, codes))} of {len(codes)} runs failed; repeat the command to "
+                    "resume them", code=max(abs(c) for c in codes))
 
 
 if __name__ == "__main__":

@@ -17,6 +17,7 @@ from common import (
     SeparableCritic,
     UniformNoise,
     atomic_path,
+    bound_estimates,
     dv,
     gaussian_capacity,
     infonce,
@@ -147,6 +148,50 @@ def test_infonce_saturates_at_log_batch():
     scores = GaussianCritic(0.1)(x, x + 0.1 * torch.randn(64, 8, generator=gen))
     assert gaussian_capacity(8, 0.1) > 18
     assert infonce(scores)[1].item() <= math.log(64) + 1e-5
+
+
+def test_bound_estimates_equal_the_losses_values():
+    scores = torch.randn(40, 40, generator=torch.Generator().manual_seed(3)) * 2
+    values = bound_estimates(scores)
+    for name, fn in (("infonce", infonce), ("nwj", nwj), ("dv", dv)):
+        assert values[name][0] == pytest.approx(fn(scores)[1].item(), abs=1e-5)
+        assert values[name][1] > 0
+
+
+def _gaussian_channel(y, sigma, seed):
+    return GaussianCritic(sigma)(y, y + sigma * torch.randn(
+        y.shape, generator=torch.Generator().manual_seed(seed)))
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_nwj_and_dv_certify_beyond_log_batch(seed):
+    """The Theorem 4.1 critic on the ideal channel at d = 8, sigma = 0.3: C = 9.98 > log B = 7.6.
+
+    NWJ and DV recover C within 3 of their standard errors; InfoNCE stays below log B.
+    """
+    n, d, sigma = 2000, 8, 0.3
+    capacity = gaussian_capacity(d, sigma)
+    y = torch.randn(n, d, generator=torch.Generator().manual_seed(100 + seed))
+    values = bound_estimates(_gaussian_channel(y, sigma, seed))
+    assert capacity > math.log(n) + 2
+    for name in ("nwj", "dv"):
+        value, se = values[name]
+        assert abs(value - capacity) < 3 * se, (name, value, se, capacity)
+    assert values["infonce"][0] <= math.log(n)
+
+
+def test_dv_with_the_theorem41_critic_rejects_a_uniform_encoder():
+    """Standardized U[-sqrt 3, sqrt 3]^8 instead of N(0, I): DV falls more than 3 SE below C,
+    while InfoNCE, capped at log B, cannot tell the two apart."""
+    n, d, sigma = 2000, 8, 0.3
+    gen = torch.Generator().manual_seed(5)
+    uniform = (torch.rand(n, d, generator=gen) - 0.5) * math.sqrt(12)
+    gauss = torch.randn(n, d, generator=gen)
+    v_uniform = bound_estimates(_gaussian_channel(uniform, sigma, 6))
+    v_gauss = bound_estimates(_gaussian_channel(gauss, sigma, 6))
+    value, se = v_uniform["dv"]
+    assert value < gaussian_capacity(d, sigma) - 3 * se
+    assert abs(v_uniform["infonce"][0] - v_gauss["infonce"][0]) < 0.2
 
 
 def test_critics_score_every_pair():

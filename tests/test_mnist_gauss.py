@@ -70,7 +70,7 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(run_script, tmp_path,
             return value, value.detach()
         return loss
 
-    monkeypatch.setattr(mnist_gauss, "mi_loss", loss_turning_nan)
+    monkeypatch.setattr(mnist_gauss.common, "mi_loss", loss_turning_nan)
     with pytest.raises(SystemExit) as exc:
         run_script(mnist_gauss, tmp_path / "run", "--steps", "6", "--ckpt-every", "2",
                    "--log-every", "2")
