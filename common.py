@@ -1,10 +1,6 @@
-"""Shared pieces of the Noise-Injected Deep InfoMax reproduction (Butakov et al.).
-
-Each function stands alone so that it can be copied into a notebook: inputs and outputs are
-tensors or arrays, and the docstring names the equation or theorem of the paper
-(`noise-injected-infomax.md`) it implements. Equation numbers of Choi & Lee and Tschannen et al.
-refer to `choi-regularized-mi-losses.md` and `tschannen-mi-maximization.md`.
-"""
+"""Shared pieces of the Noise-Injected Deep InfoMax reproduction (Butakov et al.). Docstrings
+cite the paper (`noise-injected-infomax.md`), Choi & Lee (`choi-regularized-mi-losses.md`) and
+Tschannen et al. (`tschannen-mi-maximization.md`)."""
 from __future__ import annotations
 
 import argparse
@@ -45,26 +41,18 @@ LOG10 = math.log(10.0)
 REPO = Path(__file__).resolve().parent
 SHIPPED_MNIST = REPO / "data" / "mnist"
 FASHION_MNIST_DEBIAN = Path("/usr/share/datasets/fashion-mnist")
-IDX_FILES = {
-    True: ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
-    False: ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
-}
+IDX_FILES = {True: ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
+             False: ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")}
 
 
-# --------------------------------------------------------------------------------------------
-# Data
-# --------------------------------------------------------------------------------------------
+# --- Data ------------------------------------------------------------------------------------
 
 class DataError(RuntimeError):
-    """A missing, damaged or mismatched file (data, checkpoint, run folder); the message names
-    the file and what is wrong. Each script's main() turns it into one line and exit code 2."""
+    """A missing, damaged or mismatched file; the scripts print it as one line, exit code 2."""
 
 
 def read_idx(path: str | Path) -> torch.Tensor:
-    """Read one IDX file (MNIST's on-disk format, optionally gzipped) into a uint8 tensor.
-
-    A damaged file (cut short, not gzip, not IDX, sizes that disagree) raises DataError naming it.
-    """
+    """Read one IDX file (optionally gzipped) into a uint8 tensor; DataError if damaged."""
     opener = gzip.open if str(path).endswith(".gz") else open
     try:
         with opener(path, "rb") as fh:
@@ -85,7 +73,7 @@ def read_idx(path: str | Path) -> torch.Tensor:
 
 
 def _find_idx(root: Path, name: str) -> Path | None:
-    """Look for NAME or NAME.gz directly in ROOT or in torchvision's ROOT/<Dataset>/raw layout."""
+    """NAME or NAME.gz in ROOT or in torchvision's ROOT/<Dataset>/raw layout, else None."""
     for folder in (root, root / "MNIST" / "raw", root / "FashionMNIST" / "raw"):
         for candidate in (folder / name, folder / f"{name}.gz"):
             if candidate.is_file():
@@ -95,11 +83,8 @@ def _find_idx(root: Path, name: str) -> Path | None:
 
 def load_mnist(root: str | Path, train: bool, download: bool = False,
                dataset: str = "mnist") -> tuple[torch.Tensor, torch.Tensor]:
-    """Images (N, 1, 28, 28) float in [0, 1] and labels (N,) int64 of MNIST or Fashion-MNIST.
-
-    Local IDX files in `root` are used first; otherwise, with `download`, torchvision fetches the
-    split into `root`. Raises DataError naming the expected files when neither works.
-    """
+    """Images (N, 1, 28, 28) in [0, 1] and int64 labels of MNIST or Fashion-MNIST: IDX files in
+    `root`, else (with `download`) torchvision; DataError when neither works."""
     root = Path(root)
     names = IDX_FILES[train]
     paths = [_find_idx(root, name) for name in names]
@@ -144,15 +129,10 @@ def _where(root: Path) -> str:
 def load_data(dataset: str, data_dir: str | None, download: bool = True, split_seed: int = 0,
               crop: int | None = 24) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor,
                                                 torch.Tensor, dict[str, Any]]:
-    """Train and test images center-cropped to crop x crop (Table 2: 24; None: the full 28x28),
-    their labels, and a record of what was used.
-
-    dataset: "mnist" (60k/10k), "fashion-mnist" (60k/10k) or "mnist-test-split" (the 10k MNIST
-    test split, seeded 8k/2k split, since its first and last 5k come from different writers).
-    Without `data_dir`, "mnist" looks in ./data, then downloads, then falls back to the test split
-    shipped in data/mnist/ (the record's "note" says so). A given `data_dir` without the files
-    raises DataError.
-    """
+    """(x_train, y_train, x_test, y_test, record), images center-cropped to crop x crop (Table 2:
+    24; None: 28x28). dataset: "mnist", "fashion-mnist" or "mnist-test-split" (seeded 8k/2k split
+    of the 10k MNIST test split). Without `data_dir`, "mnist" falls back to the split shipped in
+    data/mnist/ (noted in the record); a given `data_dir` without the files raises DataError."""
     info: dict[str, Any] = {"dataset": dataset}
     unavailable = None
     if dataset != "mnist-test-split":
@@ -196,12 +176,8 @@ OOD_SETS = ("fashion-mnist", "inverted", "noise")
 
 def shifted_images(name: str, x_test: torch.Tensor, data_dir: str | None = None,
                    download: bool = True, seed: int = 0) -> torch.Tensor:
-    """As many out-of-distribution images as x_test (N, 1, 24, 24), for outlier detection.
-
-    "fashion-mnist": a seeded sample of the Fashion-MNIST test split (the natural shift for
-    MNIST; Debian's copy, --data-dir or a download); "inverted": 1 - x_test (no download);
-    "noise": i.i.d. U[0, 1] pixels (no download). Raises DataError when Fashion-MNIST is missing.
-    """
+    """As many out-of-distribution images as x_test: "fashion-mnist" (a seeded sample of its test
+    split; DataError if missing), "inverted" (1 - x_test) or "noise" (i.i.d. U[0, 1] pixels)."""
     gen = torch.Generator().manual_seed(seed)
     if name == "inverted":
         return 1.0 - x_test
@@ -214,9 +190,7 @@ def shifted_images(name: str, x_test: torch.Tensor, data_dir: str | None = None,
     return x[pick].to(x_test.device).contiguous(memory_format=torch.channels_last)
 
 
-# --------------------------------------------------------------------------------------------
-# Encoder and noise heads
-# --------------------------------------------------------------------------------------------
+# --- Encoder and noise heads -----------------------------------------------------------------
 
 class ConvEncoder(nn.Module):
     """Table 2 ConvNet on 1x24x24 images: 3 x [Conv3x3, MaxPool2, BN, LeakyReLU], 2 dense layers."""
@@ -238,16 +212,10 @@ class ConvEncoder(nn.Module):
 
 
 class GaussianNoise(nn.Module):
-    """Normalize, then inject Z ~ N(0, sigma^2 I) (Theorem 3.4).
+    """Normalize with BatchNorm1d(affine=False), then add Z ~ N(0, sigma^2 I) (Theorem 3.4, eq. 5).
 
-    BatchNorm1d(affine=False) enforces E f(X) = 0 and Var f(X)_i = 1, the constraint under which
-    I(f(X'); f(X) + Z) <= d/2 log(1 + 1/sigma^2) (eq. 5) with equality only for f(X) ~ N(0, I).
-    Call it separately on each branch so that each is normalized over its own batch; the noise is
-    added only in training mode and only when `noisy` (the clean branch f(X)).
-
-    `gather` (several processes, DDP): a differentiable function returning the rows of every
-    process. In training the mean and variance are then those of the global batch, because the
-    loss sees the gathered batch and the constraint must hold for the distribution it sees.
+    Noise only in training and when `noisy`. `gather` (DDP): a differentiable function returning
+    every process's rows, so that training normalizes with the global batch's statistics.
     """
 
     def __init__(self, dim: int, sigma: float,
@@ -259,8 +227,7 @@ class GaussianNoise(nn.Module):
         self.norm = nn.BatchNorm1d(dim, affine=False)
 
     def global_norm(self, f: torch.Tensor) -> torch.Tensor:
-        """BatchNorm1d's training-mode output and running-statistics update, computed with the
-        statistics of the rows of every process."""
+        """BatchNorm1d's training output and running-statistics update over every process's rows."""
         every = self.gather(f)
         mean, var = every.mean(0), every.var(0, unbiased=False)
         with torch.no_grad():
@@ -277,11 +244,7 @@ class GaussianNoise(nn.Module):
 
 
 class UniformNoise(nn.Module):
-    """Squash to [0, 1]^d with Phi(BN(f)), then inject Z ~ U[-eps, eps]^d (Theorem 3.5).
-
-    Phi, the standard normal CDF, maps the normalized output into [0, 1] and turns N(0, 1) into
-    U[0, 1]; I(f(X'); f(X) + Z) <= d log(1 + 1/(2 eps)) (eq. 6).
-    """
+    """Squash to [0, 1]^d with Phi(BN(f)), then add Z ~ U[-eps, eps]^d (Theorem 3.5, eq. 6)."""
 
     def __init__(self, dim: int, eps: float):
         super().__init__()
@@ -300,12 +263,8 @@ class UniformNoise(nn.Module):
 @torch.no_grad()
 def recompute_bn_stats(model: nn.Module, forward: Callable[[torch.Tensor], Any],
                        x: torch.Tensor, batch_size: int) -> None:
-    """Replace every BatchNorm's running statistics by their average over batches of `x`.
-
-    Used after training on the clean training images, so that evaluation-mode embeddings are
-    normalized with the statistics of the clean branch rather than the momentum averages, which
-    mix clean and augmented batches from many parameter values.
-    """
+    """Replace every BatchNorm's running statistics by their average over batches of `x`
+    (the clean training images, after training)."""
     norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
     momenta = [m.momentum for m in norms]
     for m in norms:
@@ -320,14 +279,11 @@ def recompute_bn_stats(model: nn.Module, forward: Callable[[torch.Tensor], Any],
         m.momentum = momentum
 
 
-# --------------------------------------------------------------------------------------------
-# Critics: (a, b) -> S with S[i, j] = T(a_i, b_j), a = f(X') rows, b = f(X) + Z columns
-# --------------------------------------------------------------------------------------------
+# --- Critics: (a, b) -> S, S[i, j] = T(a_i, b_j), a = f(X') rows, b = f(X) + Z columns -----
 
 def _hidden(p: torch.Tensor, q: torch.Tensor, w2: torch.Tensor, b2: torch.Tensor,
             h1: torch.Tensor, h2: torch.Tensor) -> None:
-    """Both hidden layers of the concat critic for rows p (r x H) against all columns q, written
-    into the buffers h1 and h2 (r * len(q) x H): no allocation per chunk."""
+    """Both hidden layers of the concat critic for rows p against all columns q, into h1, h2."""
     torch.add(p[:, None, :], q[None, :, :], out=h1.view(len(p), len(q), -1))
     F.leaky_relu_(h1, 0.01)
     torch.addmm(b2, h1, w2.T, out=h2)
@@ -335,14 +291,8 @@ def _hidden(p: torch.Tensor, q: torch.Tensor, w2: torch.Tensor, b2: torch.Tensor
 
 
 class _PairwiseMLP(torch.autograd.Function):
-    """Scores s[i, j] = w3 . lrelu(W2 lrelu(p[i] + q[j]) + b2) + b3 without storing B x B x H.
-
-    p = W_a a + b1 and q = W_b b are the first layer split by input (W [a; b] = W_a a + W_b b),
-    so the B x B x 2d pair tensor is never built. Rows are processed in chunks of `rows` through
-    buffers allocated once per call, small enough to stay in cache; the backward pass recomputes
-    each chunk's activations instead of keeping them, so memory is O(rows x B x H) at the price
-    of one extra matmul per chunk.
-    """
+    """s[i, j] = w3 . lrelu(W2 lrelu(p[i] + q[j]) + b2) + b3, p = W_a a + b1, q = W_b b (first
+    layer split by input), in chunks of `rows` rows; backward recomputes each chunk."""
 
     @staticmethod
     def forward(ctx, p, q, w2, b2, w3, b3, dtype, rows):
@@ -384,12 +334,7 @@ class _PairwiseMLP(torch.autograd.Function):
 
 class ConcatCritic(nn.Module):
     """Table 2 critic T([a; b]): Dense(2d,256), LeakyReLU, Dense(256,256), LeakyReLU, Dense(256,1).
-
-    Two implementations of the same function and parameters. `reference` materialises all
-    B_a x B_b concatenated pairs and runs the MLP on them: the definition, simple and
-    memory-hungry (B^2 x 256 activations kept for backward). `fast` (default) splits the first
-    layer, W [a; b] = W_a a + W_b b, computes it once per row and column, and scores row chunks
-    in the autocast dtype (bfloat16) with activations recomputed in backward (_PairwiseMLP).
+    `reference` runs it on all concatenated pairs; `fast` uses _PairwiseMLP in the autocast dtype.
     """
 
     def __init__(self, dim: int, hidden: int = 256, fast: bool = True, rows: int | None = None):
@@ -449,14 +394,8 @@ class BilinearCritic(nn.Module):
 
 
 class GaussianCritic(nn.Module):
-    """Parameter-free critic of Theorem 4.1, shifted to be the exact PMI of the ideal channel.
-
-    T*(x, y) = ||y||^2 / (2(1 + sigma^2)) - ||y - x||^2 / (2 sigma^2), x = f(X'), y = f(X) + Z.
-    Appendix A: PMI_{Y, Y+Z}(x, y) = T*(x, y) + d/2 log(1 + 1/sigma^2) for Y ~ N(0, I); this
-    returns that PMI, the optimal critic of every loss below. The InfoNCE/DV bound with it is tight
-    exactly when f is weakly invariant and f(X) ~ N(0, I). Computed in float32 whatever the
-    autocast: at small sigma the scores reach hundreds, beyond bfloat16's resolution.
-    """
+    """Theorem 4.1 critic ||y||^2 / (2(1 + sigma^2)) - ||y - x||^2 / (2 sigma^2), x = f(X'),
+    y = f(X) + Z, plus d/2 log(1 + 1/sigma^2): the exact PMI (Appendix A). Always float32."""
 
     def __init__(self, sigma: float):
         super().__init__()
@@ -474,11 +413,8 @@ class GaussianCritic(nn.Module):
                     + gaussian_capacity(a.shape[1], self.sigma))
 
 
-# --------------------------------------------------------------------------------------------
-# MI lower bounds on a score matrix (positives on the diagonal); each returns (loss, MI in nats)
-# Convention: scores estimate the PMI; the NWJ family, whose optimum is PMI + 1 (Remark 2.5,
-# alpha = 1), is evaluated at T = scores + 1, so the same critic serves every loss.
-# --------------------------------------------------------------------------------------------
+# --- MI bounds on a score matrix (positives on the diagonal); each returns (loss, MI in nats) --
+# Scores estimate the PMI; the NWJ family (optimum PMI + 1, Remark 2.5) uses T = scores + 1.
 
 def _offdiag_logmeanexp(scores: torch.Tensor) -> torch.Tensor:
     """log of the mean of exp(scores) over the off-diagonal (product-of-marginals) pairs."""
@@ -488,11 +424,7 @@ def _offdiag_logmeanexp(scores: torch.Tensor) -> torch.Tensor:
 
 
 def infonce(scores: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """InfoNCE (van den Oord et al.; Section 4): mean_i [S_ii - log mean_j exp S_ij] <= log B.
-
-    The Monte-Carlo form of eq. (2) used for the paper's figures; row i classifies the positive
-    b_i among all b_j for a_i.
-    """
+    """InfoNCE (Section 4, eq. 2): mean_i [S_ii - log mean_j exp S_ij] <= log B."""
     mi = (scores.diagonal() - scores.logsumexp(dim=1)).mean() + math.log(scores.shape[1])
     return -mi, mi.detach()
 
@@ -510,11 +442,8 @@ def nwj(scores: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def js(scores: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Jensen-Shannon (f-GAN) loss of Deep InfoMax (Hjelm et al.), MI estimated with NWJ.
-
-    Loss: E_P softplus(-T) + E_Q softplus(T), whose optimal T is the PMI; its MI value is not an
-    MI bound, so the returned estimate is NWJ on the same scores (Choi & Lee, Table 1).
-    """
+    """Jensen-Shannon loss of Deep InfoMax, E_P softplus(-T) + E_Q softplus(T); MI is NWJ's
+    (Choi & Lee, Table 1)."""
     n = scores.shape[0]
     off = ~torch.eye(n, dtype=torch.bool, device=scores.device)
     loss = F.softplus(-scores.diagonal()).mean() + F.softplus(scores[off]).mean()
@@ -522,10 +451,7 @@ def js(scores: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def redv(scores: torch.Tensor, weight: float = 0.1) -> tuple[torch.Tensor, torch.Tensor]:
-    """Regularized DV (Choi & Lee, eq. 14): DV - weight * (log E_Q e^T - C*)^2 with C* = 0.
-
-    The penalty pins the free additive constant of the DV critic ("drifting") to the PMI's.
-    """
+    """Regularized DV (Choi & Lee, eq. 14): DV - weight * (log E_Q e^T - C*)^2 with C* = 0."""
     lme = _offdiag_logmeanexp(scores)
     mi = scores.diagonal().mean() - lme
     return -mi + weight * lme ** 2, mi.detach()
@@ -533,12 +459,8 @@ def redv(scores: torch.Tensor, weight: float = 0.1) -> tuple[torch.Tensor, torch
 
 def renwj(scores: torch.Tensor, weight: float = 0.1,
           clip: float | None = 10.0) -> tuple[torch.Tensor, torch.Tensor]:
-    """Regularized NWJ (Choi & Lee, eq. 15): NWJ - weight * (log E_Q e^(T-1))^2, T = scores + 1.
-
-    As in Choi & Lee's Table 1, T is clipped to [-clip, clip] in the NWJ terms only (their eq. 9,
-    from SMILE): the clipping removes noisy gradients of large scores, while the unclipped
-    penalty keeps T from freezing. clip=None: no clipping.
-    """
+    """Regularized NWJ (Choi & Lee, eq. 15): NWJ - weight * (log E_Q e^(T-1))^2, T = scores + 1,
+    with T clipped to [-clip, clip] in the NWJ terms only (their eq. 9; None: no clipping)."""
     lme = _offdiag_logmeanexp(scores)
     clipped = scores if clip is None else (scores + 1).clamp(-clip, clip) - 1
     mi = clipped.diagonal().mean() + 1 - _offdiag_logmeanexp(clipped).exp()
@@ -550,14 +472,11 @@ LOSSES: dict[str, Callable[..., tuple[torch.Tensor, torch.Tensor]]] = {
 
 
 def bound_estimates(scores: torch.Tensor) -> dict[str, tuple[float, float]]:
-    """InfoNCE, NWJ and DV values of one score matrix, each with a standard error over its rows.
+    """{name: (value, se)} of InfoNCE, NWJ and DV (eqs. 2-3) on one score matrix, in float64:
+    means of per-row terms (DV linearized) with sd / sqrt(B), approximate as rows share columns.
 
-    The values equal infonce, nwj and dv above. InfoNCE cannot exceed log B (B = rows); NWJ and
-    DV have no such cap but need E_Q e^T, whose Monte Carlo variance grows like e^(2I) for a
-    critic near the PMI (chi^2 + 1 = (1 + 1/sigma^2)^d = e^(2C) on the ideal channel of eq. 5).
-    Each value is the mean of per-row terms (DV: linearized at the overall mean), and its
-    standard error is their sd / sqrt(B); rows share columns, so it is an approximation.
-    Computed in float64.
+    InfoNCE cannot exceed log B; NWJ and DV can, but their E_Q e^T term has a variance of about
+    e^(2I) near the PMI critic ((1 + 1/sigma^2)^d = e^(2C) on the ideal channel of eq. 5).
     """
     s = scores.detach().double()
     n = s.shape[0]
@@ -571,13 +490,9 @@ def bound_estimates(scores: torch.Tensor) -> dict[str, tuple[float, float]]:
     return {name: (float(t.mean()), float(t.std() / math.sqrt(n))) for name, t in terms.items()}
 
 
-
 def bound_estimates_table(batches: Sequence[torch.Tensor], whole: torch.Tensor) -> dict:
-    """bound_estimates over disjoint batches (mean, sd / sqrt(batches)) and over one whole batch.
-
-    Returns {estimator: {"batch": [value, se], "whole": [value, row se]}}: the batches show the
-    training-size estimate with its cap log B, the whole batch how far a larger B reaches.
-    """
+    """{estimator: {"batch": [mean, se over batches], "whole": [value, row se]}} of
+    bound_estimates over disjoint batches and over one whole batch."""
     rows = [bound_estimates(s) for s in batches]
     table = {}
     for name, whole_value in bound_estimates(whole).items():
@@ -586,9 +501,8 @@ def bound_estimates_table(batches: Sequence[torch.Tensor], whole: torch.Tensor) 
         table[name] = {"batch": [float(np.mean(values)), float(se)], "whole": list(whole_value)}
     return table
 
-# --------------------------------------------------------------------------------------------
-# Capacity bounds
-# --------------------------------------------------------------------------------------------
+
+# --- Capacity bounds -------------------------------------------------------------------------
 
 def gaussian_capacity(d: int, sigma: float) -> float:
     """C = d/2 log(1 + 1/sigma^2), eq. (5): the maximum of I(f(X'); f(X) + Z); inf at sigma = 0."""
@@ -600,86 +514,55 @@ def uniform_capacity(d: int, eps: float) -> float:
     return d * math.log1p(1.0 / (2.0 * eps))
 
 
-# --------------------------------------------------------------------------------------------
-# Normality tests and downstream metrics (Section 5)
-# --------------------------------------------------------------------------------------------
-
-_UNIVARIATE_TESTS = {
-    "dagostino": scipy.stats.normaltest,
-    "shapiro": scipy.stats.shapiro,
-}
-# scipy.stats.normaltest needs at least 8 observations (kurtosis test).
-_MIN_POINTS = 8
-_SILHOUETTE_MAX_POINTS = 5000
-
+# --- Normality tests and downstream metrics (Section 5) --------------------------------------
 
 def _as_2d(z) -> np.ndarray:
     z = np.asarray(z, dtype=np.float64)
-    if z.ndim == 1:
-        z = z[:, None]
+    z = z[:, None] if z.ndim == 1 else z
     if z.ndim != 2:
         raise ValueError(f"expected an (n, d) array, got shape {z.shape}")
     return z
 
 
-def _subsample_indices(rng: np.random.Generator, n: int,
-                       subsample: int) -> np.ndarray:
-    if subsample >= n:
-        return np.arange(n)
-    return rng.choice(n, size=subsample, replace=False)
+def _subsample_indices(rng: np.random.Generator, n: int, subsample: int) -> np.ndarray:
+    return np.arange(n) if subsample >= n else rng.choice(n, size=subsample, replace=False)
 
 
-def projected_pvalues(z, test: str = "dagostino", n_proj: int = 10,
-                      n_boot: int = 20, subsample: int = 128,
-                      seed: int = 0) -> float:
-    """Mean p-value of a univariate normality test on random 1-D projections.
-
-    Paper Section 5: the sample is projected onto directions drawn uniformly
-    on the unit sphere (any projection of a Gaussian is Gaussian) and tested
-    on bootstrap subsamples. ``test`` is "dagostino" (D'Agostino 1971;
-    D'Agostino & Pearson 1973, scipy.stats.normaltest) or "shapiro"
-    (Shapiro-Wilk, scipy.stats.shapiro).
-    """
-    if test not in _UNIVARIATE_TESTS:
-        raise ValueError(f"unknown test {test!r}; "
-                         f"expected one of {sorted(_UNIVARIATE_TESTS)}")
+def projected_pvalues(z, test: str = "dagostino", n_proj: int = 10, n_boot: int = 20,
+                      subsample: int = 128, seed: int = 0) -> float:
+    """Mean p-value of a univariate normality test on subsamples of random 1-D projections
+    (Section 5); test: "dagostino" (scipy.stats.normaltest) or "shapiro"."""
+    tests = {"dagostino": scipy.stats.normaltest, "shapiro": scipy.stats.shapiro}
+    if test not in tests:
+        raise ValueError(f"unknown test {test!r}; expected one of {sorted(tests)}")
     z = _as_2d(z)
     n, d = z.shape
-    if n < _MIN_POINTS:
-        raise ValueError(f"need at least {_MIN_POINTS} points, got {n}")
-    test_fn = _UNIVARIATE_TESTS[test]
+    if n < 8:  # normaltest's kurtosis test needs 8 points
+        raise ValueError(f"need at least 8 points, got {n}")
     rng = np.random.default_rng(seed)
     pvalues = []
     for _ in range(n_proj):
         u = rng.standard_normal(d)
-        u /= np.linalg.norm(u)
-        projection = z @ u
+        projection = z @ (u / np.linalg.norm(u))
         for _ in range(n_boot):
             idx = _subsample_indices(rng, n, subsample)
-            pvalues.append(float(test_fn(projection[idx]).pvalue))
+            pvalues.append(float(tests[test](projection[idx]).pvalue))
     return float(np.mean(pvalues))
 
 
 def henze_zirkler(z) -> tuple[float, float]:
-    """Henze-Zirkler multivariate normality test (Henze & Zirkler 1990).
-
-    Returns the statistic HZ and its p-value from the log-normal
-    approximation of the null distribution.
-    """
+    """Henze-Zirkler (1990) test: statistic HZ and its p-value (log-normal null approximation)."""
     z = _as_2d(z)
     n, d = z.shape
     centred = z - z.mean(axis=0)
-    # The original test uses the maximum-likelihood covariance (divisor n).
-    cov = centred.T @ centred / n
+    cov = centred.T @ centred / n  # maximum-likelihood covariance, as in the original test
     try:
         precision = np.linalg.inv(cov)
     except np.linalg.LinAlgError:
         precision = np.linalg.pinv(cov)
     whitened = centred @ precision
     d_i = np.einsum("ij,ij->i", whitened, centred)
-    gram = whitened @ centred.T
-    d_ij = d_i[:, None] + d_i[None, :] - 2.0 * gram
-
+    d_ij = d_i[:, None] + d_i[None, :] - 2.0 * (whitened @ centred.T)
     beta2 = 0.5 * ((2 * d + 1) * n / 4.0) ** (2.0 / (d + 4))
     beta4 = beta2 ** 2
     beta8 = beta4 ** 2
@@ -687,11 +570,9 @@ def henze_zirkler(z) -> tuple[float, float]:
                  - 2.0 * (1.0 + beta2) ** (-d / 2)
                  * np.exp(-beta2 / (2.0 * (1.0 + beta2)) * d_i).sum()
                  + n * (1.0 + 2.0 * beta2) ** (-d / 2))
-
     a = 1.0 + 2.0 * beta2
     w = (1.0 + beta2) * (1.0 + 3.0 * beta2)
-    mean = 1.0 - a ** (-d / 2) * (1.0 + d * beta2 / a
-                                  + d * (d + 2) * beta4 / (2.0 * a ** 2))
+    mean = 1.0 - a ** (-d / 2) * (1.0 + d * beta2 / a + d * (d + 2) * beta4 / (2.0 * a ** 2))
     var = (2.0 * (1.0 + 4.0 * beta2) ** (-d / 2)
            + 2.0 * a ** (-d) * (1.0 + 2.0 * d * beta4 / a ** 2
                                 + 3.0 * d * (d + 2) * beta8 / (4.0 * a ** 4))
@@ -699,31 +580,21 @@ def henze_zirkler(z) -> tuple[float, float]:
                                     + d * (d + 2) * beta8 / (2.0 * w ** 2)))
     log_mean = np.log(mean ** 2 / np.sqrt(var + mean ** 2))
     log_sd = np.sqrt(np.log((var + mean ** 2) / mean ** 2))
-    p_value = scipy.stats.lognorm.sf(statistic, s=log_sd,
-                                     scale=np.exp(log_mean))
+    p_value = scipy.stats.lognorm.sf(statistic, s=log_sd, scale=np.exp(log_mean))
     return float(statistic), float(p_value)
 
 
-def henze_zirkler_pvalue(z, n_boot: int = 20, subsample: int = 128,
-                         seed: int = 0) -> float:
-    """Henze-Zirkler (1990) p-value averaged over random subsamples.
-
-    Paper Section 5: bootstrapping small subsamples lowers the variance of
-    the p-value and smooths its transition from low to high values.
-    """
+def henze_zirkler_pvalue(z, n_boot: int = 20, subsample: int = 128, seed: int = 0) -> float:
+    """Henze-Zirkler p-value averaged over n_boot random subsamples (Section 5)."""
     z = _as_2d(z)
     rng = np.random.default_rng(seed)
-    pvalues = [henze_zirkler(z[_subsample_indices(rng, len(z), subsample)])[1]
-               for _ in range(n_boot)]
-    return float(np.mean(pvalues))
+    return float(np.mean([henze_zirkler(z[_subsample_indices(rng, len(z), subsample)])[1]
+                          for _ in range(n_boot)]))
 
 
 def to_gaussian(u, eps: float = 1e-6) -> np.ndarray:
-    """Probability integral transform of [0, 1]^d embeddings to Gaussian.
-
-    Paper Section 3.3: testing uniformity reduces to testing normality of
-    the inverse normal CDF; clipping keeps boundary points finite.
-    """
+    """Phi^-1 of [0, 1]^d embeddings clipped to [eps, 1 - eps]: uniformity becomes normality
+    (Section 3.3)."""
     u = np.asarray(u, dtype=np.float64)
     return scipy.stats.norm.ppf(np.clip(u, eps, 1.0 - eps))
 
@@ -737,8 +608,7 @@ def uniformity_report(u: np.ndarray) -> dict:
 
 
 NULL_DRAWS = 39
-"""Reference draws behind every null level: at least 20 (issue 16); with 39 the Monte Carlo
-test at level 5% is exact, since (1 + 1) / (39 + 1) = 0.05."""
+"""Reference draws behind every null level: with 39, the Monte Carlo test at 5% is exact."""
 LEVEL = 0.05
 """Level of the calibrated normality decision."""
 _NULL_CACHE: dict[tuple[int, ...], dict] = {}
@@ -751,15 +621,8 @@ def _directions(rng: np.random.Generator, d: int, k: int) -> np.ndarray:
 
 
 def sliced_w2(z, n_dirs: int = 200, seed: int = 0) -> float:
-    """Sliced Wasserstein-2 distance between a standardized sample and N(0, I_d).
-
-    Each coordinate is standardized to mean 0 and sd 1 (what the BatchNorm head of Theorem 3.4
-    enforces), so the distance measures shape and dependence, not location or scale. Along each
-    of `n_dirs` directions uniform on the sphere, W2 between the n sorted projections and the
-    N(0, 1) quantiles at (i - 0.5) / n; the result is the root of the mean squared W2. Unlike
-    an averaged p-value its population value does not depend on n; its sampling floor (the null
-    band of normality_null) shrinks with n. A constant column stays 0 (far from N(0, 1)).
-    """
+    """Sliced W2 between the coordinate-standardized sample and N(0, I): root mean over n_dirs
+    random directions of W2^2 between sorted projections and N(0, 1) quantiles at (i - 0.5) / n."""
     z = _as_2d(z)
     if not np.isfinite(z).all():
         raise ValueError("the sample holds NaN or infinite values")
@@ -771,25 +634,14 @@ def sliced_w2(z, n_dirs: int = 200, seed: int = 0) -> float:
     n = len(z)
     quantiles = scipy.stats.norm.ppf((np.arange(1, n + 1) - 0.5) / n)
     projections = _directions(np.random.default_rng(seed), z.shape[1], n_dirs).T @ z.T
-    # (n_dirs, n), one contiguous row per direction; sorting in float32 halves the time and
-    # moves the distance by about 1e-7
-    projections = np.sort(projections.astype(np.float32), axis=1)
+    projections = np.sort(projections.astype(np.float32), axis=1)  # float32 sorts faster
     return float(np.sqrt(np.mean((projections - quantiles) ** 2)))
 
 
 def normality_null(n: int, d: int, subsample: int = 128, n_proj: int = 10, n_boot: int = 20,
                    seed: int = 0, draws: int = NULL_DRAWS) -> dict:
-    """Null levels: the statistics of normality_report on `draws` true N(0, I_d) samples of size n.
-
-    An averaged p-value is not a p-value: a true N(0, I) sample scores about 0.5 on it, with a
-    spread that depends on n, d and the subsample size. For each averaged p-value this returns
-    the mean and sd of the same procedure (random projections, subsamples without replacement,
-    the same tests) on Gaussian samples of the same n and d, and for sliced_w2 the mean and 95th
-    percentile (its sampling floor at this n), plus the raw distances for the Monte Carlo test.
-    The uniform DM needs no other reference: U[0, 1]^d after the PIT (to_gaussian) is N(0, I).
-    Reference samples come from their own generator (seed, 16), so the run's statistics keep
-    their random streams; results are cached per argument tuple (a few seconds to compute).
-    """
+    """normality_report's statistics on `draws` N(0, I_d) samples of size n (own generator, cached):
+    "null" (mean, sd of each averaged p), "sliced_w2_null" (mean, 95th percentile), "w2_draws"."""
     key = (n, d, subsample, n_proj, n_boot, seed, draws)
     if key not in _NULL_CACHE:
         rng = np.random.default_rng((seed, 16))
@@ -801,7 +653,7 @@ def normality_null(n: int, d: int, subsample: int = 128, n_proj: int = 10, n_boo
             projections = z @ _directions(rng, d, n_proj)
             columns = np.repeat(np.arange(n_proj), n_boot)[:, None]
             rows = np.stack([_subsample_indices(rng, n, subsample) for _ in columns])
-            samples = projections[rows, columns]  # (n_proj * n_boot, subsample), vectorised
+            samples = projections[rows, columns]  # (n_proj * n_boot, subsample)
             stats["dagostino_p"].append(scipy.stats.normaltest(samples, axis=1).pvalue.mean())
             stats["shapiro_p"].append(scipy.stats.shapiro(samples, axis=1).pvalue.mean())
             if whitenable:
@@ -810,34 +662,19 @@ def normality_null(n: int, d: int, subsample: int = 128, n_proj: int = 10, n_boo
             stats["w2"].append(sliced_w2(z, seed=seed))
         _NULL_CACHE[key] = {name: np.array(values) for name, values in stats.items()}
     cached = _NULL_CACHE[key]
-
-    def band(name: str) -> dict | None:
-        values = cached[name]
-        return ({"mean": float(values.mean()), "sd": float(values.std(ddof=1))}
-                if len(values) else None)
-    return {"null": {"dagostino_p": band("dagostino_p"), "shapiro_p": band("shapiro_p"),
-                     "henze_zirkler_p": band("henze_zirkler_p"), "draws": draws},
-            "sliced_w2_null": {"mean": float(cached["w2"].mean()),
-                               "q95": float(np.quantile(cached["w2"], 0.95)), "draws": draws},
-            "w2_draws": cached["w2"].copy()}
+    null = {k: {"mean": float(v.mean()), "sd": float(v.std(ddof=1))} if len(v) else None
+            for k, v in cached.items() if k != "w2"}
+    w2 = cached["w2"]
+    return {"null": {**null, "draws": draws},
+            "sliced_w2_null": {"mean": float(w2.mean()), "q95": float(np.quantile(w2, 0.95)),
+                               "draws": draws},
+            "w2_draws": w2.copy()}
 
 
 def normality_decision(hz_p: float | None, w2: float, w2_draws: np.ndarray,
                        level: float = LEVEL) -> dict:
-    """A normality test calibrated at `level`: one p-value for the whole sample, not an average.
-
-    Henze-Zirkler (1990) on the whole held-out sample (its p from the log-normal approximation
-    of the null, as in henze_zirkler): affine invariant, consistent against every alternative,
-    powerful at n in the thousands, and computed anyway for henze_zirkler_stat. Its rejection
-    rate on N(0, I_2) samples at level 5%, measured: 5.3% +- 0.5% (2000 samples of n = 500),
-    5.3% +- 0.9% (600 samples of n = 2000); with one uniform coordinate at n = 2000: 100%
-    (tests/test_stats.py). An average of subsample p-values has no such level; a Cauchy
-    combination of them would have one, but each subsample of 128 points carries far less
-    evidence than the whole held-out set. Where Henze-Zirkler is skipped (d >= subsample): a
-    Monte Carlo test on the sliced W2 distance, p = (1 + #{null draws >= w2}) / (draws + 1),
-    exact for any n and d because the sample and the draws are exchangeable under the null
-    (level 2/40 = 5% with 39 draws).
-    """
+    """Normality test at `level`: Henze-Zirkler on the whole sample when hz_p is given, else a
+    Monte Carlo test on sliced W2, p = (1 + #{null draws >= w2}) / (draws + 1)."""
     if hz_p is not None:
         test, p = "henze-zirkler", float(hz_p)
     else:
@@ -848,19 +685,11 @@ def normality_decision(hz_p: float | None, w2: float, w2_draws: np.ndarray,
 
 def normality_report(z, seed: int = 0, subsample: int = 128,
                      n_proj: int = 10, n_boot: int = 20) -> dict:
-    """All normality tests of paper Section 5 on one embedding sample, with their scale.
-
-    D'Agostino-Pearson and Shapiro-Wilk on random projections, and Henze-Zirkler (1990) on
-    subsamples, each an *average* of p-values (the paper's measure), and the Henze-Zirkler
-    statistic of the full sample. Henze-Zirkler whitens with the subsample covariance, singular
-    unless d < subsample: for d >= subsample its entries are None. To read them: "null", the
-    same averages on N(0, I_d) samples of the same n (normality_null); "sliced_w2", a distance
-    to N(0, I) (sliced_w2) with its null band "sliced_w2_null"; "decision", a test calibrated at
-    5% (normality_decision). normality_lines prints it all.
-    """
+    """Section 5 normality tests: averaged p-values of D'Agostino-Pearson, Shapiro-Wilk and
+    Henze-Zirkler (None when d >= subsample), the HZ statistic, "null" (normality_null),
+    "sliced_w2" with its null band, and "decision" (normality_decision)."""
     z = _as_2d(z)
-    kwargs = dict(n_proj=n_proj, n_boot=n_boot, subsample=subsample,
-                  seed=seed)
+    kwargs = dict(n_proj=n_proj, n_boot=n_boot, subsample=subsample, seed=seed)
     whitenable = z.shape[1] < min(subsample, len(z))
     hz_stat, hz_p = henze_zirkler(z) if whitenable else (None, None)
     report = {
@@ -869,9 +698,7 @@ def normality_report(z, seed: int = 0, subsample: int = 128,
         "henze_zirkler_p": henze_zirkler_pvalue(
             z, n_boot=n_boot, subsample=subsample, seed=seed) if whitenable else None,
         "henze_zirkler_stat": hz_stat,
-        "subsample": int(min(subsample, len(z))),
-        "n_proj": int(n_proj),
-        "n_boot": int(n_boot),
+        "subsample": int(min(subsample, len(z))), "n_proj": int(n_proj), "n_boot": int(n_boot),
     }
     null = normality_null(len(z), z.shape[1], subsample, n_proj, n_boot, seed)
     w2 = sliced_w2(z, seed=seed)
@@ -880,16 +707,12 @@ def normality_report(z, seed: int = 0, subsample: int = 128,
             "decision": normality_decision(hz_p, w2, null["w2_draws"])}
 
 
-_TEST_NAMES = {"dagostino_p": "D'Agostino-Pearson", "shapiro_p": "Shapiro-Wilk",
-               "henze_zirkler_p": "Henze-Zirkler",
-               "henze-zirkler": "Henze-Zirkler on the whole sample",
-               "sliced-w2-monte-carlo": "Monte Carlo test on sliced W2"}
-
-
 def normality_lines(report: dict) -> list[str]:
-    """normality_report as text: each averaged p beside its null level (mean +- sd on N(0, I)
-    samples of the same n and d), the sliced W2 distance beside its null band, the decision.
-    A report without these entries (runs saved before them) gives the values alone."""
+    """normality_report as text lines; a report saved before the null levels gives values alone."""
+    names = {"dagostino_p": "D'Agostino-Pearson", "shapiro_p": "Shapiro-Wilk",
+             "henze_zirkler_p": "Henze-Zirkler",
+             "henze-zirkler": "Henze-Zirkler on the whole sample",
+             "sliced-w2-monte-carlo": "Monte Carlo test on sliced W2"}
     null = report.get("null") or {}
     lines = [f"normality: p-values averaged over {report['n_proj']} projections x "
              f"{report['n_boot']} subsamples of {report['subsample']} points"
@@ -897,7 +720,7 @@ def normality_lines(report: dict) -> list[str]:
                 if null else "")]
     for key in ("dagostino_p", "shapiro_p", "henze_zirkler_p"):
         value, band = report.get(key), null.get(key)
-        lines.append(f"  {_TEST_NAMES[key] + ' averaged p':<30}"
+        lines.append(f"  {names[key] + ' averaged p':<30}"
                      + ("n/a (d >= subsample)" if value is None else f"{value:.3f}")
                      + (f"   null {band['mean']:.3f} +- {band['sd']:.3f}" if band else ""))
     if "sliced_w2" in report:
@@ -907,65 +730,44 @@ def normality_lines(report: dict) -> list[str]:
     if "decision" in report:
         decision = report["decision"]
         lines.append(f"  decision at level {decision['level']:g}: "
-                     f"{_TEST_NAMES.get(decision['test'], decision['test'])}, "
+                     f"{names.get(decision['test'], decision['test'])}, "
                      f"p = {decision['p']:.3g}: normality "
                      + ("rejected" if decision["reject"] else "not rejected"))
     return lines
 
 
 def downstream_report(z_tr, y_tr, z_te, y_te, seed: int = 0) -> dict:
-    """Downstream classification and clustering scores (paper Section 5).
-
-    Test accuracy of Gaussian naive Bayes, 5-nearest neighbours and a
-    shallow MLP trained on the train embeddings, and the silhouette score
-    (Rousseeuw 1987) of the test embeddings grouped by label.
-    """
+    """Test accuracy of Gaussian naive Bayes, 5-NN and a shallow MLP trained on the train
+    embeddings, and the silhouette of the test embeddings by label (Section 5)."""
     z_tr, z_te = _as_2d(z_tr), _as_2d(z_te)
     y_tr, y_te = np.asarray(y_tr), np.asarray(y_te)
-    classifiers = {
-        "gnb_acc": GaussianNB(),
-        "knn_acc": KNeighborsClassifier(n_neighbors=5),
-        "mlp_acc": MLPClassifier(hidden_layer_sizes=(64,), max_iter=500,
-                                 random_state=seed),
-    }
+    classifiers = {"gnb_acc": GaussianNB(), "knn_acc": KNeighborsClassifier(n_neighbors=5),
+                   "mlp_acc": MLPClassifier(hidden_layer_sizes=(64,), max_iter=500,
+                                            random_state=seed)}
     report = {}
     for name, clf in classifiers.items():
-        # A non-converged MLP is still a valid (if weaker) probe.
-        with warnings.catch_warnings():
+        with warnings.catch_warnings():  # a non-converged MLP is still a valid probe
             warnings.simplefilter("ignore", ConvergenceWarning)
             clf.fit(z_tr, y_tr)
         report[name] = float(clf.score(z_te, y_te))
-    # Silhouette is O(n^2) in memory and time, so large test sets are
-    # subsampled.
-    sample_size = (_SILHOUETTE_MAX_POINTS
-                   if len(z_te) > _SILHOUETTE_MAX_POINTS else None)
-    report["silhouette"] = float(silhouette_score(
-        z_te, y_te, sample_size=sample_size, random_state=seed))
+    sample_size = 5000 if len(z_te) > 5000 else None  # silhouette is O(n^2)
+    report["silhouette"] = float(silhouette_score(z_te, y_te, sample_size=sample_size,
+                                                  random_state=seed))
     return report
 
 
-# --------------------------------------------------------------------------------------------
-# Run utilities
-# --------------------------------------------------------------------------------------------
+# --- Run utilities ---------------------------------------------------------------------------
 
 def autocast(device: torch.device, enabled: bool = True) -> torch.autocast:
-    """bfloat16 autocast (float16 on GPUs without bf16).
-
-    With channels-last it made the encoder 3.8x faster on 2 cores of a Xeon with native bf16
-    (AMX); CPUs without native bf16 may run faster in float32 (enabled=False).
-    """
-    dtype = torch.bfloat16
-    if device.type == "cuda" and not torch.cuda.is_bf16_supported():
-        dtype = torch.float16
+    """bfloat16 autocast (float16 on GPUs without bf16); enabled=False runs in float32."""
+    dtype = (torch.float16 if device.type == "cuda" and not torch.cuda.is_bf16_supported()
+             else torch.bfloat16)
     return torch.autocast(device.type, dtype=dtype, enabled=enabled)
 
 
 @contextmanager
 def atomic_path(path: str | Path) -> Iterator[str]:
-    """Yield a temporary file name beside `path`; rename it to `path` once the block succeeds.
-
-    Readers see the old file or the complete new one, never a half-written file.
-    """
+    """Yield a temporary file name beside `path`; rename it to `path` once the block succeeds."""
     path = Path(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
     os.close(fd)
@@ -999,8 +801,7 @@ def write_json(obj: Any, path: str | Path) -> None:
 
 
 def read_json(path: str | Path) -> Any:
-    """A file written by write_json, with its "nan" / "inf" / "-inf" strings as floats again;
-    one line and exit code 2 when it cannot be read."""
+    """A file written by write_json, "nan" / "inf" / "-inf" as floats; fail() if unreadable."""
     special = {"nan": math.nan, "inf": math.inf, "-inf": -math.inf}
 
     def restore(v: Any) -> Any:
@@ -1031,8 +832,8 @@ def pyplot() -> Any:
 
 
 def scatter_embeddings(z: np.ndarray, y: np.ndarray, title: str) -> Any:
-    """Figure 2: test embeddings coloured by label; for d > 2, the first two principal axes; for
-    d = 1, the embedding against the label (jittered)."""
+    """Figure 2: test embeddings coloured by label; d > 2: first two principal axes; d = 1: the
+    embedding against the jittered label."""
     plt = pyplot()
     z = np.asarray(z, dtype=np.float64)
     xlabel, ylabel = "$z_1$", "$z_2$"
@@ -1053,21 +854,18 @@ def scatter_embeddings(z: np.ndarray, y: np.ndarray, title: str) -> Any:
 
 def time_per_step(step: Callable[[], Any], n: int, device: torch.device, warmup: int = 2) -> float:
     """Seconds per call of `step`, averaged over n calls after `warmup` untimed ones."""
+    sync = torch.cuda.synchronize if device.type == "cuda" else lambda: None
     for _ in range(warmup):
         step()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
+    sync()
     start = time.perf_counter()
     for _ in range(n):
         step()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
+    sync()
     return (time.perf_counter() - start) / n
 
 
-# --------------------------------------------------------------------------------------------
-# Run helpers shared by the scripts: flag validators, output folders, sweeps, files
-# --------------------------------------------------------------------------------------------
+# --- Run helpers: flag validators, output folders, sweeps, files -----------------------------
 
 RUNTIME_FLAGS = ("out", "resume", "eval_only", "device", "quiet", "bench", "compile", "jobs")
 """Flags that --resume takes from the command line; every other setting comes from args.json."""
@@ -1153,11 +951,8 @@ def progress_interval() -> float:
 
 
 def resolve_out(p: argparse.ArgumentParser, args: argparse.Namespace, stem: str) -> None:
-    """The --out / --resume rules of every script. --resume takes every setting except the
-    RUNTIME_FLAGS from --out/args.json; an --out that holds files, is a file or lies under a
-    file is refused; no --out gives a new directory named `stem` + a time stamp (not needed for
-    --bench).
-    """
+    """--out / --resume rules: --resume loads the non-RUNTIME_FLAGS settings from args.json; a
+    non-empty or file --out is refused; no --out (and no --bench) gives `stem` + a time stamp."""
     if args.resume:
         if args.out is None or not (Path(args.out) / "args.json").is_file():
             p.error("--resume needs --out pointing at a run directory with args.json")
@@ -1179,12 +974,8 @@ def resolve_out(p: argparse.ArgumentParser, args: argparse.Namespace, stem: str)
 
 def check_resume(p: argparse.ArgumentParser, args: argparse.Namespace, needs: str,
                  forbids: str) -> None:
-    """--resume / --eval-only: take the settings of the run in --out before anything is written.
-
-    The run must hold args.json naming `needs` and not `forbids` (the noise flag of this and of
-    the other MNIST script), with values of the types of this parser's defaults; a setting given
-    on the command line must equal the run's; --eval-only also needs the run's model.pt.
-    """
+    """--resume / --eval-only: load the settings of the run in --out, whose args.json must name
+    `needs`, not `forbids`, with the defaults' types and match the command line."""
     out = Path(args.out or ".")
     if args.out is None or not (out / "args.json").is_file():
         p.error("--resume and --eval-only need --out pointing at a run directory with args.json")
@@ -1210,13 +1001,8 @@ def check_resume(p: argparse.ArgumentParser, args: argparse.Namespace, needs: st
 
 def sweep_plan(args: argparse.Namespace, key: str, values: Sequence[float],
                parent: str) -> list[str]:
-    """The run directories of a sweep, --out/<key><value>_seed<seed>, each with its args.json.
-
-    A run's args.json holds the sweep's settings with its own value and seed; the script then
-    runs each directory with --resume, so a finished run is skipped and a started one resumed.
-    Two values with one directory name, or a directory written with other settings, stop the
-    sweep before any run starts.
-    """
+    """The run directories of a sweep, --out/<key><value>_seed<seed>, each given its args.json;
+    clashing names or a directory written with other settings stop it before any run starts."""
     args.out = args.out or f"{parent}/sweep_{time.strftime('%Y%m%d-%H%M%S')}"
     if Path(args.out).exists() and not Path(args.out).is_dir():
         fail(f"--out {args.out} is a file, not a folder")
@@ -1244,11 +1030,8 @@ def sweep_plan(args: argparse.Namespace, key: str, values: Sequence[float],
 
 
 def run_commands(commands: list[list[str]], jobs: int = 1) -> list[int]:
-    """Run each command line as a subprocess, `jobs` at a time (CleanRL's benchmark idiom), with
-    CPU threads / jobs threads each; print a line as each ends; return the exit codes in order.
-
-    On 2 cores, two 1-thread processes finish two runs sooner than one 2-thread process (README).
-    """
+    """Run the command lines as subprocesses, `jobs` at a time with CPU threads / jobs threads
+    each; print a line as each ends; return the exit codes in order."""
     threads = max(1, torch.get_num_threads() // jobs)
     env = dict(os.environ, OMP_NUM_THREADS=str(threads)) if jobs > 1 else None
     codes = [0] * len(commands)
@@ -1284,8 +1067,7 @@ def load_models(models: nn.Module, state: dict[str, Any], path: str | Path) -> N
 
 
 def make_critic(name: str, dim: int, sigma: float = 0.0, fast: bool = True) -> nn.Module:
-    """The critic called `name` for d-dimensional embeddings (sigma for the Gaussian one;
-    fast=False: the concat critic's reference implementation)."""
+    """The critic `name` for d-dimensional embeddings (sigma: Gaussian; fast: concat)."""
     if name == "gaussian":
         return GaussianCritic(sigma)
     if name == "concat":
@@ -1295,8 +1077,7 @@ def make_critic(name: str, dim: int, sigma: float = 0.0, fast: bool = True) -> n
 
 def mi_loss(name: str, reg_weight: float = 0.1,
             clip: float | None = 10.0) -> Callable[[torch.Tensor], tuple]:
-    """The loss called `name`, with the penalty weight bound for redv / renwj and the clipping
-    threshold for renwj (Choi & Lee, Table 1: tau = 10; None: no clipping)."""
+    """The loss `name` with weight for redv / renwj and clip for renwj (Choi & Lee Table 1)."""
     loss = LOSSES[name]
     if name == "renwj":
         return partial(loss, weight=reg_weight, clip=clip)
@@ -1309,21 +1090,17 @@ def epoch_order(n: int, seed: int, epoch: int, device: torch.device) -> torch.Te
     return torch.randperm(n, generator=gen).to(device)
 
 
-# --------------------------------------------------------------------------------------------
-# Outliers from the known prior: a per-sample p-value with no fitting, and the fitted baseline
-# --------------------------------------------------------------------------------------------
+# --- Outliers: a per-sample p-value from the known prior, and the fitted baseline ------------
 
 def prior_pvalues(z: np.ndarray, uniform: bool = False) -> np.ndarray:
-    """P(chi^2_d >= ||z||^2) for each row of z: if z ~ N(0, I_d), ||z||^2 ~ chi^2_d, so the
-    p-value of a new sample needs no fitting, and flagging p < alpha has false-alarm rate alpha
-    exactly (Gaussian DM, Theorem 3.4). uniform: z in [0, 1]^d is mapped by Phi^-1 first."""
+    """P(chi^2_d >= ||z||^2) per row: exact false-alarm rate under z ~ N(0, I_d) (Theorem 3.4);
+    uniform: z in [0, 1]^d is mapped by Phi^-1 first."""
     z = to_gaussian(z) if uniform else np.asarray(z, dtype=np.float64)
     return scipy.stats.chi2.sf((z * z).sum(axis=1), df=z.shape[1])
 
 
 def mahalanobis_scores(z_fit: np.ndarray, z: np.ndarray) -> np.ndarray:
-    """Squared Mahalanobis distance of each row of z to the mean and covariance of z_fit: the
-    usual fitted outlier score (larger = more outlying)."""
+    """Squared Mahalanobis distance of each row of z to the mean and covariance of z_fit."""
     z_fit, z = np.asarray(z_fit, dtype=np.float64), np.asarray(z, dtype=np.float64)
     centred = z - z_fit.mean(axis=0)
     precision = np.linalg.pinv(np.atleast_2d(np.cov(z_fit, rowvar=False)))
@@ -1331,8 +1108,7 @@ def mahalanobis_scores(z_fit: np.ndarray, z: np.ndarray) -> np.ndarray:
 
 
 def auroc(scores_in: np.ndarray, scores_out: np.ndarray) -> float:
-    """Area under the ROC curve of `score > threshold` separating out from in (ties count 1/2):
-    the Mann-Whitney U statistic over n_in * n_out; 0.5 = no separation, 1 = perfect."""
+    """AUROC of `score > threshold` separating out from in (Mann-Whitney U / (n_in n_out))."""
     ranks = scipy.stats.rankdata(np.concatenate([scores_in, scores_out]))
     n_in, n_out = len(scores_in), len(scores_out)
     return float((ranks[n_in:].sum() - n_out * (n_out + 1) / 2) / (n_in * n_out))
@@ -1346,10 +1122,8 @@ def binomial_interval(k: int, n: int, level: float = 0.99) -> tuple[float, float
 
 def outlier_report(z_train: np.ndarray, z_test: np.ndarray, z_shifted: dict[str, np.ndarray],
                    alphas: Sequence[float] = (0.01, 0.05, 0.10), uniform: bool = False) -> dict:
-    """The prior rule (flag p < alpha, p from prior_pvalues) against the fitted rule (flag a
-    Mahalanobis score above the (1 - alpha) quantile of the training scores) at each alpha:
-    false-alarm rate on the held-out in-distribution set with its 99% Clopper-Pearson interval,
-    detection rate on each shifted set, and each score's AUROC."""
+    """Prior rule (p < alpha) against fitted rule (Mahalanobis above the training 1 - alpha
+    quantile): false alarms with 99% interval, detection rates per shifted set, AUROC."""
     p_test = prior_pvalues(z_test, uniform)
     fitted = {name: mahalanobis_scores(z_train, z) for name, z in
               {"train": z_train, "test": z_test, **z_shifted}.items()}
@@ -1366,6 +1140,7 @@ def outlier_report(z_train: np.ndarray, z_test: np.ndarray, z_shifted: dict[str,
             rates["prior"][f"detect_{name}"] = float((prior_pvalues(z, uniform) < alpha).mean())
             rates["fitted"][f"detect_{name}"] = float((fitted[name] > threshold).mean())
         report["alphas"][f"{alpha:g}"] = rates
+
     def squared_norm(z: np.ndarray) -> np.ndarray:  # the prior rule's score, monotone in 1 - p
         g = to_gaussian(z) if uniform else np.asarray(z, dtype=np.float64)
         return (g * g).sum(axis=1)
@@ -1375,18 +1150,11 @@ def outlier_report(z_train: np.ndarray, z_test: np.ndarray, z_shifted: dict[str,
     return report
 
 
-# --------------------------------------------------------------------------------------------
-# Self-supervised losses of Table 1 (cifar_ssl.py): SimCLR and VICReg on two views' projections
-# --------------------------------------------------------------------------------------------
+# --- Self-supervised losses of Table 1 (cifar_ssl.py) ----------------------------------------
 
 def nt_xent(z1: torch.Tensor, z2: torch.Tensor, temperature: float = 0.2) -> torch.Tensor:
-    """NT-Xent, the SimCLR loss (Chen et al. 2020, eq. 1), averaged over all 2N anchors.
-
-    z1[k] and z2[k] (N x d) are projections of two views of image k. With u = z / ||z|| over the
-    2N rows, l(i, j) = -log exp(u_i.u_j / t) / sum_{m != i} exp(u_i.u_m / t), and the loss is the
-    mean of l(k, k + N) and l(k + N, k) over k. It is InfoNCE (Section 4) with 2N - 1 candidates
-    per anchor. Temperature t = 0.2 in Appendix C.
-    """
+    """NT-Xent, the SimCLR loss (Chen et al. 2020, eq. 1), over all 2N anchors; z1[k], z2[k]
+    are two views of image k. InfoNCE (Section 4) with 2N - 1 candidates; t = 0.2 (App. C)."""
     u = F.normalize(torch.cat([z1, z2]).float(), dim=1)
     n = len(z1)
     logits = (u @ u.T / temperature).fill_diagonal_(-math.inf)
@@ -1397,13 +1165,8 @@ def nt_xent(z1: torch.Tensor, z2: torch.Tensor, temperature: float = 0.2) -> tor
 def vicreg_loss(z1: torch.Tensor, z2: torch.Tensor, sim_weight: float = 25.0,
                 var_weight: float = 25.0, cov_weight: float = 1.0,
                 eps: float = 1e-4) -> torch.Tensor:
-    """VICReg (Bardes et al. 2022, eq. 6): sim s(Z, Z') + var [v(Z) + v(Z')] + cov [c(Z) + c(Z')].
-
-    s: mean squared difference over all N x d entries (the authors' code, for which the weights
-    25 / 25 / 1 of Appendix C were tuned); v(Z) = mean_j max(0, 1 - sqrt(Var z_j + eps)) (eq. 1,
-    gamma = 1); c(Z) = sum of squared off-diagonal entries of the covariance (divisor N - 1) / d
-    (eq. 3).
-    """
+    """VICReg (Bardes et al. 2022, eq. 6): sim s(Z, Z') + var [v(Z) + v(Z')] + cov [c(Z) + c(Z')];
+    s: MSE, v: eq. 1, c: eq. 3 (covariance divisor N - 1); weights 25 / 25 / 1 (Appendix C)."""
     z1, z2 = z1.float(), z2.float()
 
     def variance(z: torch.Tensor) -> torch.Tensor:
