@@ -760,6 +760,7 @@ BAD_FLAGS = [  # (flags, text the one line names); argparse errors, exit code 2
     (["--batch-size", "1"], "--batch-size"),
     (["--log-every", "-1"], "--log-every"),
     (["--subsample", "3"], "--subsample"),
+    (["--probe-test", "4"], "--probe-test"),
     (["--dim", "1"], "--dim"),
     (["--device", "foo"], "--device"),
     (["--device", ""], "--device"),
