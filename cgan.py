@@ -1,13 +1,11 @@
 """Conditional generation from Gaussian DIM embeddings (Appendix D), measured.
 
-A conditional GAN (Mirza & Osindero, 2014) learns to generate MNIST digits from a latent vector
-and a conditioning vector c = f(X): the 2-D embedding of the image by a noise-injected encoder
-(mnist_gauss.py; Appendix D uses sigma = 0.1). Conditional generation embeds real images and
-generates from their embeddings (Figure 3). Since the encoder was trained to make f(X) ~ N(0, I),
-unconditional generation only needs c ~ N(0, I) (Figure 4). A digit classifier trained on the
-same images measures both: the share of generations classified as the digit of their source image
-(conditional consistency), and the class histogram of unconditional samples against the one from
-real embeddings and the one from a mismatched prior U[-a, a]^2.
+A conditional GAN (Mirza & Osindero, 2014) generates MNIST digits from a latent vector and a
+condition c = f(X), the 2-D embedding of the image by a noise-injected encoder (mnist_gauss.py,
+sigma = 0.1): from real embeddings (Figure 3) or, since f(X) ~ N(0, I), from c ~ N(0, I) (Figure
+4). A digit classifier scores both: the share of generations classified as their source digit
+(conditional consistency), and the class histograms of unconditional samples from N(0, I), from
+real embeddings and from a mismatched prior U[-a, a]^2.
 
     python cgan.py                                  # trains the encoder first; minutes on a CPU
     python cgan.py --encoder runs/mnist_gauss/RUN   # a finished mnist_gauss.py run with d = 2
@@ -51,9 +49,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "the GAN; None: train one first into OUT/encoder")
     p.add_argument("--sigma", type=common.nonnegative_float, default=0.1,
                    help="noise of the encoder trained when --encoder is not given (Appendix D)")
-    p.add_argument("--encoder-steps", type=int, default=2000,
+    p.add_argument("--encoder-steps", type=common.bounded(int, 0), default=2000,
                    help="training steps of that encoder (mnist_gauss.py's default)")
-    p.add_argument("--steps", type=int, default=6000, help="GAN steps of one D and one G update "
+    p.add_argument("--steps", type=common.bounded(int, 0), default=6000,
+                   help="GAN steps of one D and one G update "
                    "(6000 x 128 images: 96 passes over the 8k-image MNIST split)")
     p.add_argument("--epochs", type=common.positive_int, default=None,
                    help="train the GAN for this many passes over the training set instead")
@@ -91,8 +90,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--log-every", type=common.positive_int, default=50, help="progress interval")
     p.add_argument("--ckpt-every", type=common.positive_int, default=500, help="checkpoints")
     p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=True,
-                   help="bf16 autocast for G, D and the classifier (a GAN step ran 1.8x faster "
-                        "than float32 on a Xeon core with native bf16); --no-amp: float32")
+                   help="bf16 autocast for G, D and the classifier; --no-amp: float32")
     p.add_argument("--bench", type=common.positive_int, default=0, metavar="N",
                    help="time N GAN steps on synthetic data, print ms/step, and exit")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -103,34 +101,28 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         if not isinstance(saved, dict) or not all(key in saved for key in OWN_KEYS):
             p.error(f"--resume: {out} is not a cgan.py run (its args.json lacks "
                     f"{', '.join(OWN_KEYS)}); choose another --out")
-        for flag in p._actions:  # each stored setting through its flag's type, as if typed
-            value = saved.get(flag.dest)
-            if flag.dest not in saved or value is None and flag.default is None:
-                continue
+        for flag in [flag for flag in p._actions if flag.dest in saved]:  # as if typed
+            value = saved[flag.dest]
             convert = flag.type or (str if flag.default is None else type(flag.default))
             try:
-                fits = (isinstance(value, bool) if convert is bool else
-                        not isinstance(value, bool) and convert(str(value)) == value
-                        and value in (flag.choices or [value]))
+                fits = value is None and flag.default is None or (
+                    isinstance(value, bool) if convert is bool else not isinstance(value, bool)
+                    and convert(str(value)) == value and value in (flag.choices or [value]))
             except (ValueError, argparse.ArgumentTypeError):
                 fits = False
             if not fits:
                 p.error(f"{out / 'args.json'} is damaged: {flag.dest} = {value!r} is not a "
                         f"valid {flag.option_strings[0]}")
     common.resolve_out(p, args, f"runs/cgan/seed{args.seed}")
-    # checked after --resume has filled in the stored settings, so they hold for those too
-    if args.steps < 0 or args.encoder_steps < 0:
-        p.error("--steps and --encoder-steps must be >= 0")
-    if args.batch_size < 2:
+    if args.batch_size < 2:  # after --resume has filled in the stored settings
         p.error("--batch-size must be >= 2: the generator's BatchNorm needs two images")
     return args
 
 
 # --- Data: images and their conditioning vectors c = f(X) from a mnist_gauss.py run ---------
-
 def train_encoder(args: argparse.Namespace, run: Path) -> None:
-    """Run mnist_gauss.py (sigma = --sigma, d = 2, --encoder-steps, this run's data) as a
-    subprocess into `run`: resumed if started, reused if finished."""
+    """Run mnist_gauss.py (--sigma, d = 2, --encoder-steps, this run's data) as a subprocess
+    into `run`: resumed if started, reused if finished."""
     if (run / "metrics.json").is_file():
         print(f"encoder: the finished run in {run}")
         return
@@ -150,14 +142,10 @@ def train_encoder(args: argparse.Namespace, run: Path) -> None:
                     "above); fix that, then repeat this command with --resume", code=code)
 
 
-def read_encoder_run(run: Path, data: dict, y_tr: torch.Tensor, y_te: torch.Tensor
-                     ) -> tuple[dict[str, Any], torch.Tensor, torch.Tensor]:
-    """A record of a finished mnist_gauss.py run with d = 2 on this run's images, and its
-    embeddings of the train and test images, the conditions c = f(X) (from embeddings.npz).
-
-    Those are the embeddings mnist_gauss.py evaluates: clean branch in eval mode, BatchNorm
-    statistics recomputed on the clean training images, no noise, float32, in the order of
-    load_data. A run that does not fit raises DataError saying why.
+def read_encoder_run(run: Path, data: dict, y_tr: torch.Tensor, y_te: torch.Tensor) -> tuple:
+    """A record of a finished mnist_gauss.py run with d = 2 on this run's images and the
+    conditions c = f(X) of the train and test images: its embeddings.npz (clean branch, eval
+    mode, no noise, in load_data's order). A run that does not fit raises DataError saying why.
     """
     error, name = common.DataError, f"--encoder {run}"
     if not (run / "args.json").is_file():
@@ -209,15 +197,10 @@ def read_encoder_run(run: Path, data: dict, y_tr: torch.Tensor, y_te: torch.Tens
 
 
 # --- Models: a DCGAN-style conditional generator and discriminator on 1x24x24 images --------
-
 class Generator(nn.Module):
-    """G(z, c): latent z and condition c -> a 1x24x24 image in [0, 1].
-
-    The condition is concatenated with z (Mirza & Osindero) after a small MLP has lifted the two
-    numbers to the size of z, so that from the start they carry as much weight as the noise.
-    Then DCGAN (Radford et al.): dense to 2w x 6 x 6, two stride-2 transposed convolutions to
-    24 x 24, the size of the encoder's and the classifier's center crops.
-    """
+    """G(z, c) -> a 1x24x24 image in [0, 1]: c, lifted by an MLP to the size of z so that it
+    weighs as much as the noise, concatenated with z (Mirza & Osindero); then DCGAN (Radford et
+    al.): dense to 2w x 6 x 6, two stride-2 transposed convolutions to the 24 x 24 crops."""
 
     def __init__(self, latent_dim: int, width: int = 64, cond_dim: int = COND_DIM):
         super().__init__()
@@ -234,12 +217,9 @@ class Generator(nn.Module):
 
 
 class Discriminator(nn.Module):
-    """D(x, c) = psi(phi(x)) + <e(c), phi(x)>: the logit that x is a real image with condition c.
-
-    phi: two stride-2 convolutions (DCGAN) and a dense layer; the condition enters through the
-    projection <e(c), phi(x)> (Miyato & Koyama, 2018), a product of image and condition
-    features, so D can check that they belong together (a sum of separate terms could not).
-    """
+    """D(x, c) = psi(phi(x)) + <e(c), phi(x)>, the logit that x is a real image with condition c;
+    phi: two stride-2 convolutions (DCGAN) and a dense layer. The projection term (Miyato &
+    Koyama, 2018) lets D check that image and condition belong together, a sum could not."""
 
     def __init__(self, width: int = 64, cond_dim: int = COND_DIM, hidden: int = 256):
         super().__init__()
@@ -265,15 +245,11 @@ def build_gan(args: argparse.Namespace, device: torch.device) -> tuple:
 
 
 # --- Training -------------------------------------------------------------------------------
-
 def gan_step(gen: Generator, disc: Discriminator, opt_g, opt_d, x: torch.Tensor,
              c: torch.Tensor, args: argparse.Namespace) -> tuple[torch.Tensor, torch.Tensor]:
-    """One D update and one G update on real images x with their conditions c.
-
-    Non-saturating GAN losses (Goodfellow et al.): D minimizes softplus(-D(x, c)) +
-    softplus(D(G(z, c), c)), G minimizes softplus(-D(G(z, c), c)); the fakes carry the real
-    batch's conditions. Returns the two losses without syncing.
-    """
+    """One D and one G update on real images x with conditions c, the non-saturating losses
+    (Goodfellow et al.): D minimizes softplus(-D(x, c)) + softplus(D(G(z, c), c)), G minimizes
+    softplus(-D(G(z, c), c)). Returns the two losses without syncing."""
     z = torch.randn(len(x), args.latent_dim, device=x.device)
     with common.autocast(x.device, args.amp):
         fake = gen(z, c)
@@ -307,12 +283,9 @@ def bench(args: argparse.Namespace, device: torch.device) -> None:
 
 def train(gen: Generator, disc: Discriminator, opt_g, opt_d, x_tr: torch.Tensor,
           c_tr: torch.Tensor, args: argparse.Namespace, out: Path, start: int, history: list):
-    """GAN steps from `start` to args.steps on (image, embedding) pairs of the training split.
-
-    Logs the mean (step, D loss, G loss) every --log-every steps and checkpoints every
-    --ckpt-every steps, each checkpoint after a check of every loss before it: a non-finite
-    loss stops the run (exit code 3) and the last checkpoint is a good one.
-    """
+    """GAN steps from `start` to args.steps on (image, embedding) pairs of the training split,
+    logging the mean (step, D loss, G loss) every --log-every steps and checkpointing every
+    --ckpt-every steps; a non-finite loss stops the run (exit 3) before its checkpoint."""
     per_epoch, bs = len(x_tr) // args.batch_size, args.batch_size
     bar = tqdm(range(start, args.steps), initial=start, total=args.steps, disable=args.quiet,
                desc="cGAN", dynamic_ncols=True, mininterval=common.progress_interval())
@@ -351,12 +324,9 @@ def train(gen: Generator, disc: Discriminator, opt_g, opt_d, x_tr: torch.Tensor,
 
 
 # --- Evaluation: a digit classifier judges conditional and unconditional generations --------
-
 def train_classifier(x: torch.Tensor, y: torch.Tensor, args: argparse.Namespace) -> nn.Module:
-    """The Table 2 ConvNet with 10 outputs, cross-entropy, Adam, --clf-epochs over (x, y).
-
-    Its own seeded RNG, so it is the same classifier whatever the GAN did.
-    """
+    """The Table 2 ConvNet with 10 outputs, cross-entropy, Adam, --clf-epochs over (x, y), on its
+    own seeded RNG: the same classifier whatever the GAN did."""
     batch = min(128, len(x))
     with torch.random.fork_rng(devices=[x.device] if x.device.type == "cuda" else []):
         torch.manual_seed(args.seed)
@@ -385,44 +355,35 @@ def predict(generate, classify, cond: torch.Tensor, batch_size: int = 1000) -> t
 
 def conditional_consistency(generate, classify, cond: torch.Tensor, labels: torch.Tensor,
                             batch_size: int = 1000) -> float:
-    """Share of images generated from c_i = f(X_i) that are classified as the digit y_i of X_i.
-
-    1 for a generator that returns the source images (and a perfect classifier); 1/10 for one
-    that ignores c (balanced classes). A perfect conditional generator samples p(x | c) and scores
-    E_c sum_y p(y | c)^2, below 1 where the 2-D embedding mixes digits.
-    """
+    """Share of images generated from c_i = f(X_i) classified as the digit y_i of X_i: 1 for the
+    source images, 1/10 for a generator that ignores c, E_c sum_y p(y | c)^2 for one that
+    samples p(x | c) (below 1 where the 2-D embedding mixes digits)."""
     pred = predict(generate, classify, cond, batch_size).argmax(1)
     return float((pred == labels.to(pred.device)).float().mean())
 
 
-def class_shares(labels: np.ndarray) -> np.ndarray:
-    """Share of each of the ten classes among `labels`."""
-    return np.bincount(labels, minlength=N_CLASSES) / len(labels)
-
-
-def entropy(shares: np.ndarray) -> float:
-    """Shannon entropy in nats of a class distribution (log 10 for ten balanced classes)."""
+def class_histogram(labels: np.ndarray) -> dict[str, Any]:
+    """Share of each of the ten classes among `labels` and its Shannon entropy in nats (log 10
+    for ten balanced classes)."""
+    shares = np.bincount(labels, minlength=N_CLASSES) / len(labels)
     nonzero = shares[shares > 0]
-    return float((nonzero * np.log(1 / nonzero)).sum())
+    return {"shares": shares.tolist(), "entropy": float((nonzero * np.log(1 / nonzero)).sum())}
 
 
 def class_report(probs: torch.Tensor, reference: np.ndarray) -> dict[str, Any]:
-    """Class shares of the argmax predictions, their entropy, the total variation distance to the
+    """class_histogram of the argmax predictions, its total variation distance to the
     `reference` shares, and the classifier's mean confidence (mean of the largest probability)."""
-    shares = class_shares(probs.argmax(1).cpu().numpy())
-    return {"shares": shares.tolist(), "entropy": entropy(shares),
-            "tv_to_test_embeddings": float(0.5 * np.abs(shares - reference).sum()),
+    report = class_histogram(probs.argmax(1).cpu().numpy())
+    tv = 0.5 * np.abs(np.subtract(report["shares"], reference)).sum()
+    return {**report, "tv_to_test_embeddings": float(tv),
             "confidence": float(probs.max(1).values.mean())}
 
 
 @torch.no_grad()
 def evaluate(gen: Generator, clf: nn.Module, data: tuple, args: argparse.Namespace) -> dict:
     """Classifier accuracy, conditional consistency (with a retrieval reference), and the class
-    histograms of generations conditioned on real embeddings, on N(0, I) and on U[-a, a]^2.
-
-    Every source shares the same latent vectors, so that only the conditions differ. The train
-    embeddings' histogram shows how far two sets of real embeddings already differ.
-    """
+    histograms of generations from real embeddings, N(0, I) and U[-a, a]^2, all with the same
+    latent vectors (the train embeddings show how far two sets of real embeddings differ)."""
     x_tr, c_tr, x_te, y_te, c_te = data
     device, n = x_te.device, args.n_samples
     rng = torch.Generator().manual_seed(args.seed + 2)
@@ -446,8 +407,7 @@ def evaluate(gen: Generator, clf: nn.Module, data: tuple, args: argparse.Namespa
                "gaussian_prior": torch.randn(n, COND_DIM, generator=rng).to(device),
                "box_prior": args.box * (2 * torch.rand(n, COND_DIM, generator=rng) - 1).to(device)}
     probs = {name: predict(generate, classify, cond) for name, cond in sources.items()}
-    reference = class_shares(probs["test_embeddings"].argmax(1).cpu().numpy())
-    test_labels = class_shares(y_te.cpu().numpy())
+    reference = class_histogram(probs["test_embeddings"].argmax(1).cpu().numpy())["shares"]
     return {
         "classifier_accuracy": conditional_consistency(lambda c, rows: x_te[rows], classify,
                                                        c_te, y_te),
@@ -455,8 +415,7 @@ def evaluate(gen: Generator, clf: nn.Module, data: tuple, args: argparse.Namespa
         "retrieval_consistency": conditional_consistency(  # the nearest training embedding's image
             lambda c, rows: x_tr[torch.cdist(c, c_tr).argmin(1)], classify, c_te, y_te),
         "unconditional": {"n_samples": n, "box_half_width": args.box,
-                          "test_labels": {"shares": test_labels.tolist(),
-                                          "entropy": entropy(test_labels)},
+                          "test_labels": class_histogram(y_te.cpu().numpy()),
                           **{name: class_report(p, reference) for name, p in probs.items()}},
         "class_information": LOG10,
         "samples": {"real": x_te[:64].cpu(), "conditional": first(c_te, 64),
@@ -466,7 +425,6 @@ def evaluate(gen: Generator, clf: nn.Module, data: tuple, args: argparse.Namespa
 
 
 # --- Figures and the printed report ---------------------------------------------------------
-
 def show_grid(ax: Any, images: torch.Tensor, nrow: int, title: str) -> None:
     """Images (N, 1, H, W) in [0, 1] as one grid, white digits on black as in MNIST."""
     ax.imshow(make_grid(images, nrow=nrow, padding=2, pad_value=0.5)[0].numpy(), cmap="gray",
@@ -525,7 +483,6 @@ def report(metrics: dict) -> str:
 
 
 # --- One run --------------------------------------------------------------------------------
-
 def run(args: argparse.Namespace) -> dict | None:
     """Data, the encoder's conditions (trained into OUT/encoder unless --encoder), the GAN,
     evaluation, saving. Damaged or mismatched files raise DataError."""
@@ -564,7 +521,6 @@ def run(args: argparse.Namespace) -> dict | None:
     if not args.encoder:
         train_encoder(args, out / "encoder")
         encoder, c_tr, c_te = read_encoder_run(out / "encoder", data, y_tr, y_te)
-
     torch.manual_seed(args.seed)
     gen, disc, opt_g, opt_d = build_gan(args, device)
     start, history = 0, []
@@ -580,7 +536,6 @@ def run(args: argparse.Namespace) -> dict | None:
                                    f"({str(err).splitlines()[0]})") from err
         print(f"resuming {out} at step {start}")
     train(gen, disc, opt_g, opt_d, x_tr, c_tr, args, out, start, history)
-
     clf = train_classifier(x_tr, y_tr, args)
     metrics = evaluate(gen, clf, (x_tr, c_tr, x_te, y_te, c_te), args)
     samples = metrics.pop("samples")

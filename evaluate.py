@@ -1,29 +1,25 @@
 """Evaluate saved runs of mnist_gauss.py / mnist_uniform.py / cifar_ssl.py (Section 5).
 
     python evaluate.py runs/sweep [RUN_DIR ...] --out figure1
-        Figure 1: each metric against the capacity C, mean over seeds with 99% confidence
-        intervals, the sigma = 0 and untrained-encoder baselines as lines, and in the normality
-        panels the null band (what N(0, I) samples of the same n and d score); writes PREFIX.png,
-        .pdf, .md, .csv, prints the table and every run whose MI estimate exceeds its bound C by
-        more than 3 standard errors. A sigma sweep of cifar_ssl.py runs (poster Figure 2) gets
-        the normality and probe panels against sigma.
+        Figure 1: each metric against the capacity C (mean over seeds, 99% confidence interval),
+        the sigma = 0 and untrained baselines, the null band of N(0, I) samples of the same n and
+        d; writes PREFIX.png, .pdf, .md, .csv and prints the table and every run whose MI
+        estimate exceeds C by more than 3 standard errors. cifar_ssl.py runs: against sigma.
     python evaluate.py --table runs/cifar_ssl [RUN_DIR ...] --out table1
-        Table 1 (linear-probe top-1 / top-5 of cifar_ssl.py runs by method and sigma, next to
-        the paper's); VICReg runs on ImageFolder trees of 100 or 1000 classes at 128 px or more
-        go into poster Table 2 (mean +- std over seeds). Prints them and writes PREFIX.md.
+        Table 1 (linear-probe top-1 / top-5 of cifar_ssl.py runs next to the paper's) and poster
+        Table 2 (VICReg on ImageFolder trees of 100 or 1000 classes at 128 px or more, mean +-
+        std over seeds); prints them and writes PREFIX.md.
     python evaluate.py --embeddings FILE [--uniform] [--key NAME] [--out report]
-        The Section 5 report on any embeddings: a run's embeddings.npz, an (n, d) .npy, an .npz
-        or .pt / .pth (a tensor or a dict of tensors) with one 2-D array or one named embeddings
-        / z / features / x, or a .csv (one row per sample). Each averaged p-value beside its null
-        level, the sliced W2 distance to N(0, I) beside its null band, a test calibrated at 5%;
-        labels (a run's y_test; else labels / y / targets, split 80/20 stratified) add the
-        downstream scores. --out PREFIX writes PREFIX.json (or --json-out FILE).
+        The Section 5 report on a run's embeddings.npz or any .npy, .npz, .pt / .pth or .csv
+        (one row per sample): averaged p-values beside their null levels, the sliced W2 distance
+        to N(0, I) beside its null band, a test calibrated at 5%; labels (a run's y_test, or
+        labels / y / targets split 80/20) add downstream scores. --out PREFIX: PREFIX.json.
+    python evaluate.py --outliers RUN_DIR ... [--out PREFIX]
+        Outlier detection from the prior against the fitted Mahalanobis rule (runs with --ood).
     python evaluate.py --checkpoint RUN_DIR
-        Runs the run's own script with --eval-only (it writes RUN_DIR/metrics_recomputed.json
-        from model.pt) and compares the numbers with metrics.json.
+        Reruns the run's script with --eval-only (RUN_DIR/metrics_recomputed.json), compares.
     python evaluate.py --renormalize RUN_DIR [RUN_DIR ...]
-        Recomputes the normality block of each run's metrics.json (null levels, sliced W2,
-        decision) from its embeddings.npz, without retraining; everything else is kept.
+        Renews the normality block of each run's metrics.json from its embeddings.npz.
 """
 from __future__ import annotations
 
@@ -44,30 +40,14 @@ import scipy.stats
 import torch
 from sklearn.model_selection import train_test_split
 
-from common import (
-    LOG10,
-    REPO,
-    atomic_path,
-    device_flag,
-    downstream_report,
-    fail,
-    normality_lines,
-    normality_report,
-    outlier_report,
-    positive_int,
-    pyplot,
-    read_json,
-    save_figure,
-    seed_int,
-    to_gaussian,
-    uniformity_report,
-    write_json,
-)
+import common
+from common import fail
 
-Z99 = float(scipy.stats.norm.ppf(0.995))
-"""z_{0.995}: the 99% two-sided asymptotic confidence interval is mean +- Z99 * s / sqrt(n)."""
-Run = dict[str, Any]
+Z99 = float(scipy.stats.norm.ppf(0.995))  # 99% two-sided interval: mean +- Z99 * s / sqrt(n)
+Run = Row = dict[str, Any]
+KINDS = ("trained", "no noise", "untrained", "file")  # the order of table rows
 
+# The panels of Figure 1: (column, entry of metrics.json, title); nan where a run lacks it
 METRICS = [("dagostino_p", "normality.dagostino_p", "D'Agostino-Pearson p (average)"),
            ("shapiro_p", "normality.shapiro_p", "Shapiro-Wilk p (average)"),
            ("henze_zirkler_p", "normality.henze_zirkler_p", "Henze-Zirkler p (average)"),
@@ -77,8 +57,7 @@ METRICS = [("dagostino_p", "normality.dagostino_p", "D'Agostino-Pearson p (avera
            ("knn_acc", "downstream.knn_acc", "k-NN accuracy"),
            ("mlp_acc", "downstream.mlp_acc", "MLP accuracy"),
            ("silhouette", "downstream.silhouette", "silhouette")]
-"""The panels of Figure 1: (column name, entry of metrics.json, title). Runs saved before the
-sliced W2 distance existed lack it: nan there."""
+# Uniform DM adds tests against U[0, 1] (Section 3.2); cifar_ssl.py runs show their probes
 PANELS = {"sigma": METRICS,
           "eps": METRICS + [("ks_p_mean", "uniformity.ks_p_mean", "Kolmogorov-Smirnov p (mean)"),
                             ("ks_stat_max", "uniformity.ks_stat_max",
@@ -86,56 +65,37 @@ PANELS = {"sigma": METRICS,
           "ssl": METRICS[:4] + [("top1", "probe.top1", "linear probe top-1"),
                                 ("top5", "probe.top5", "linear probe top-5"),
                                 ("online_top1", "online_probe.test_top1", "online probe top-1")]}
-"""Panels per family: uniform DM adds per-coordinate tests against U[0, 1] (Section 3.2);
-cifar_ssl.py runs show the normality of the projector outputs and the probes."""
+# Family (mnist_gauss.py, mnist_uniform.py, cifar_ssl.py) -> (name, symbol, capacity equation)
 FAMILIES = {"sigma": ("Gaussian", "σ", "eq. 5"), "eps": ("uniform", "ε", "eq. 6"),
             "ssl": ("SSL Gaussian", "σ", "eq. 5")}
-"""Family (mnist_gauss.py, mnist_uniform.py, cifar_ssl.py) -> (name, symbol, capacity eq.)."""
+# Family -> (settings all runs of a figure share, those the trained runs and each baseline share)
 SETTINGS = {"sigma": (("dim", "data.dataset", "data.split", "data.n_train", "data.n_test",
                        "normality.subsample"), ("critic", "loss", "steps", "batch_size")),
             "ssl": (("dim", "data.dataset", "data.n_train", "probe_images.train",
                      "probe_images.test", "normality.subsample"),
                     ("method", "arch", "steps", "batch_size"))}
-"""Family -> (settings all runs of a figure share, settings shared within trained runs and
-within each baseline)."""
 SETTINGS["eps"] = SETTINGS["sigma"]
-
+# Paper Table 1 (800 epochs): (CIFAR-10 top-1, top-5, CIFAR-100 top-1, top-5) in %
 PAPER_TABLE1 = {
     ("simclr", 0.0): (90.83, 99.76, 65.64, 89.91), ("simclr", 0.1): (90.96, 99.72, 67.03, 90.49),
     ("simclr", 0.3): (91.56, 99.77, 65.72, 89.76), ("simclr", 0.5): (90.51, 99.74, 65.58, 89.56),
     ("vicreg", 0.0): (90.63, 99.67, 65.71, 88.96), ("vicreg", 0.1): (91.09, 99.68, 68.92, 90.50),
     ("vicreg", 0.3): (90.75, 99.61, 67.31, 89.89), ("vicreg", 0.5): (91.02, 99.75, 66.52, 89.66)}
-"""Paper Table 1 (800 epochs): (CIFAR-10 top-1, top-5, CIFAR-100 top-1, top-5) in %."""
+# Poster Table 2 (VICReg, 100 epochs) by sigma: (ImageNet-100, ImageNet-1k) x (top-1, top-5)
+# as (mean, std over seeds) in %
 PAPER_TABLE2 = {
     0.0: ((72.18, 0.40), (92.02, 0.12), (67.41, 0.17), (87.43, 0.08)),
     0.05: ((72.27, 0.38), (91.99, 0.18), (67.29, 0.20), (87.47, 0.06)),
     0.1: ((72.07, 0.27), (91.65, 0.13), (67.30, 0.13), (87.43, 0.02)),
     0.2: ((71.68, 0.50), (91.61, 0.24), (67.19, 0.12), (87.32, 0.09))}
-"""Poster Table 2 (VICReg, 100 epochs), by sigma: (ImageNet-100 top-1, top-5, ImageNet-1k
-top-1, top-5) as (mean, std over seeds) in %."""
+TABLE_DATASETS = {"cifar10": "CIFAR-10", "cifar100": "CIFAR-100"}
+TABLE2_DATASETS = {100: "ImageNet-100", 1000: "ImageNet-1k"}  # by the ImageFolder's classes
+METHOD_NAMES = {"simclr": "SimCLR", "vicreg": "VICReg"}
+EMBEDDING_KEYS, LABEL_KEYS = ("embeddings", "z", "features", "x"), ("labels", "y", "targets")
+MIN_POINTS = 8  # the fewest points the tests take (scipy's D'Agostino-Pearson test needs 8)
 
 
-def md_table(header: list[str], rows: list[list[str]]) -> str:
-    """A markdown table: first column left-aligned, the others right-aligned."""
-    return "\n".join(["| " + " | ".join(header) + " |", "| --- |" + " ---: |" * (len(header) - 1),
-                      *("| " + " | ".join(row) + " |" for row in rows)])
-
-
-def save_texts(prefix: str, texts: dict[str, str]) -> None:
-    """PREFIX.SUFFIX for each entry, atomically, creating the folder; one line on failure."""
-    try:
-        Path(prefix).parent.mkdir(parents=True, exist_ok=True)
-        for suffix, text in texts.items():
-            with atomic_path(f"{prefix}.{suffix}") as tmp:
-                Path(tmp).write_text(text)
-    except OSError as err:
-        fail(f"cannot write {prefix}.* ({err.strerror or err})")
-
-
-# --------------------------------------------------------------------------------------------
-# Mode 1: Figure 1 from many runs
-# --------------------------------------------------------------------------------------------
-
+# --- Tables: rows of kind, noise, capacity, seeds and (mean, 99% CI half-width) per measure ---
 def mean_ci99(values: list[float]) -> tuple[float, float]:
     """Mean and half-width z_{0.995} s / sqrt(n) of the 99% asymptotic confidence interval
     (Figure 1), s the sample standard deviation (ddof 1); NaN for a single value."""
@@ -145,18 +105,63 @@ def mean_ci99(values: list[float]) -> tuple[float, float]:
     return float(x.mean()), Z99 * float(x.std(ddof=1)) / math.sqrt(len(x))
 
 
-def lookup(tree: dict[str, Any], dotted: str) -> Any:
-    """tree["a"]["b"] for dotted = "a.b"; KeyError when an entry is missing."""
-    for part in dotted.split("."):
-        tree = tree[part]
-    return tree
+def table_row(kind: str, noise: float, capacity: float, values: list[dict[str, float]]) -> Row:
+    """The row of a group of seeds, each measure of `values` as mean_ci99 over the seeds."""
+    return {"kind": kind, "noise": noise, "capacity": capacity, "seeds": len(values),
+            **{name: mean_ci99([v[name] for v in values]) for name in values[0]}}
 
 
+def fmt(x: float) -> str:
+    """A table cell: 3 decimals, scientific for tiny p-values."""
+    if not math.isfinite(x):
+        return str(x)
+    return f"{x:.1e}" if 0 < abs(x) < 1e-3 else f"{x:.3f}"
+
+
+def mean_cell(value: tuple[float, float], number: Any = fmt) -> str:
+    """ "mean ± spread", or the mean alone where the spread is nan (a single seed)."""
+    return number(value[0]) + ("" if math.isnan(value[1]) else f" ± {number(value[1])}")
+
+
+def row_cells(row: Row, measures: list[str], number: Any = fmt) -> list[str]:
+    """A row's markdown cells: kind, noise, C, seeds, then each measure's mean_cell."""
+    return [row["kind"], f"{row['noise']:g}", fmt(row["capacity"]), str(row["seeds"]),
+            *(mean_cell(row[name], number) for name in measures)]
+
+
+def md_table(header: list[str], rows: list[list[str]]) -> str:
+    """A markdown table: first column left-aligned, the others right-aligned."""
+    return "\n".join(["| " + " | ".join(header) + " |", "| --- |" + " ---: |" * (len(header) - 1),
+                      *("| " + " | ".join(row) + " |" for row in rows)])
+
+
+def csv_text(rows: list[Row], measures: list[str], noise_key: str = "noise", newline="\n") -> str:
+    """Rows as CSV: kind, noise, capacity, seeds, NAME_mean and NAME_ci99 per measure."""
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator=newline)
+    writer.writerow(["kind", noise_key, "capacity", "seeds",
+                     *(f"{name}_{stat}" for name in measures for stat in ("mean", "ci99"))])
+    writer.writerows([row["kind"], row["noise"], row["capacity"], row["seeds"],
+                      *(value for name in measures for value in row[name])] for row in rows)
+    return buffer.getvalue()
+
+
+def save_texts(prefix: str, texts: dict[str, str]) -> None:
+    """PREFIX.SUFFIX for each entry, atomically, creating the folder; one line on failure."""
+    try:
+        Path(prefix).parent.mkdir(parents=True, exist_ok=True)
+        for suffix, text in texts.items():
+            with common.atomic_path(f"{prefix}.{suffix}") as tmp:
+                Path(tmp).write_text(text)
+    except OSError as err:
+        fail(f"cannot write {prefix}.* ({err.strerror or err})")
+
+
+# --- Mode 1: Figure 1 from many runs -----------------------------------------------------------
 def find_runs(paths: list[str]) -> list[Path]:
     """Run directories (those holding metrics.json) at or below each path, in sorted order."""
     found: dict[Path, None] = {}
-    for name in paths:
-        path = Path(name)
+    for path in map(Path, paths):
         if not path.exists():
             fail(f"{path} does not exist")
         runs = sorted(file.parent for file in path.rglob("metrics.json")) if path.is_dir() else []
@@ -168,8 +173,8 @@ def find_runs(paths: list[str]) -> list[Path]:
 
 
 def null_bands(normality: dict[str, Any]) -> dict[str, tuple[float, float]]:
-    """(low, high) per panel from a normality block: an averaged p-value's null mean +- 2 sd,
-    the sliced W2's null mean to 95th percentile; {} for runs saved before them."""
+    """(low, high) per panel: an averaged p-value's null mean +- 2 sd, the sliced W2's null mean
+    to 95th percentile; {} for runs saved before them."""
     bands = {name: (band["mean"] - 2 * band["sd"], band["mean"] + 2 * band["sd"])
              for name, band in (normality.get("null") or {}).items() if isinstance(band, dict)}
     if "sliced_w2_null" in normality:
@@ -179,16 +184,22 @@ def null_bands(normality: dict[str, Any]) -> dict[str, tuple[float, float]]:
 
 
 def load_run(path: Path) -> Run:
-    """The entries of path/metrics.json that Figure 1 needs, as floats ("inf" -> inf; a test
+    """The entries of path/metrics.json that the tables need, as floats ("inf" -> inf; a test
     that was not run, null, or an entry older runs lack -> nan)."""
     file = path / "metrics.json"
-    saved = read_json(file)
+    saved = common.read_json(file)
+
+    def lookup(dotted: str) -> Any:  # saved["a"]["b"] for dotted = "a.b"
+        tree = saved
+        for part in dotted.split("."):
+            tree = tree[part]
+        return tree
     try:
         family = "ssl" if "method" in saved else "eps" if "eps" in saved else "sigma"
         noise_key = "eps" if family == "eps" else "sigma"
         shared, training = SETTINGS[family]
         values = {name: math.nan if name == "sliced_w2" and name not in saved["normality"]
-                  or lookup(saved, key) is None else float(lookup(saved, key))
+                  or lookup(key) is None else float(lookup(key))
                   for name, key, _ in PANELS[family]}
         return {"path": path, "family": family, "noise_key": noise_key,
                 "noise": float(saved[noise_key]), "capacity": float(saved["capacity"]),
@@ -196,7 +207,7 @@ def load_run(path: Path) -> Run:
                 "kind": ("untrained" if saved["steps"] == 0
                          else "no noise" if math.isinf(float(saved["capacity"])) else "trained"),
                 "values": values, "bands": null_bands(saved["normality"]),
-                "settings": {key: lookup(saved, key) for key in shared + training},
+                "settings": {key: lookup(key) for key in shared + training},
                 "saved": saved}
     except KeyError as err:
         fail(f"{file} lacks the entry {err}")
@@ -204,30 +215,26 @@ def load_run(path: Path) -> Run:
         fail(f"{file} is not a valid metrics.json ({err})")
 
 
-def check_same(runs: list[Run], keys: tuple[str, ...], what: str) -> None:
-    """Stop with one line when two runs to be averaged together differ in one of `keys`."""
+def check_group(runs: list[Run], keys: tuple[str, ...], what: str, seeds_of: str = "") -> None:
+    """Stop with one line when runs averaged together differ in one of `keys` or, with
+    `seeds_of`, share a seed (it would count twice)."""
     for key in keys:
         for run in runs[1:]:
             if run["settings"][key] != runs[0]["settings"][key]:
                 fail(f"{runs[0]['path']} and {run['path']} differ in {key} "
                      f"({runs[0]['settings'][key]!r} vs {run['settings'][key]!r}): "
                      f"{what} must share it")
-
-
-def refuse_repeated_seeds(members: list[Run], what: str) -> None:
-    """Stop with one line when two runs averaged together share a seed (it would count twice)."""
     seeds: dict[Any, Path] = {}
-    for run in members:
+    for run in runs if seeds_of else []:
         if run["seed"] in seeds:
             fail(f"{seeds[run['seed']]} and {run['path']} are both seed {run['seed']} of "
-                 f"{what}: pass only one of them")
+                 f"{seeds_of}: pass only one of them")
         seeds[run["seed"]] = run["path"]
 
 
-def group_rows(runs: list[Run]) -> list[dict[str, Any]]:
-    """One row per noise value of the trained runs, then one per baseline (kind, noise value),
-    each metric as (mean, 99% CI half-width). Refuses runs of different families together,
-    shared settings that differ, and one seed twice in a row."""
+def group_rows(runs: list[Run]) -> list[Row]:
+    """One table_row per noise value of the trained runs, then per baseline (kind, noise).
+    Refuses runs of different families, shared settings that differ and repeated seeds."""
     families = [family for family in FAMILIES if any(run["family"] == family for run in runs)]
     if len(families) > 1:
         (a, b), (first, second) = families[:2], (next(r for r in runs if r["family"] == f)
@@ -235,72 +242,30 @@ def group_rows(runs: list[Run]) -> list[dict[str, Any]]:
         fail(f"cannot mix {FAMILIES[a][0]} ({a}) and {FAMILIES[b][0]} ({b}) runs in one figure: "
              f"{first['path']} is {FAMILIES[a][0]}, {second['path']} is {FAMILIES[b][0]}")
     shared, training = SETTINGS[families[0]]
-    check_same(runs, shared, "runs of one figure")
+    check_group(runs, shared, "runs of one figure")
     trained = [run for run in runs if run["kind"] == "trained"]
     if not trained:
         fail(f"none of the {len(runs)} runs is a trained run with finite capacity C")
-    check_same(trained, training, "the trained runs of one figure")
+    check_group(trained, training, "the trained runs of one figure")
     groups: dict[tuple[int, float], list[Run]] = {}
     for run in runs:
-        order = ("trained", "no noise", "untrained").index(run["kind"])
-        groups.setdefault((order, run["noise"]), []).append(run)
+        groups.setdefault((KINDS.index(run["kind"]), run["noise"]), []).append(run)
     rows = []
     for (_, noise), members in sorted(groups.items()):
         kind = members[0]["kind"]
-        if kind != "trained":
-            check_same(members, training, f"the {kind} baseline runs")
-        refuse_repeated_seeds(members, f"{members[0]['noise_key']} = {noise:g} ({kind})")
-        rows.append({"kind": kind, "noise": noise, "capacity": members[0]["capacity"],
-                     "seeds": len(members),
-                     **{name: mean_ci99([run["values"][name] for run in members])
-                        for name in members[0]["values"]}})
+        check_group(members, training if kind != "trained" else (), f"the {kind} baseline runs",
+                    f"{members[0]['noise_key']} = {noise:g} ({kind})")
+        rows.append(table_row(kind, noise, members[0]["capacity"],
+                              [run["values"] for run in members]))
     return rows
 
 
-def mi_bound_violations(runs: list[Run]) -> list[str]:
-    """Trained runs whose held-out MI exceeds the capacity C by more than 3 standard errors:
-    Theorems 3.4 and 3.5 bound I(f(X'); f(X) + Z) by C (eqs. 5, 6), so that is a bug, not a
-    result. A run without a standard error (one held-out batch) is held to I <= C."""
-    lines = []
-    for run in runs:
-        se = run["mi_se"] if math.isfinite(run["mi_se"]) else 0.0
-        mi, capacity = run["values"]["mi_heldout"], run["capacity"]
-        if run["kind"] == "trained" and mi > capacity + 3 * se:
-            lines.append(f"  {run['path']}: I = {mi:.3f} +- {se:.3f} > C = {capacity:.3f}")
-    return lines
-
-
-def fmt(x: float) -> str:
-    """A table cell: 3 decimals, scientific for tiny p-values."""
-    if not math.isfinite(x):
-        return str(x)
-    return f"{x:.1e}" if 0 < abs(x) < 1e-3 else f"{x:.3f}"
-
-
-def csv_text(rows: list[dict[str, Any]], metrics: list[tuple[str, str, str]],
-             noise_key: str) -> str:
-    """The numbers of Figure 1 as CSV: NAME_mean and NAME_ci99 (half-width, nan for one seed)."""
-    buffer = io.StringIO()
-    writer = csv.writer(buffer, lineterminator="\n")
-    writer.writerow(["kind", noise_key, "capacity", "seeds",
-                     *(f"{name}_{stat}" for name, _, _ in metrics for stat in ("mean", "ci99"))])
-    for row in rows:
-        writer.writerow([row["kind"], row["noise"], row["capacity"], row["seeds"],
-                         *(value for name, _, _ in metrics for value in row[name])])
-    return buffer.getvalue()
-
-
-def plot_figure1(rows: list[dict[str, Any]], metrics: list[tuple[str, str, str]], symbol: str,
-                 title: str, bands: dict[str, tuple[float, float]],
-                 against_noise: bool = False) -> Any:
-    """Figure 1: each metric against capacity C, mean over seeds with 99% CI error bars.
-
-    Dashed: the bound I = C; dotted: C = log 10, below which the noisy channel cannot carry the
-    digit; dash-dotted: the baselines (mean over their seeds); grey: the null `bands`, where
-    N(0, I) samples of the same n and d lie. `against_noise`: the noise level on the x-axis
-    (cifar_ssl.py sweeps, where C grows with the projector's dimension).
-    """
-    plt = pyplot()
+def plot_figure1(rows: list[Row], metrics: list, symbol: str, title: str, bands: dict,
+                 against_noise: bool) -> Any:
+    """Figure 1: each metric against capacity C (the noise level with `against_noise`), mean over
+    seeds with 99% CI error bars. Dashed: the bound I = C; dotted: C = log 10, below which the
+    channel cannot carry the digit; dash-dotted: the baselines; grey: the null bands."""
+    plt = common.pyplot()
     nrows = math.ceil(len(metrics) / 4)
     fig, axes = plt.subplots(nrows, 4, figsize=(16.8, 3.4 * nrows), squeeze=False)
     trained = [row for row in rows if row["kind"] == "trained"]
@@ -320,7 +285,7 @@ def plot_figure1(rows: list[dict[str, Any]], metrics: list[tuple[str, str, str]]
             ax.axline((capacity[0], capacity[0]), slope=1, color="k", linestyle="--",
                       linewidth=1, label="bound I = C")
         if not against_noise:
-            ax.axvline(LOG10, color="gray", linestyle=":", label="C = log 10")
+            ax.axvline(common.LOG10, color="gray", linestyle=":", label="C = log 10")
         ax.set(title=panel, xlabel=f"noise {symbol}" if against_noise else "capacity C (nats)")
     for ax in axes.flat[len(metrics):]:
         ax.remove()
@@ -338,11 +303,8 @@ def plot_figure1(rows: list[dict[str, Any]], metrics: list[tuple[str, str, str]]
 def aggregate(paths: list[str], prefix: str) -> None:
     """Mode 1: Figure 1, its table (markdown and CSV) and the MI-bound check for many runs."""
     runs = [load_run(path) for path in find_runs(paths)]
-    rows = group_rows(runs)
-    noise_key, ssl = runs[0]["noise_key"], runs[0]["family"] == "ssl"
-    family, symbol, equation = FAMILIES[runs[0]["family"]]
-    metrics = PANELS[runs[0]["family"]]
-    settings = runs[0]["settings"]
+    rows, ssl, settings = group_rows(runs), runs[0]["family"] == "ssl", runs[0]["settings"]
+    (family, symbol, equation), metrics = FAMILIES[runs[0]["family"]], PANELS[runs[0]["family"]]
     trained = [run for run in runs if run["kind"] == "trained"]
     first = trained[0]["settings"]
     model = (f"{first['method']} {first['arch']}, projector output" if ssl
@@ -350,13 +312,10 @@ def aggregate(paths: list[str], prefix: str) -> None:
     about = (f"{family} DM, {model} d = {settings['dim']}, {settings['data.dataset']}, "
              f"{first['steps']} steps, "
              f"normality tests on {settings['normality.subsample']}-point subsamples")
-    caption = (f"Figure 1 ({about}): mean ± 99% CI half-width over seeds "
-               f"(z = {Z99:.3f}, none for one seed); C from {equation}")
-    bands: dict[str, Any] = {}
-    for run in runs:  # they share n, d and subsample size: their bands differ by reference draws
-        for name, band in run["bands"].items():
-            bands.setdefault(name, []).append(band)
-    bands = {name: tuple(np.mean(values, axis=0)) for name, values in bands.items()}
+    # the runs share n, d and subsample size: their null bands differ by the reference draws
+    names = dict.fromkeys(name for run in runs for name in run["bands"])
+    bands = {name: tuple(np.mean([run["bands"][name] for run in runs if name in run["bands"]],
+                                 axis=0)) for name in names}
     titles = {name: title for name, _, title in metrics}
     null = ("null band (the same statistics on N(0, I) samples of the same n and d; averaged "
             "p: mean ± 2 sd, sliced W2: mean to 95th percentile): "
@@ -364,64 +323,58 @@ def aggregate(paths: list[str], prefix: str) -> None:
                         for name, (low, high) in bands.items() if name in titles)
             if bands else "null band: none (these runs' metrics.json predate it; see "
             "evaluate.py --renormalize)")
-    if ssl:  # the SSL losses give no MI estimate to hold against C
-        check = "MI check: none (cifar_ssl.py runs record no MI estimate)"
-    else:
-        violations = mi_bound_violations(runs)
-        check = (f"MI check (I <= C + 3 SE, {equation}): "
-                 + (f"{len(violations)} of {len(trained)} trained runs exceed the bound:\n"
-                    + "\n".join(violations) if violations
-                    else f"no trained run exceeds the bound ({len(trained)} checked)"))
-    cells = [[row["kind"], f"{row['noise']:g}", fmt(row["capacity"]), str(row["seeds"]),
-              *(fmt(row[name][0]) if math.isnan(row[name][1])
-                else f"{fmt(row[name][0])} ± {fmt(row[name][1])}" for name, _, _ in metrics)]
-             for row in rows]
-    table = md_table(["runs", symbol, "C", "seeds", *titles.values()], cells)
-    text = f"{caption}\n\n{table}\n\n{null}\n\n{check}\n"
-    save_texts(prefix, {"md": text, "csv": csv_text(rows, metrics, noise_key)})
+    violations = []  # Theorems 3.4 and 3.5 bound I(f(X'); f(X) + Z) by C (eqs. 5, 6)
+    for run in [] if ssl else trained:  # by more than 3 SE (any excess without one): a bug
+        se = run["mi_se"] if math.isfinite(run["mi_se"]) else 0.0
+        mi, capacity = run["values"]["mi_heldout"], run["capacity"]
+        if mi > capacity + 3 * se:
+            violations.append(f"  {run['path']}: I = {mi:.3f} +- {se:.3f} > C = {capacity:.3f}")
+    check = ("MI check: none (cifar_ssl.py runs record no MI estimate)" if ssl
+             else f"MI check (I <= C + 3 SE, {equation}): "
+             + (f"{len(violations)} of {len(trained)} trained runs exceed the bound:\n"
+                + "\n".join(violations) if violations
+                else f"no trained run exceeds the bound ({len(trained)} checked)"))
+    text = (f"Figure 1 ({about}): mean ± 99% CI half-width over seeds (z = {Z99:.3f}, none for "
+            f"one seed); C from {equation}\n\n"
+            + md_table(["runs", symbol, "C", "seeds", *titles.values()],
+                       [row_cells(row, list(titles)) for row in rows])
+            + f"\n\n{null}\n\n{check}\n")
+    save_texts(prefix, {"md": text, "csv": csv_text(rows, list(titles), runs[0]["noise_key"])})
     fig = plot_figure1(rows, metrics, symbol, f"Figure 1: {about}", bands, against_noise=ssl)
     for suffix in ("png", "pdf"):
-        save_figure(fig, f"{prefix}.{suffix}")
+        common.save_figure(fig, f"{prefix}.{suffix}")
     print(text + f"\nsaved {prefix}.png, {prefix}.pdf, {prefix}.md, {prefix}.csv")
 
 
-# --------------------------------------------------------------------------------------------
-# Mode 2: Table 1 (and poster Table 2) from cifar_ssl.py runs
-# --------------------------------------------------------------------------------------------
-
-TABLE_DATASETS = {"cifar10": "CIFAR-10", "cifar100": "CIFAR-100"}
-TABLE2_DATASETS = {100: "ImageNet-100", 1000: "ImageNet-1k"}
-"""Poster Table 2's columns, by the number of classes of the ImageFolder tree."""
-METHOD_NAMES = {"simclr": "SimCLR", "vicreg": "VICReg"}
-
-
-def probe_cell(values: list[float], paper: float | tuple[float, float] | None,
-               std: bool) -> str:
+# --- Mode 2: Table 1 (and poster Table 2) from cifar_ssl.py runs -----------------------------
+def probe_cell(values: list[float], paper: float | tuple | None, std: bool) -> str:
     """Our mean in % (± 99% CI half-width over seeds, or ± std (ddof 1) with `std`, when there
     are several), then the paper's number (or mean ± std) in parentheses; "–" where none."""
-    ours = "–"
-    if values:
-        mean, spread = ((np.mean(values), np.std(values, ddof=1) if len(values) > 1 else math.nan)
-                        if std else mean_ci99(values))
-        ours = f"{100 * mean:.2f}" + ("" if math.isnan(spread) else f" ± {100 * spread:.2f}")
+    ours = "–" if not values else mean_cell(
+        (np.mean(values), np.std(values, ddof=1) if len(values) > 1 else math.nan) if std
+        else mean_ci99(values), lambda x: f"{100 * x:.2f}")
     if isinstance(paper, tuple):
         return ours + f" ({paper[0]:.2f} ± {paper[1]:.2f})"
     return ours + ("" if paper is None else f" ({paper:.2f})")
 
 
-def probe_table(runs: list[Run], row_of: Any, rows: list[tuple[Any, str]], column_of: Any,
-                columns: dict[Any, str], paper: dict[Any, tuple], std: bool) -> str:
-    """Rows x (column, top-1 / top-5) of linear-probe accuracies, ours beside the paper's
-    (`paper[row]` holds top-1, top-5 per column in order, for the first columns). The runs of
-    one cell are seeds of one setting: they must share it and differ in their seeds."""
+def probe_table(runs: list[Run], key_of: Any, label_of: Any, column_of: Any, columns: dict,
+                paper: dict, std: bool) -> str:
+    """Linear-probe top-1 / top-5 per column_of(run), ours beside `paper[row]` (in column
+    order): one row per key_of(run) or paper key, one for random-init encoders. The runs of a
+    cell are seeds of one setting: they must share it and differ in their seeds."""
+    def row_of(run: Run) -> Any:
+        return "untrained" if run["kind"] == "untrained" else key_of(run)
+    keys = sorted(set(paper) | {key_of(run) for run in runs if run["kind"] != "untrained"})
+    rows = [(key, label_of(key)) for key in keys] + [("untrained", "random-init encoder")] * any(
+        run["kind"] == "untrained" for run in runs)
     cells: dict[tuple[Any, Any], list[Run]] = {}
     for run in runs:
         cells.setdefault((row_of(run), column_of(run)), []).append(run)
     for (row, column), members in cells.items():
         what = f"the runs of {dict(rows).get(row, row)} on {columns[column]}"
-        check_same(members, ("arch", "steps", "batch_size", "probe_images.train",
-                             "probe_images.test"), what)
-        refuse_repeated_seeds(members, what)
+        check_group(members, ("arch", "steps", "batch_size", "probe_images.train",
+                              "probe_images.test"), what, what)
     lines = [[label, *(probe_cell([run["saved"]["probe"][key] for run in cells.get((row, col), [])],
                                   paper[row][2 * c + k] if row in paper and 2 * c + k < len(
                                       paper[row]) else None, std)
@@ -437,13 +390,12 @@ def probe_table(runs: list[Run], row_of: Any, rows: list[tuple[Any, str]], colum
 
 
 def table1(paths: list[str], prefix: str) -> None:
-    """Mode 2: print Table 1 in the paper's layout (method x sigma rows, top-1 / top-5 per data
-    set; other data sets get columns, random-init encoders (--steps 0) a row of their own) and
-    poster Table 2 for ImageNet-like runs (VICReg on an ImageFolder tree of 100 or 1000 classes
-    at 128 px or more; one row per sigma); write PREFIX.md."""
+    """Mode 2: Table 1 in the paper's layout (method x sigma rows, top-1 / top-5 per data set;
+    other data sets get columns) and poster Table 2 (one row per sigma) for VICReg on an
+    ImageFolder tree of 100 or 1000 classes at 128 px or more; prints them, writes PREFIX.md."""
     runs = []
     for path in find_runs(paths):
-        if "method" not in read_json(path / "metrics.json"):
+        if "method" not in common.read_json(path / "metrics.json"):
             fail(f"{path} is not a cifar_ssl.py run (its metrics.json has no method)")
         runs.append(load_run(path))
     imagenet = [run for run in runs if run["saved"]["dataset"] == "folder"
@@ -455,45 +407,27 @@ def table1(paths: list[str], prefix: str) -> None:
     if others or not imagenet:
         datasets = {**TABLE_DATASETS, **{d: d for d in sorted(
             {run["saved"]["dataset"] for run in others} - set(TABLE_DATASETS))}}
-        keys = sorted(set(PAPER_TABLE1) | {(r["saved"]["method"], r["noise"]) for r in others
-                                           if r["kind"] != "untrained"})
-        rows = [(key, METHOD_NAMES[key[0]] + ("" if key[1] == 0 else f" σ = {key[1]:g}"))
-                for key in keys] + [("untrained", "random-init encoder")] * any(
-            r["kind"] == "untrained" for r in others)
         parts.append("Table 1: linear-probe accuracy (%) on the test split, ours (paper's in "
                      "parentheses: ResNet-18, 800 epochs, batch 256)\n\n" + probe_table(
-                         others, lambda r: "untrained" if r["kind"] == "untrained"
-                         else (r["saved"]["method"], r["noise"]), rows,
+                         others, lambda r: (r["saved"]["method"], r["noise"]),
+                         lambda key: METHOD_NAMES[key[0]] + (f" σ = {key[1]:g}" if key[1] else ""),
                          lambda r: r["saved"]["dataset"], datasets, PAPER_TABLE1, std=False))
     if imagenet:
-        sigmas = sorted(set(PAPER_TABLE2) | {r["noise"] for r in imagenet
-                                            if r["kind"] != "untrained"})
-        rows = [(s, f"{s:g}") for s in sigmas] + [("untrained", "random-init encoder")] * any(
-            r["kind"] == "untrained" for r in imagenet)
         parts.append("Table 2 (poster): VICReg linear-probe accuracy (%) on the validation "
                      "split, ours (poster's in parentheses: ResNet-50, 100 epochs; mean ± std "
                      "over seeds)\n\n" + probe_table(
-                         imagenet, lambda r: "untrained" if r["kind"] == "untrained"
-                         else r["noise"], rows, lambda r: r["saved"]["data"]["n_classes"],
-                         TABLE2_DATASETS, PAPER_TABLE2, std=True))
+                         imagenet, lambda r: r["noise"], "{:g}".format,
+                         lambda r: r["saved"]["data"]["n_classes"], TABLE2_DATASETS,
+                         PAPER_TABLE2, std=True))
     text = "\n".join(parts)
     save_texts(prefix, {"md": text})
     print(text + f"\nsaved {prefix}.md")
 
 
-# --------------------------------------------------------------------------------------------
-# Mode 3: the report on saved embeddings (a run's or another model's)
-# --------------------------------------------------------------------------------------------
-
-EMBEDDING_KEYS = ("embeddings", "z", "features", "x")
-LABEL_KEYS = ("labels", "y", "targets")
-MIN_POINTS = 8
-"""The fewest points the tests take (scipy's D'Agostino-Pearson test needs 8)."""
-
-
+# --- Mode 3: the report on saved embeddings (a run's or another model's) ----------------------
 def read_arrays(file: Path) -> dict[str, np.ndarray]:
-    """The arrays of an .npy ("" for the one array), .npz, .pt / .pth or .csv (numeric, one
-    row per sample, a first row that is not numeric is a header) file."""
+    """The arrays of an .npy ("" for the one array), .npz, .pt / .pth or .csv (numeric, one row
+    per sample, a first row that is not numeric is a header) file."""
     if not file.is_file():
         fail(f"{file} does not exist" if not file.exists() else f"{file} is not a file")
     suffix = file.suffix.lower()
@@ -564,14 +498,10 @@ def check_labels(y: np.ndarray, n: int, what: str) -> np.ndarray:
     return y
 
 
-def pick_arrays(arrays: dict[str, np.ndarray], file: Path, key: str | None,
-                seed: int) -> tuple[np.ndarray, tuple[np.ndarray, ...] | None, str]:
-    """(tested embeddings, (z_train, y_train, z_test, y_test) or None, where they come from).
-
-    A run's embeddings.npz: z_test, with z_train / y_train / y_test when present. Otherwise the
-    array `key`, the one array named in EMBEDDING_KEYS, or the one 2-D array; labels from
-    LABEL_KEYS, split 80/20 (stratified, seeded) for the downstream scores.
-    """
+def pick_arrays(arrays: dict[str, np.ndarray], file: Path, key: str | None, seed: int) -> tuple:
+    """(tested embeddings, (z_train, y_train, z_test, y_test) or None, where they come from):
+    a run's z_test (with z_train, y_train, y_test), else the array `key`, the one array named
+    in EMBEDDING_KEYS or the one 2-D array, labels from LABEL_KEYS split 80/20 (stratified)."""
     found = ", ".join(f"{name or 'the array'} {a.shape}" for name, a in arrays.items())
     if key is None and "z_test" in arrays:
         z = check_embeddings(arrays["z_test"], f"{file} (z_test)")
@@ -605,24 +535,21 @@ def pick_arrays(arrays: dict[str, np.ndarray], file: Path, key: str | None,
 
 
 def embeddings_report(file: Path, key: str | None, uniform: bool, subsample: int,
-                      seed: int) -> dict[str, Any]:
-    """Section 5 normality report of saved embeddings; downstream scores when labelled.
-
-    With `uniform` (Section 3.3) the embeddings must lie in [0, 1]^d: they are tested against
-    U[0, 1] coordinate by coordinate (Kolmogorov-Smirnov) and, after the probability integral
-    transform Phi^-1, for normality. Downstream scores use the embeddings as saved.
-    """
+                      seed: int) -> dict:
+    """Section 5 report of saved embeddings (downstream scores when labelled). `uniform`
+    (Section 3.3): embeddings in [0, 1]^d, tested against U[0, 1] per coordinate
+    (Kolmogorov-Smirnov) and for normality after the probability integral transform Phi^-1."""
     z, labelled, source = pick_arrays(read_arrays(file), file, key, seed)
     if uniform and (z.min() < 0 or z.max() > 1):
         fail(f"{file}: --uniform needs embeddings in [0, 1], found [{z.min():.3g}, {z.max():.3g}]")
     report: dict[str, Any] = {"file": str(file), "arrays": source, "n": len(z),
                               "dim": z.shape[1], "uniform": uniform}
     if uniform:
-        report["uniformity"] = uniformity_report(z)
-    report["normality"] = normality_report(to_gaussian(z) if uniform else z, seed=seed,
-                                           subsample=subsample)
+        report["uniformity"] = common.uniformity_report(z)
+    report["normality"] = common.normality_report(common.to_gaussian(z) if uniform else z,
+                                                  seed=seed, subsample=subsample)
     if labelled:
-        report["downstream"] = downstream_report(*labelled, seed=seed)
+        report["downstream"] = common.downstream_report(*labelled, seed=seed)
     if not np.isfinite([v for v in report["normality"].values() if isinstance(v, float)]).all():
         fail(f"{file}: the normality tests returned NaN on these embeddings")
     return report
@@ -636,7 +563,7 @@ def report_lines(report: dict[str, Any]) -> list[str]:
         lines.append(f"uniformity: Kolmogorov-Smirnov p (mean over coordinates) "
                      f"{report['uniformity']['ks_p_mean']:.3f}, largest D "
                      f"{report['uniformity']['ks_stat_max']:.3f}")
-    lines += normality_lines(report["normality"])
+    lines += common.normality_lines(report["normality"])
     if "downstream" in report:
         d = report["downstream"]
         lines.append(f"downstream: k-NN {d['knn_acc']:.4f}   GaussianNB {d['gnb_acc']:.4f}   "
@@ -644,10 +571,7 @@ def report_lines(report: dict[str, Any]) -> list[str]:
     return lines
 
 
-# --------------------------------------------------------------------------------------------
-# Mode 4: recompute a run's metrics from its model; mode 5: renew its normality block
-# --------------------------------------------------------------------------------------------
-
+# --- Mode 4: recompute a run's metrics from its model; mode 5: renew its normality block ------
 def recompute(run_dir: Path, device: str) -> int:
     """Run the run's own script with --eval-only (it writes metrics_recomputed.json and prints
     its summary), then compare with metrics.json; returns the script's exit code."""
@@ -655,11 +579,11 @@ def recompute(run_dir: Path, device: str) -> int:
     if not args_file.is_file():
         fail(f"{run_dir} holds no args.json: not a run directory of mnist_gauss.py / "
              "mnist_uniform.py")
-    saved = read_json(args_file)
+    saved = common.read_json(args_file)
     if not isinstance(saved, dict) or not {"sigma", "eps"} & saved.keys():
         fail(f"{args_file} names neither sigma nor eps: not a run of mnist_gauss.py / "
              "mnist_uniform.py")
-    script = REPO / ("mnist_uniform.py" if "eps" in saved else "mnist_gauss.py")
+    script = common.REPO / ("mnist_uniform.py" if "eps" in saved else "mnist_gauss.py")
     sys.stdout.flush()
     code = subprocess.run([sys.executable, str(script), "--out", str(run_dir), "--eval-only",
                            "--device", device]).returncode
@@ -680,28 +604,26 @@ def renormalize(paths: list[str]) -> None:
     """Recompute each run's normality block from RUN/embeddings.npz (z_test) with the settings
     and seed it recorded, and write it into RUN/metrics.json atomically, keeping the rest."""
     for run in find_runs(paths):
-        metrics = read_json(run / "metrics.json")
+        metrics = common.read_json(run / "metrics.json")
         if "method" in metrics or not {"sigma", "eps"} & metrics.keys():
             fail(f"{run}: --renormalize takes runs of mnist_gauss.py / mnist_uniform.py")
         z = pick_arrays(read_arrays(run / "embeddings.npz"), run / "embeddings.npz", None, 0)[0]
         old = metrics.get("normality", {})
         try:
-            new = normality_report(to_gaussian(z) if "eps" in metrics else z,
-                                   seed=metrics["seed"], subsample=old["subsample"],
-                                   n_proj=old.get("n_proj", 10), n_boot=old.get("n_boot", 20))
+            new = common.normality_report(
+                common.to_gaussian(z) if "eps" in metrics else z, seed=metrics["seed"],
+                subsample=old["subsample"], n_proj=old.get("n_proj", 10),
+                n_boot=old.get("n_boot", 20))
         except (KeyError, TypeError) as err:
             fail(f"{run / 'metrics.json'} lacks the seed or normality settings ({err})")
         same = all(new[k] == old.get(k) for k in ("dagostino_p", "shapiro_p", "henze_zirkler_p"))
-        write_json({**metrics, "normality": new}, run / "metrics.json")
+        common.write_json({**metrics, "normality": new}, run / "metrics.json")
         print("\n".join([f"{run}: averaged p-values " + ("reproduced" if same else "differ from "
                          "the saved ones (other embeddings or library versions)"),
-                         *normality_lines(new)]))
+                         *common.normality_lines(new)]))
 
 
-# --------------------------------------------------------------------------------------------
-# Mode 6: outliers from the known prior against the fitted detector
-# --------------------------------------------------------------------------------------------
-
+# --- Mode 6: outliers from the known prior against the fitted detector -------------------------
 def outlier_arrays(file: Path, uniform: bool, prior: str) -> dict[str, np.ndarray]:
     """The train / test / shifted embeddings of an embeddings.npz written with --ood (one line
     and exit 2 when unusable, or when `prior` contradicts the run's `uniform` head)."""
@@ -731,65 +653,48 @@ def outliers(paths: list[str], embeddings: str | None, prior: str, prefix: str |
     groups: dict[tuple[str, float, float], list[dict[str, Any]]] = {}
     for file, uniform, key in sources:
         arrays = outlier_arrays(file, uniform, prior)
-        groups.setdefault(key, []).append(outlier_report(
+        groups.setdefault(key, []).append(common.outlier_report(
             arrays.pop("z_train"), arrays.pop("z_test"), arrays, uniform=uniform))
-
-    alphas, shifts = list(groups[next(iter(groups))][0]["alphas"]), []
+    alphas, shifts, rules = list(groups[next(iter(groups))][0]["alphas"]), [], ("prior", "fitted")
     for reports in groups.values():
         shifts += [name for name in reports[0]["auroc"] if name not in shifts]
-    measures = {**{f"false_alarm_{rule}_{a}": (lambda r, rule=rule, a=a:
-                                               r["alphas"][a][rule]["false_alarm"])
-                   for rule in ("prior", "fitted") for a in alphas},
-                **{f"{what}_{rule}_{name}": (lambda r, what=what, rule=rule, name=name:
-                                             r["alphas"]["0.05"][rule].get(f"detect_{name}",
-                                                                           math.nan)
-                                             if what == "detect_at_0.05"
-                                             else r["auroc"].get(name, {}).get(rule, math.nan))
-                   for name in shifts for what in ("detect_at_0.05", "auroc")
-                   for rule in ("prior", "fitted")}}
-    rows = [{"kind": kind, "noise": noise, "capacity": capacity, "seeds": len(reports),
-             **{m: mean_ci99([get(r) for r in reports]) for m, get in measures.items()}}
-            for (kind, noise, capacity), reports in sorted(groups.items(), key=lambda item: (
-                ("trained", "no noise", "untrained", "file").index(item[0][0]), item[0][1]))]
+    alarms = {f"false_alarm_{rule}_{a}": ("false_alarm", rule, a) for rule in rules for a in alphas}
+    measures = {**alarms, **{f"{what}_{rule}_{name}": (what, rule, name) for name in shifts
+                             for what in ("detect_at_0.05", "auroc") for rule in rules}}
 
-    def cell(row: dict[str, Any], measure: str) -> str:
-        mean, half = row[measure]
-        return f"{mean:.3f}" + ("" if math.isnan(half) else f" ± {half:.3f}")
-    head = ["runs", "noise", "C", "seeds"]
-
-    def first(row: dict[str, Any]) -> list[str]:
-        return [row["kind"], f"{row['noise']:g}", fmt(row["capacity"]), str(row["seeds"])]
+    def measure(r: dict[str, Any], what: str, rule: str, key: str) -> float:
+        if what == "false_alarm":
+            return r["alphas"][key][rule]["false_alarm"]
+        if what == "auroc":
+            return r["auroc"].get(key, {}).get(rule, math.nan)
+        return r["alphas"]["0.05"][rule].get(f"detect_{key}", math.nan)
+    rows = []
+    for (kind, noise, capacity), reports in sorted(
+            groups.items(), key=lambda item: (KINDS.index(item[0][0]), item[0][1])):
+        values = [{name: measure(r, *spec) for name, spec in measures.items()} for r in reports]
+        rows.append(table_row(kind, noise, capacity, values))
+    head, three = ["runs", "noise", "C", "seeds"], "{:.3f}".format
     text = ("Outliers from the prior: false-alarm rate on the held-out test embeddings (nominal "
             "= alpha), mean ± 99% CI over seeds\n\n"
-            + md_table(head + [f"{rule} α={a}" for rule in ("prior", "fitted") for a in alphas],
-                       [first(row) + [cell(row, f"false_alarm_{rule}_{a}")
-                                      for rule in ("prior", "fitted") for a in alphas]
-                        for row in rows])
+            + md_table(head + [f"{rule} α={a}" for rule in rules for a in alphas],
+                       [row_cells(row, list(alarms), three) for row in rows])
             + "\n\nDetection rate at α = 0.05 and AUROC on each shifted set\n\n"
             + md_table(head + ["shift", "prior detect", "fitted detect", "prior AUROC",
                                "fitted AUROC"],
-                       [first(row) + [name] + [cell(row, f"{what}_{rule}_{name}")
-                                               for what in ("detect_at_0.05", "auroc")
-                                               for rule in ("prior", "fitted")]
+                       [row_cells(row, [], three) + [name] + [
+                           mean_cell(row[f"{what}_{rule}_{name}"], three)
+                           for what in ("detect_at_0.05", "auroc") for rule in rules]
                         for row in rows for name in shifts]) + "\n")
     print(text)
     if prefix:
-        table = io.StringIO()
-        writer = csv.writer(table)
-        writer.writerow(["kind", "noise", "capacity", "seeds",
-                         *(f"{m}_{part}" for m in measures for part in ("mean", "ci99"))])
-        writer.writerows([row["kind"], row["noise"], row["capacity"], row["seeds"],
-                          *(v for m in measures for v in row[m])] for row in rows)
-        save_texts(prefix, {"md": text, "csv": table.getvalue(), "json": json.dumps(
-            [{"kind": k, "noise": n, "reports": r} for (k, n, _), r in groups.items()],
-            indent=1, default=str)})
+        save_texts(prefix, {"md": text, "csv": csv_text(rows, list(measures), newline="\r\n"),
+                            "json": json.dumps([{"kind": k, "noise": n, "reports": r}
+                                                for (k, n, _), r in groups.items()],
+                                               indent=1, default=str)})
         print(f"saved {prefix}.md, {prefix}.csv, {prefix}.json")
 
 
-# --------------------------------------------------------------------------------------------
-# Command line
-# --------------------------------------------------------------------------------------------
-
+# --- Command line ------------------------------------------------------------------------------
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
     """Show the defaults and keep the mode list of the module docstring as written."""
 
@@ -817,15 +722,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--uniform", action="store_true",
                    help="--embeddings in [0, 1]^d (uniform DM, Section 3.3): Kolmogorov-Smirnov "
                         "tests against U[0, 1], normality tests after Phi^-1")
-    p.add_argument("--subsample", type=positive_int, default=128,
+    p.add_argument("--subsample", type=common.bounded(int, MIN_POINTS), default=128,
                    help="subsample size of the bootstrapped normality tests (as in the scripts)")
-    p.add_argument("--seed", type=seed_int, default=0,
+    p.add_argument("--seed", type=common.seed_int, default=0,
                    help="seed of the test subsamples, projections, split and MLP")
     p.add_argument("--json-out", default=None, metavar="FILE",
                    help="--embeddings: write the report to FILE")
     p.add_argument("--checkpoint", default=None, metavar="RUN_DIR",
                    help="recompute the run's metrics from RUN_DIR/model.pt")
-    p.add_argument("--device", default="auto", type=device_flag,
+    p.add_argument("--device", default="auto", type=common.device_flag,
                    help="--checkpoint: auto (CUDA when present), cpu, cuda; the run's own "
                         "device reproduces its numbers exactly")
     args = p.parse_args(argv)
@@ -845,8 +750,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error("--outliers --embeddings FILE needs --prior gaussian or --prior uniform")
     if args.out is not None and args.json_out is not None:
         p.error("give --out PREFIX or --json-out FILE, not both")
-    if args.subsample < MIN_POINTS:
-        p.error(f"--subsample must be >= {MIN_POINTS}: the normality tests need that many points")
     return args
 
 
@@ -868,7 +771,7 @@ def main(argv: list[str] | None = None) -> None:
             out = Path(args.json_out or f"{args.out.removesuffix('.json')}.json")
             try:
                 out.parent.mkdir(parents=True, exist_ok=True)
-                write_json(report, out)
+                common.write_json(report, out)
             except OSError as err:
                 fail(f"cannot write {out} ({err.strerror or err})")
             print(f"saved {out}")
