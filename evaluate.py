@@ -5,6 +5,8 @@
         the sigma = 0 and untrained baselines, the null band of N(0, I) samples of the same n and
         d; writes PREFIX.png, .pdf, .md, .csv and prints the table and every run whose MI
         estimate exceeds C by more than 3 standard errors. cifar_ssl.py runs: against sigma.
+        mnist_gauss.py runs also give PREFIX_certificate.md, .csv: InfoNCE, NWJ and DV per
+        critic and C - I_hat, the DM certificate beyond InfoNCE's cap log B.
     python evaluate.py --table runs/cifar_ssl [RUN_DIR ...] --out table1
         Table 1 (linear-probe top-1 / top-5 of cifar_ssl.py runs next to the paper's) and poster
         Table 2 (VICReg on ImageFolder trees of 100 or 1000 classes at 128 px or more, mean +-
@@ -340,10 +342,51 @@ def aggregate(paths: list[str], prefix: str) -> None:
                        [row_cells(row, list(titles)) for row in rows])
             + f"\n\n{null}\n\n{check}\n")
     save_texts(prefix, {"md": text, "csv": csv_text(rows, list(titles), runs[0]["noise_key"])})
+    certificate_md, certificate_csv = certificate(runs)
+    if certificate_md:
+        save_texts(f"{prefix}_certificate", {"md": certificate_md, "csv": certificate_csv})
+        text += f"\n{certificate_md}\nsaved {prefix}_certificate.md, {prefix}_certificate.csv\n"
     fig = plot_figure1(rows, metrics, symbol, f"Figure 1: {about}", bands, against_noise=ssl)
     for suffix in ("png", "pdf"):
         common.save_figure(fig, f"{prefix}.{suffix}")
     print(text + f"\nsaved {prefix}.png, {prefix}.pdf, {prefix}.md, {prefix}.csv")
+
+
+def certificate(runs: list[Run]) -> tuple[str, str]:
+    """The DM certificate per estimator (mnist_gauss.py's mi_estimates): for each sigma with
+    C < inf, InfoNCE, NWJ and DV (eqs. 2-3) with the trained critic and with the Theorem 4.1
+    critic, on the test batches and on the whole test split as one batch, and C - I_hat of the
+    Theorem 4.1 critic's DV (Lemma B.1). ("", "") when no run has them."""
+    runs = [run for run in runs if run["kind"] == "trained" and math.isfinite(run["capacity"])
+            and "mi_estimates" in run["saved"]]
+    if not runs:
+        return "", ""
+    first = runs[0]["saved"]["mi_estimates"]
+    batch, whole = first["batch"], first["n_test"]
+    columns = {"trained.infonce.batch": f"InfoNCE, B = {batch}",
+               **{f"trained.{k}.whole": f"{name}, B = {whole}"
+                  for k, name in (("infonce", "InfoNCE"), ("nwj", "NWJ"), ("dv", "DV"))},
+               **{f"theorem41.{k}.whole": f"{name}, Thm 4.1 critic"
+                  for k, name in (("infonce", "InfoNCE"), ("nwj", "NWJ"), ("dv", "DV"))},
+               "gap": "C − DV (Thm 4.1 critic)"}
+    groups: dict[float, list[dict[str, float]]] = {}
+    for run in runs:
+        est = run["saved"]["mi_estimates"]
+        values = {}
+        for column in list(columns)[:-1]:
+            critic, name, where = column.split(".")
+            values[column] = est[critic][name][where][0] if critic in est else math.nan
+        values["gap"] = run["capacity"] - values["theorem41.dv.whole"]
+        groups.setdefault(run["noise"], []).append(values)
+    capacity = {run["noise"]: run["capacity"] for run in runs}
+    rows = [table_row("trained", noise, capacity[noise], members)
+            for noise, members in sorted(groups.items())]
+    text = (f"MI estimates (nats) by estimator, mean ± 99% CI over seeds; InfoNCE is capped at "
+            f"log {batch} = {math.log(batch):.3f} on the test batches and at log {whole} = "
+            f"{math.log(whole):.3f} on the whole test split (one batch); NWJ and DV are not "
+            "capped\n\n" + md_table(["runs", "σ", "C", "seeds", *columns.values()],
+                                      [row_cells(row, list(columns)) for row in rows]) + "\n")
+    return text, csv_text(rows, list(columns), "sigma")
 
 
 # --- Mode 2: Table 1 (and poster Table 2) from cifar_ssl.py runs -----------------------------

@@ -100,6 +100,38 @@ def test_figure1_table_files_and_mi_check(sweep, tmp_path, capsys):
     assert len(flagged) == 1 and "sigma1_seed2" in flagged[0]
 
 
+def estimates(dv_whole, theorem41=True):
+    """mi_estimates as mnist_gauss.py writes them, every value 1.0 but the Theorem 4.1 DV."""
+    cell = {"batch": [1.0, 0.1], "whole": [1.0, 0.1]}
+    critics = {"trained": {k: cell for k in ("infonce", "nwj", "dv")}}
+    if theorem41:
+        critics["theorem41"] = {"infonce": cell, "nwj": cell,
+                                "dv": {"batch": [1.0, 0.1], "whole": [dv_whole, 0.1]}}
+    return {"batch": 256, "n_test": 2000, **critics}
+
+
+def test_certificate_table_gives_c_minus_dv_per_sigma(tmp_path, capsys):
+    root = tmp_path / "runs"
+    for seed, dv_whole in enumerate((1.2, 1.4)):
+        write_run(root, f"sigma0.5_seed{seed}", 0.5, seed, mi_estimates=estimates(dv_whole))
+    write_run(root, "sigma0_seed0", 0.0, 0, mi=3.6, mi_estimates=estimates(0, theorem41=False))
+    prefix = tmp_path / "fig"
+    evaluate.main([str(root), "--out", str(prefix)])
+    assert "log 2000 = 7.601" in capsys.readouterr().out
+    rows = read_csv(f"{prefix}_certificate.csv")
+    assert list(rows) == [("trained", 0.5)]  # sigma = 0: C = inf, nothing to certify
+    row = rows[("trained", 0.5)]
+    assert float(row["theorem41.dv.whole_mean"]) == pytest.approx(1.3)
+    assert float(row["gap_mean"]) == pytest.approx(math.log1p(4) - 1.3)
+    assert float(row["trained.infonce.batch_mean"]) == pytest.approx(1.0)
+    assert "C − DV (Thm 4.1 critic)" in Path(f"{prefix}_certificate.md").read_text()
+
+
+def test_no_certificate_without_estimates(sweep, tmp_path):
+    evaluate.main([str(sweep), "--out", str(tmp_path / "fig")])
+    assert not (tmp_path / "fig_certificate.md").exists()
+
+
 def test_one_clean_run_passes_the_mi_check(tmp_path, capsys):
     write_run(tmp_path, "a", 0.5, mi=1.6, se=0.01)
     evaluate.main([str(tmp_path / "a"), "--out", str(tmp_path / "fig")])
