@@ -22,7 +22,7 @@ from concurrent.futures import ThreadPoolExecutor, as_completed
 from contextlib import contextmanager
 from functools import partial
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any, NoReturn, Protocol
 
 import numpy as np
 import scipy.stats
@@ -950,7 +950,16 @@ def progress_interval() -> float:
     return 0.1 if sys.stderr.isatty() else 60.0
 
 
-def resolve_out(p: argparse.ArgumentParser, args: argparse.Namespace, stem: str) -> None:
+class Parser(Protocol):
+    """What resolve_out and check_resume use of a script's argument parser."""
+    prog: str
+
+    def error(self, message: str) -> NoReturn: ...
+
+    def get_default(self, dest: str) -> Any: ...
+
+
+def resolve_out(p: Parser, args: argparse.Namespace, stem: str) -> None:
     """--out / --resume rules: --resume loads the non-RUNTIME_FLAGS settings from args.json; a
     non-empty or file --out is refused; no --out (and no --bench) gives `stem` + a time stamp."""
     if args.resume:
@@ -972,8 +981,7 @@ def resolve_out(p: argparse.ArgumentParser, args: argparse.Namespace, stem: str)
                         if not Path(name).exists())
 
 
-def check_resume(p: argparse.ArgumentParser, args: argparse.Namespace, needs: str,
-                 forbids: str) -> None:
+def check_resume(p: Parser, args: argparse.Namespace, needs: str, forbids: str) -> None:
     """--resume / --eval-only: load the settings of the run in --out, whose args.json must name
     `needs`, not `forbids`, with the defaults' types and match the command line."""
     out = Path(args.out or ".")
