@@ -29,6 +29,20 @@ def test_short_run_writes_metrics_and_files(run_script, tmp_path):
     assert np.allclose(emb["z_train"].std(0), 1, atol=0.05)
 
 
+def test_mi_estimates_per_critic_and_one_batch_capped(run_script, tmp_path, monkeypatch):
+    monkeypatch.setattr(mnist_gauss, "ONE_BATCH", 150)  # the tiny test split has 200 images
+    metrics = run_script(mnist_gauss, tmp_path / "run", "--steps", "2", "--sigma", "0.5")
+    est = metrics["mi_estimates"]
+    assert est["batch"] == 64 and est["n_test"] == 150
+    assert set(est) == {"batch", "n_test", "trained", "theorem41"}
+    for critic in ("trained", "theorem41"):
+        for name in ("infonce", "nwj", "dv"):
+            assert len(est[critic][name]["batch"]) == 2 and len(est[critic][name]["whole"]) == 2
+        assert est[critic]["infonce"]["whole"][0] <= np.log(150) + 1e-6
+    # the InfoNCE of the trained critic on the test batches is the held-out MI estimate
+    assert est["trained"]["infonce"]["batch"][0] == pytest.approx(metrics["mi_heldout"])
+
+
 def test_same_seed_same_metrics_and_resume_continues_exactly(run_script, same_metrics,
                                                               tmp_path):
     flags = ("--steps", "6", "--sigma", "0.3", "--ckpt-every", "3", "--log-every", "3")
