@@ -207,33 +207,35 @@ def embed(models: nn.ModuleDict, x: torch.Tensor) -> np.ndarray:
 
 
 @torch.no_grad()
-def evaluate(models: nn.ModuleDict, data: tuple, args: argparse.Namespace) -> dict:
+def evaluate(models: nn.ModuleDict, data: tuple, args: argparse.Namespace,
+             estimates: bool = True) -> dict:
     """Section 5 protocol: held-out MI against C = d/2 log(1 + 1/sigma^2) (eq. 5) and the DM gap
     (Lemma B.1), normality of the clean test embeddings, downstream accuracies and silhouette.
 
     mi_estimates: InfoNCE, NWJ and DV (eqs. 2-3) with the trained critic and, for sigma > 0, the
     Theorem 4.1 critic, on the test batches and on one batch of n_test test images (the whole
     split, at most ONE_BATCH), where InfoNCE's cap log B is higher and NWJ / DV can reach C
-    beyond it (README, Higher dimension).
+    beyond it (README, Higher dimension). estimates=False (the --eval-every curve) skips them.
     """
     x_tr, y_tr, x_te, y_te = data
     models.train()  # the held-out MI uses the training objective, each branch its own batch
     bs = min(args.batch_size, len(x_te))
     loss = common.mi_loss(args.loss, args.reg_weight, args.clip or None)
     critics = {"trained": models["critic"]}
-    if args.sigma > 0:
+    if estimates and args.sigma > 0:
         critics["theorem41"] = common.GaussianCritic(args.sigma)
     with torch.random.fork_rng(devices=[x_te.device] if x_te.device.type == "cuda" else []):
         torch.manual_seed(args.seed + 1)
         views = [two_views(models, x_te[i:i + bs], args)
                  for i in range(0, len(x_te) - bs + 1, bs)]
-        n_test = min(len(x_te), ONE_BATCH)
-        views.append(two_views(models, x_te[:n_test], args))  # one batch of n_test images
+        n_batches, n_test = len(views), min(len(x_te), ONE_BATCH)
+        if estimates:
+            views.append(two_views(models, x_te[:n_test], args))  # one batch of n_test images
     scores = {}
     for name, critic in critics.items():
         with common.autocast(x_te.device, args.amp):
             scores[name] = [critic(a, b).float() for a, b in views]
-    mis = [loss(s)[1].item() for s in scores["trained"][:-1]]
+    mis = [loss(s)[1].item() for s in scores["trained"][:n_batches]]
     # eval-mode embeddings: BatchNorm statistics recomputed on the clean training images
     common.recompute_bn_stats(models, lambda x: models["head"](models["encoder"](x), noisy=False),
                               x_tr, args.batch_size)
@@ -246,8 +248,9 @@ def evaluate(models: nn.ModuleDict, data: tuple, args: argparse.Namespace) -> di
             "mi_heldout_se": float(np.std(mis, ddof=1) / math.sqrt(len(mis)))
             if len(mis) > 1 else math.nan, "dm_gap": capacity - mi,
             "class_information": common.LOG10,
-            "mi_estimates": {"batch": bs, "n_test": n_test, **{
-                name: common.bound_estimates_table(s[:-1], s[-1]) for name, s in scores.items()}},
+            **({"mi_estimates": {"batch": bs, "n_test": n_test, **{
+                name: common.bound_estimates_table(s[:-1], s[-1]) for name, s in scores.items()}}}
+               if estimates else {}),
             "normality": common.normality_report(z_te, seed=args.seed, subsample=args.subsample),
             "downstream": common.downstream_report(z_tr, y_tr.cpu().numpy(), z_te,
                                                    y_te.cpu().numpy(), seed=args.seed),
@@ -347,7 +350,7 @@ def train_and_evaluate(args: argparse.Namespace) -> None:
             bar.set_postfix(epoch=epoch, loss=f"{mean_loss:.3f}", mi=f"{mean_mi:.3f}",
                             refresh=False)
         if args.eval_every and done % args.eval_every == 0 and done < args.steps:
-            m = evaluate(models, data, args)
+            m = evaluate(models, data, args, estimates=False)
             curve.append({"step": done, "mi_heldout": m["mi_heldout"],
                           "knn_acc": m["downstream"]["knn_acc"],
                           "henze_zirkler_p": m["normality"]["henze_zirkler_p"]})
