@@ -582,6 +582,19 @@ def test_table1_next_to_the_paper(tmp_path, capsys):
     assert "20.00" in row and "(" not in row
 
 
+def test_table1_keeps_sigma0_with_the_head_apart_from_the_original_method(tmp_path, capsys):
+    fake_ssl_run(tmp_path, "original", "simclr", 0.0, top1=0.80)  # saved before --head: none
+    fake_ssl_run(tmp_path, "bn", "simclr", 0.0, top1=0.70)
+    file = tmp_path / "bn" / "metrics.json"
+    file.write_text(json.dumps({**json.loads(file.read_text()), "head": "bn"}))
+    evaluate_main(["--table", str(tmp_path), "--out", str(tmp_path / "t1")])
+    lines = capsys.readouterr().out.splitlines()
+    original = lines.index(next(line for line in lines if line.startswith("| SimCLR |")))
+    assert "80.00 (90.83)" in lines[original]
+    assert lines[original + 1].startswith("| SimCLR, BatchNorm head, no noise | 70.00 |")
+    assert "(" not in lines[original + 1]
+
+
 def test_table1_refuses_mnist_runs_duplicate_seeds_and_mixed_settings(tmp_path, capsys):
     fake_ssl_run(tmp_path / "dup", "a")
     fake_ssl_run(tmp_path / "dup", "b")
