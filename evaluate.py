@@ -114,10 +114,10 @@ def table_row(kind: str, noise: float, capacity: float, values: list[dict[str, f
 
 
 def fmt(x: float) -> str:
-    """A table cell: 3 decimals, scientific for tiny p-values."""
+    """A table cell: 3 decimals, scientific for tiny p-values and huge (diverged NWJ) values."""
     if not math.isfinite(x):
         return str(x)
-    return f"{x:.1e}" if 0 < abs(x) < 1e-3 else f"{x:.3f}"
+    return f"{x:.1e}" if 0 < abs(x) < 1e-3 or abs(x) >= 1e6 else f"{x:.3f}"
 
 
 def mean_cell(value: tuple[float, float], number: Any = fmt) -> str:

@@ -67,6 +67,13 @@ def test_ci99_of_five_values_by_hand():
     assert math.isnan(evaluate.mean_ci99([0.7])[1])
 
 
+def test_cells_keep_three_decimals_and_switch_to_scientific_at_the_extremes():
+    assert [evaluate.fmt(x) for x in (0.5, -2.1689, 0.0, 4.6e-7, 123456.7)] == [
+        "0.500", "-2.169", "0.000", "4.6e-07", "123456.700"]
+    assert evaluate.fmt(-1.51e29) == "-1.5e+29"  # a diverged NWJ estimate stays one short cell
+    assert evaluate.mean_cell((-1.51e29, 3.89e29)) == "-1.5e+29 ± 3.9e+29"
+
+
 def test_figure1_table_files_and_mi_check(sweep, tmp_path, capsys):
     prefix = tmp_path / "out" / "fig1"
     evaluate.main([str(sweep), "--out", str(prefix)])
