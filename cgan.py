@@ -89,8 +89,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="continue the run in --out (and the encoder training in OUT/encoder)")
     p.add_argument("--log-every", type=common.positive_int, default=50, help="progress interval")
     p.add_argument("--ckpt-every", type=common.positive_int, default=500, help="checkpoints")
-    p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=True,
-                   help="bf16 autocast for G, D and the classifier; --no-amp: float32")
+    p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None,
+                   help="autocast for G, D, the classifier and the encoder run: default auto, "
+                        "bf16 on CUDA (fp16 + scaler without bf16) and on CPUs with native bf16 "
+                        "(AMX, AVX-512 BF16), float32 elsewhere; --amp / --no-amp force it")
     p.add_argument("--bench", type=common.positive_int, default=0, metavar="N",
                    help="time N GAN steps on synthetic data, print ms/step, and exit")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -103,7 +105,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                     f"{', '.join(OWN_KEYS)}); choose another --out")
         for flag in [flag for flag in p._actions if flag.dest in saved]:  # as if typed
             value = saved[flag.dest]
-            convert = flag.type or (str if flag.default is None else type(flag.default))
+            convert = flag.type or (bool if isinstance(flag, argparse.BooleanOptionalAction)
+                                    else str if flag.default is None else type(flag.default))
             try:
                 fits = value is None and flag.default is None or (
                     isinstance(value, bool) if convert is bool else not isinstance(value, bool)
@@ -132,7 +135,8 @@ def train_encoder(args: argparse.Namespace, run: Path) -> None:
         cmd += ["--resume"]
     else:
         cmd += ["--sigma", str(args.sigma), "--dim", str(COND_DIM), "--seed", str(args.seed),
-                "--steps", str(args.encoder_steps), "--amp" if args.amp else "--no-amp",
+                "--steps", str(args.encoder_steps),
+                *([] if args.amp is None else ["--amp" if args.amp else "--no-amp"]),
                 "--dataset", args.dataset, *["--no-download"] * args.no_download,
                 *(["--data-dir", args.data_dir] if args.data_dir else [])]
     print(f"encoder: {shlex.join(cmd)}", flush=True)
@@ -245,24 +249,26 @@ def build_gan(args: argparse.Namespace, device: torch.device) -> tuple:
 
 
 # --- Training -------------------------------------------------------------------------------
-def gan_step(gen: Generator, disc: Discriminator, opt_g, opt_d, x: torch.Tensor,
+def gan_step(gen: Generator, disc: Discriminator, opt_g, opt_d, scaler, x: torch.Tensor,
              c: torch.Tensor, args: argparse.Namespace) -> tuple[torch.Tensor, torch.Tensor]:
     """One D and one G update on real images x with conditions c, the non-saturating losses
     (Goodfellow et al.): D minimizes softplus(-D(x, c)) + softplus(D(G(z, c), c)), G minimizes
-    softplus(-D(G(z, c), c)). Returns the two losses without syncing."""
+    softplus(-D(G(z, c), c)). One float16 loss scaler serves both (one update per step).
+    Returns the two losses without syncing."""
     z = torch.randn(len(x), args.latent_dim, device=x.device)
     with common.autocast(x.device, args.amp):
         fake = gen(z, c)
         d_loss = (F.softplus(-disc(x, c).float()).mean()
                   + F.softplus(disc(fake.detach(), c).float()).mean())
     opt_d.zero_grad(set_to_none=True)
-    d_loss.backward()
-    opt_d.step()
+    scaler.scale(d_loss).backward()
+    scaler.step(opt_d)
     with common.autocast(x.device, args.amp):
         g_loss = F.softplus(-disc(fake, c).float()).mean()
     opt_g.zero_grad(set_to_none=True)
-    g_loss.backward()
-    opt_g.step()
+    scaler.scale(g_loss).backward()
+    scaler.step(opt_g)
+    scaler.update()
     return d_loss.detach(), g_loss.detach()
 
 
@@ -273,15 +279,21 @@ def bench(args: argparse.Namespace, device: torch.device) -> None:
         x = torch.rand(args.batch_size, 1, 24, 24, device=device).contiguous(
             memory_format=torch.channels_last)
         c = torch.randn(args.batch_size, COND_DIM, device=device)
-        sec = common.time_per_step(lambda: gan_step(gen, disc, opt_g, opt_d, x, c, args),
-                                   args.bench, device)
-    print(f"{device.type} ({'bf16 autocast' if args.amp else 'float32'}), batch "
-          f"{args.batch_size}, width {args.width}: {1e3 * sec:.1f} ms/step, "
-          f"{args.batch_size / sec:.0f} images/s; {args.steps} steps would take "
-          f"{sec * args.steps / 60:.1f} min")
+        dtype, why = common.precision(device, args.amp)
+        for amp in (args.amp, dtype == torch.float32):  # this run's precision, then the other
+            run = argparse.Namespace(**{**vars(args), "amp": amp})
+            scaler = common.grad_scaler(device, amp)
+            sec = common.time_per_step(
+                lambda: gan_step(gen, disc, opt_g, opt_d, scaler, x, c, run), args.bench, device)
+            print(f"{device.type} {common.precision_name(common.precision(device, amp)[0])}, "
+                  f"batch {args.batch_size}, width {args.width}: {1e3 * sec:.1f} ms/step, "
+                  f"{args.batch_size / sec:.0f} images/s; {args.steps} steps would take "
+                  f"{sec * args.steps / 60:.1f} min", flush=True)
+    print(f"the default (auto) picks {common.precision_name(common.precision(device)[0])}; "
+          f"this run: {common.precision_name(dtype)}: {why}")
 
 
-def train(gen: Generator, disc: Discriminator, opt_g, opt_d, x_tr: torch.Tensor,
+def train(gen: Generator, disc: Discriminator, opt_g, opt_d, scaler, x_tr: torch.Tensor,
           c_tr: torch.Tensor, args: argparse.Namespace, out: Path, start: int, history: list):
     """GAN steps from `start` to args.steps on (image, embedding) pairs of the training split,
     logging the mean (step, D loss, G loss) every --log-every steps and checkpointing every
@@ -297,7 +309,7 @@ def train(gen: Generator, disc: Discriminator, opt_g, opt_d, x_tr: torch.Tensor,
         if k == 0 or step == start:
             order = common.epoch_order(len(x_tr), args.seed, epoch, x_tr.device)
         idx = order[k * bs:(k + 1) * bs]
-        d_loss, g_loss = gan_step(gen, disc, opt_g, opt_d, x_tr[idx], c_tr[idx], args)
+        d_loss, g_loss = gan_step(gen, disc, opt_g, opt_d, scaler, x_tr[idx], c_tr[idx], args)
         d_losses.append(d_loss)
         g_losses.append(g_loss)
         done = step + 1
@@ -318,7 +330,8 @@ def train(gen: Generator, disc: Discriminator, opt_g, opt_d, x_tr: torch.Tensor,
         if checkpoint:  # everything --resume needs
             common.atomic_save({"step": done, "generator": gen.state_dict(),
                                 "discriminator": disc.state_dict(), "opt_g": opt_g.state_dict(),
-                                "opt_d": opt_d.state_dict(), "rng": torch.get_rng_state(),
+                                "opt_d": opt_d.state_dict(), "scaler": scaler.state_dict(),
+                                "rng": torch.get_rng_state(),
                                 "history": history}, out / "checkpoint.pt")
             saved_at = done
 
@@ -332,6 +345,7 @@ def train_classifier(x: torch.Tensor, y: torch.Tensor, args: argparse.Namespace)
         torch.manual_seed(args.seed)
         clf = common.ConvEncoder(N_CLASSES).to(x.device).to(memory_format=torch.channels_last)
         opt = torch.optim.Adam(clf.parameters(), lr=args.clf_lr)
+        scaler = common.grad_scaler(x.device, args.amp)
         clf.train()
         for epoch in tqdm(range(args.clf_epochs), desc="classifier", disable=args.quiet,
                           mininterval=common.progress_interval()):
@@ -341,8 +355,9 @@ def train_classifier(x: torch.Tensor, y: torch.Tensor, args: argparse.Namespace)
                 with common.autocast(x.device, args.amp):
                     loss = F.cross_entropy(clf(x[idx]).float(), y[idx])
                 opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
+                scaler.scale(loss).backward()
+                scaler.step(opt)
+                scaler.update()
     return clf.eval()
 
 
@@ -489,6 +504,8 @@ def run(args: argparse.Namespace) -> dict | None:
     device = common.pick_device(args.device)
     if args.bench:
         return bench(args, device)
+    dtype, why = common.precision(device, args.amp)
+    print(f"{common.precision_name(dtype)}: {why}")
     out = Path(args.out)
     if args.resume and (out / "metrics.json").is_file():
         metrics = common.read_json(out / "metrics.json")
@@ -523,24 +540,27 @@ def run(args: argparse.Namespace) -> dict | None:
         encoder, c_tr, c_te = read_encoder_run(out / "encoder", data, y_tr, y_te)
     torch.manual_seed(args.seed)
     gen, disc, opt_g, opt_d = build_gan(args, device)
+    scaler = common.grad_scaler(device, args.amp)  # float16 only; a pass-through otherwise
     start, history = 0, []
     if ckpt is not None:
         try:
             for part, key in ((gen, "generator"), (disc, "discriminator"), (opt_g, "opt_g"),
                               (opt_d, "opt_d")):
                 part.load_state_dict(ckpt[key])
+            scaler.load_state_dict(ckpt.get("scaler", {}))
             torch.set_rng_state(ckpt["rng"].cpu())
             start, history = int(ckpt["step"]), list(ckpt["history"])
         except (RuntimeError, ValueError, KeyError, TypeError, AttributeError) as err:
             raise common.DataError(f"{out / 'checkpoint.pt'} does not fit this run's models "
                                    f"({str(err).splitlines()[0]})") from err
         print(f"resuming {out} at step {start}")
-    train(gen, disc, opt_g, opt_d, x_tr, c_tr, args, out, start, history)
+    train(gen, disc, opt_g, opt_d, scaler, x_tr, c_tr, args, out, start, history)
     clf = train_classifier(x_tr, y_tr, args)
     metrics = evaluate(gen, clf, (x_tr, c_tr, x_te, y_te, c_te), args)
     samples = metrics.pop("samples")
     metrics.update(encoder=encoder, data=data, steps=args.steps, batch_size=args.batch_size,
                    seed=args.seed, clf_epochs=args.clf_epochs, device=str(device),
+                   precision={"dtype": common.precision_name(dtype), "why": why},
                    wall_time_s=time.time() - started, train_history=history)
     common.atomic_save({"generator": gen.state_dict(), "discriminator": disc.state_dict(),
                         "args": vars(args)}, out / "model.pt")

@@ -117,7 +117,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="test embeddings the normality tests draw from")
     add("--seed", type=common.seed_int, default=0, help="fixes init, data order and augmentation")
     add("--device", type=common.device_flag, default="auto", help="auto, cpu, cuda, cuda:N, mps")
-    add("--amp", action=on_off, default=True, help="bf16 autocast (fp16 + GradScaler without bf16)")
+    add("--amp", action=on_off, default=None, help="autocast: default auto, bf16 on CUDA (fp16 + "
+        "GradScaler without bf16) and on CPUs with native bf16 (AMX, AVX-512 BF16), else float32")
     add("--channels-last", action=on_off, default=True, help="channels-last backbone")
     add("--compile", action="store_true", help="torch.compile the network (CUDA)")
     add("--out", help="run directory (default: a new one under runs/cifar_ssl/)")
@@ -617,8 +618,7 @@ class Trainer:
         self.net = torch.compile(net) if args.compile else net
         self.opt = make_optimizer(model, args)
         self.loss_fn = ssl_loss(args)
-        fp16 = args.amp and device.type == "cuda" and not torch.cuda.is_bf16_supported()
-        self.scaler = torch.amp.GradScaler(device.type, enabled=fp16)
+        self.scaler = common.grad_scaler(device, args.amp)  # float16 only
 
     def views(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Two independently augmented views of a uint8 batch."""
@@ -905,6 +905,10 @@ def bench(args: argparse.Namespace, device: torch.device) -> None:
                       device=device)
     y = torch.randint(0, 10, (n,), device=device)
     views = trainer.views(x)
+    dtype, why = common.precision(device, args.amp)
+    trainer.args = argparse.Namespace(**{**vars(args), "amp": dtype == torch.float32})
+    other = common.time_per_step(lambda: trainer.step(*views, y, 1.0), args.bench, device)
+    trainer.args = args
     clock = [common.time_per_step(lambda: trainer.views(x), args.bench, device),
              common.time_per_step(lambda: trainer.step(*views, y, 1.0), args.bench, device)]
     total = sum(clock)
@@ -913,15 +917,17 @@ def bench(args: argparse.Namespace, device: torch.device) -> None:
                   if args.recipe == "imagenet" else
                   f"{total * 800 * (CIFAR10_TRAIN // args.batch_size) / 3600:.1f} h for 800 "
                   "CIFAR-10 epochs")
-    precision = ("fp32" if not args.amp else "fp16 autocast" if trainer.scaler.is_enabled()
-                 else "bf16 autocast") + (", channels-last" if args.channels_last else "")
+    precision = common.precision_name(dtype) + (", channels-last" if args.channels_last else "")
     if rank == 0:
         print(f"{device.type} ({precision}{', compiled' if args.compile else ''}), {world} "
               f"process{'es' if world > 1 else ''}, {args.method} {args.arch}, batch "
               f"{args.batch_size} x 2 views, {args.image_size}x{args.image_size}: augmentation "
               f"{1e3 * clock[0]:.1f} ms + forward/backward/update {1e3 * clock[1]:.1f} ms = "
               f"{1e3 * total:.1f} ms/step, {args.batch_size / total:.0f} images/s; at this batch "
-              f"size it would take {projection} (data loading not included)")
+              f"size it would take {projection} (data loading not included)\n"
+              f"  {common.precision_name(common.precision(device, dtype == torch.float32)[0])}: "
+              f"forward/backward/update {1e3 * other:.1f} ms; the default (auto) picks "
+              f"{common.precision_name(common.precision(device)[0])}; this run: {why}")
 
 
 def run(args: argparse.Namespace, device: torch.device) -> dict[str, Any] | None:
@@ -935,6 +941,9 @@ def run(args: argparse.Namespace, device: torch.device) -> dict[str, Any] | None
     if args.eval_only and not ((out / "model.pt").is_file() or (out / "checkpoint.pt").is_file()):
         raise DataError(f"{out} holds no model.pt or checkpoint.pt to evaluate")
     started = time.time()
+    dtype, why = common.precision(device, args.amp)
+    if rank == 0:
+        print(f"{common.precision_name(dtype)}: {why}")
     torch.manual_seed(args.seed)
     (x_tr, y_tr, x_te, y_te), info = load_images(args)
     if args.batch_size > info["n_train"]:
@@ -996,7 +1005,8 @@ def run(args: argparse.Namespace, device: torch.device) -> dict[str, Any] | None
         "train_history": history, **metrics,
         "probe_images": {"train": len(probe_data[0]), "test": len(probe_data[2])},
         "settings": {k: v for k, v in vars(args).items() if k not in NOT_SAVED},
-        "data": info, "device": str(device), "wall_time_s": time.time() - started}
+        "data": info, "device": str(device), "wall_time_s": time.time() - started,
+        "precision": {"dtype": common.precision_name(dtype), "why": why}}
     if info["n_classes"] <= 10:
         title = f"{label(args.method, args.sigma, args.head)}, {args.dataset} test"
         common.save_figure(common.scatter_embeddings(z_te, y_te_np, title), out / "scatter.png")

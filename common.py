@@ -9,6 +9,7 @@ import json
 import math
 import os
 import pickle
+import platform
 import shlex
 import struct
 import subprocess
@@ -20,7 +21,7 @@ import zlib
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from contextlib import contextmanager
-from functools import partial
+from functools import lru_cache, partial
 from pathlib import Path
 from typing import Any, NoReturn, Protocol
 
@@ -758,11 +759,75 @@ def downstream_report(z_tr, y_tr, z_te, y_te, seed: int = 0) -> dict:
 
 # --- Run utilities ---------------------------------------------------------------------------
 
-def autocast(device: torch.device, enabled: bool = True) -> torch.autocast:
-    """bfloat16 autocast (float16 on GPUs without bf16); enabled=False runs in float32."""
-    dtype = (torch.float16 if device.type == "cuda" and not torch.cuda.is_bf16_supported()
-             else torch.bfloat16)
-    return torch.autocast(device.type, dtype=dtype, enabled=enabled)
+def _isa_cap() -> str | None:
+    """The instruction-set cap a user set for torch or oneDNN below bfloat16, if any."""
+    capability = torch.backends.cpu.get_cpu_capability()  # honours ATEN_CPU_CAPABILITY
+    if capability not in ("AVX512", "AVX512_BF16", "AMX"):
+        return f"torch runs {capability} kernels"
+    for name in ("ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA"):
+        value = os.environ.get(name, "ALL").upper()
+        if value != "ALL" and not any(s in value for s in ("BF16", "AMX", "FP16", "AVX10")):
+            return f"{name}={value} keeps oneDNN below its bfloat16 instructions"
+    return None
+
+
+@lru_cache(maxsize=None)
+def cpu_bf16() -> tuple[bool, str]:
+    """(native, why): does this CPU run bfloat16 matrix work natively?
+
+    Native means AVX-512 BF16 or AMX (x86), read from the CPU's own capability flags through
+    torch.cpu (CPUID): exact, free, and unaffected by a busy machine, where a start-up timing of a
+    bf16 and a float32 matmul costs time and can flip under load. Elsewhere bf16 autocast is
+    emulated: about 6-9x slower than float32 for this ConvNet on an AVX2 CPU (README, Speed).
+    torch.ops.mkldnn._is_mkldnn_bf16_supported() is not used: it is True on every AVX-512 CPU,
+    bf16 instructions or not. Caps that torch and oneDNN honour (ATEN_CPU_CAPABILITY,
+    ONEDNN_MAX_CPU_ISA) count: under them oneDNN emulates bf16 as well. Non-x86 CPUs get float32.
+    """
+    if platform.machine().lower() not in ("x86_64", "amd64", "i386", "i686"):
+        return False, f"bfloat16 is taken as native only on x86 CPUs ({platform.machine()})"
+    units = [name for name, has in (("AMX", torch.cpu._is_amx_tile_supported()),
+                                    ("AVX-512 BF16", torch.cpu._is_avx512_bf16_supported())) if has]
+    if not units:
+        return False, "this CPU has no native bfloat16 (no AVX-512 BF16, no AMX)"
+    cap = _isa_cap()
+    if cap:
+        return False, f"this CPU has {units[0]}, but {cap}"
+    return True, f"this CPU has native bfloat16 ({units[0]})"
+
+
+def precision(device: torch.device, amp: bool | None = None) -> tuple[torch.dtype, str]:
+    """(compute dtype, why) of a run: `amp` True or False (--amp / --no-amp) forces autocast or
+    float32; None (the default, "auto") takes bf16 autocast on CUDA (float16 with a gradient
+    scaler where the GPU lacks bf16) and on a CPU that runs bf16 natively (cpu_bf16), float32
+    everywhere else (other CPUs, MPS)."""
+    half = (torch.float16 if device.type == "cuda" and not torch.cuda.is_bf16_supported()
+            else torch.bfloat16)
+    if amp is not None:
+        return (half, "--amp") if amp else (torch.float32, "--no-amp")
+    if device.type == "cuda":
+        return half, ("CUDA" if half == torch.bfloat16
+                      else "this GPU has no bfloat16: float16 with a gradient scaler")
+    if device.type == "cpu":
+        native, why = cpu_bf16()
+        return (half if native else torch.float32), why
+    return torch.float32, f"autocast on {device.type} only with --amp"
+
+
+def precision_name(dtype: torch.dtype) -> str:
+    """'float32', 'bfloat16 autocast' or 'float16 autocast'."""
+    return "float32" if dtype == torch.float32 else f"{str(dtype)[6:]} autocast"
+
+
+def autocast(device: torch.device, amp: bool | None = None) -> torch.autocast:
+    """Autocast in the run's precision (see precision); float32 turns it off."""
+    dtype = precision(device, amp)[0]
+    return torch.autocast(device.type, dtype=torch.bfloat16 if dtype == torch.float32 else dtype,
+                          enabled=dtype != torch.float32)
+
+
+def grad_scaler(device: torch.device, amp: bool | None = None) -> torch.amp.GradScaler:
+    """The loss scaler float16 autocast needs (a no-op pass-through in bf16 and float32)."""
+    return torch.amp.GradScaler(device.type, enabled=precision(device, amp)[0] == torch.float16)
 
 
 @contextmanager

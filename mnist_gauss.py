@@ -95,14 +95,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--subsample", type=common.bounded(int, 20), default=128,
                    help="subsample size of the bootstrapped normality tests (sets their power)")
     p.add_argument("--eval-every", type=common.bounded(int, 0), default=0,
-                   help="full evaluation every N steps, stored as a convergence curve (0: off)")
+                   help="evaluate every N steps into the metrics.json curve (0: off)")
+    p.add_argument("--eval-at", type=common.positive_int, nargs="+", default=[], metavar="STEP",
+                   help="also evaluate at these steps (log-spaced points: 1000 2000 4000 ...); "
+                        "each curve point holds sliced W2 (test and train), the normality "
+                        "tests, MI and k-NN")
     p.add_argument("--log-every", type=common.positive_int, default=10,
                    help="progress update interval")
     p.add_argument("--ckpt-every", type=common.positive_int, default=500,
                    help="checkpoint interval")
-    p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=True,
-                   help="bf16 autocast for encoder and learned critics (fp16 on GPUs without "
-                        "bf16); --no-amp: float32, faster on CPUs without native bf16")
+    p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None,
+                   help="autocast for encoder and learned critics: default auto, bf16 on CUDA "
+                        "(fp16 + scaler without bf16) and on CPUs with native bf16 (AMX, "
+                        "AVX-512 BF16), float32 elsewhere; --amp / --no-amp force it")
     p.add_argument("--compile", action="store_true", help="torch.compile encoder and critic")
     p.add_argument("--bench", type=common.positive_int, default=0, metavar="N",
                    help="time N steps of this run and of the reference path (concat critic's "
@@ -178,13 +183,19 @@ def bench(args: argparse.Namespace, device: torch.device) -> None:
                 opt.step()
             return 1e3 * common.time_per_step(step, args.bench, device)
 
+    dtype, why = common.precision(device, args.amp)
+    auto = common.precision(device)[0]
+    other = argparse.Namespace(**{**vars(args), "amp": dtype == torch.float32})
     reference = argparse.Namespace(**{**vars(args), "critic_impl": "reference", "amp": False})
     paper = argparse.Namespace(**{**vars(args), **PAPER})
     ms = ms_per_step(args, torch.channels_last)
     print(f"{device.type}, batch {args.batch_size}, critic {args.critic}, loss {args.loss}, "
           f"{args.bench} steps each\n  this run:  {ms:8.1f} ms/step   "
-          f"{'bf16 autocast' if args.amp else 'float32'}, channels-last, {args.critic_impl}",
-          flush=True)
+          f"{common.precision_name(dtype)}, channels-last, {args.critic_impl} ({why})", flush=True)
+    ms_other = ms_per_step(other, torch.channels_last)
+    print(f"  other:     {ms_other:8.1f} ms/step   "
+          f"{common.precision_name(common.precision(device, other.amp)[0])}, channels-last; "
+          f"the default (auto) picks {common.precision_name(auto)}", flush=True)
     ms_ref = ms_per_step(reference, torch.contiguous_format)
     print(f"  reference: {ms_ref:8.1f} ms/step   float32, NCHW, reference (all pairs "
           f"materialised for concat)\n  speed-up {ms_ref / ms:.1f}x; "
@@ -257,6 +268,16 @@ def evaluate(models: nn.ModuleDict, data: tuple, args: argparse.Namespace,
             "embeddings": (z_tr, z_te)}
 
 
+def curve_point(step: int, m: dict) -> dict:
+    """One point of the convergence curve: what Figure 1 shows, without the null levels (the
+    same at every point: the final metrics hold them) and with sliced W2 of the training
+    embeddings, whose own null is that of N(0, I) samples of the training set's size."""
+    normality = {k: v for k, v in m["normality"].items()
+                 if not k.startswith(("null", "sliced_w2_"))}
+    return {"step": step, "mi_heldout": m["mi_heldout"], "knn_acc": m["downstream"]["knn_acc"],
+            "sliced_w2_train": common.sliced_w2(m["embeddings"][0]), **normality}
+
+
 def summary(m: dict) -> str:
     d = m["downstream"]
     return "\n".join([
@@ -278,6 +299,8 @@ def train_and_evaluate(args: argparse.Namespace) -> None:
     torch.manual_seed(args.seed)
     if args.bench:
         return bench(args, device)
+    dtype, why = common.precision(device, args.amp)
+    print(f"{common.precision_name(dtype)}: {why}")
     started, out = time.time(), Path(args.out)
     x_tr, y_tr, x_te, y_te, data_info = common.load_data(args.dataset, args.data_dir,
                                                          download=not args.no_download)
@@ -296,6 +319,7 @@ def train_and_evaluate(args: argparse.Namespace) -> None:
 
     models = build_models(args, device)
     opt = torch.optim.Adam(models.parameters(), lr=args.lr)
+    scaler = common.grad_scaler(device, args.amp)  # float16 only; a pass-through otherwise
     start, history, curve = 0, [], []
     if args.eval_only:
         state = common.load_run_file(out / "model.pt", device)["models"]
@@ -309,6 +333,7 @@ def train_and_evaluate(args: argparse.Namespace) -> None:
         ckpt = common.load_run_file(out / "checkpoint.pt", device)
         common.load_models(models, ckpt["models"], out / "checkpoint.pt")
         opt.load_state_dict(ckpt["optimizer"])
+        scaler.load_state_dict(ckpt.get("scaler", {}))
         torch.set_rng_state(ckpt["rng"])
         start, history, curve = ckpt["step"], ckpt["history"], ckpt["curve"]
         print(f"resuming {out} at step {start}")
@@ -333,8 +358,9 @@ def train_and_evaluate(args: argparse.Namespace) -> None:
         loss, mi = infomax_loss(train, x_tr[order[k * args.batch_size:(k + 1) * args.batch_size]],
                                 args)
         opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
+        scaler.scale(loss).backward()
+        scaler.step(opt)
+        scaler.update()
         losses.append(loss.detach())
         mis.append(mi)
         done = step + 1
@@ -349,21 +375,23 @@ def train_and_evaluate(args: argparse.Namespace) -> None:
             history.append([done, mean_loss, mean_mi])
             bar.set_postfix(epoch=epoch, loss=f"{mean_loss:.3f}", mi=f"{mean_mi:.3f}",
                             refresh=False)
-        if args.eval_every and done % args.eval_every == 0 and done < args.steps:
-            m = evaluate(models, data, args, estimates=False)
-            curve.append({"step": done, "mi_heldout": m["mi_heldout"],
-                          "knn_acc": m["downstream"]["knn_acc"],
-                          "henze_zirkler_p": m["normality"]["henze_zirkler_p"]})
+        if done < args.steps and (done in args.eval_at
+                                  or args.eval_every and done % args.eval_every == 0):
+            curve.append(curve_point(done, evaluate(models, data, args, estimates=False)))
         if done % args.ckpt_every == 0 or done == args.steps:
             common.atomic_save({"step": done, "models": models.state_dict(),
-                                "optimizer": opt.state_dict(), "rng": torch.get_rng_state(),
+                                "optimizer": opt.state_dict(), "scaler": scaler.state_dict(),
+                                "rng": torch.get_rng_state(),
                                 "history": history, "curve": curve}, out / "checkpoint.pt")
             saved = True
 
     metrics = evaluate(models, data, args)
+    if curve or args.eval_at:  # the curve ends at the final evaluation
+        curve.append(curve_point(args.steps, metrics))
     z_tr, z_te = metrics.pop("embeddings")
     metrics.update(dim=args.dim, critic=args.critic, loss=args.loss, steps=args.steps,
                    batch_size=args.batch_size, seed=args.seed, data=data_info, device=str(device),
+                   precision={"dtype": common.precision_name(dtype), "why": why},
                    wall_time_s=time.time() - started, train_history=history, curve=curve)
     if args.eval_only:  # the run's own files stay as they are
         common.write_json(metrics, out / "metrics_recomputed.json")

@@ -97,9 +97,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="progress update interval")
     p.add_argument("--ckpt-every", type=common.positive_int, default=500,
                    help="checkpoint interval")
-    p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=True,
-                   help="bf16 autocast for encoder and learned critics (fp16 on GPUs without "
-                        "bf16); --no-amp: float32, faster on CPUs without native bf16")
+    p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None,
+                   help="autocast for encoder and learned critics: default auto, bf16 on CUDA "
+                        "(fp16 + scaler without bf16) and on CPUs with native bf16 (AMX, "
+                        "AVX-512 BF16), float32 elsewhere; --amp / --no-amp force it")
     p.add_argument("--compile", action="store_true", help="torch.compile encoder and critic")
     p.add_argument("--bench", type=common.positive_int, default=0, metavar="N",
                    help="time N steps of this run and of the reference path (concat critic's "
@@ -163,13 +164,19 @@ def bench(args: argparse.Namespace, device: torch.device) -> None:
                 opt.step()
             return 1e3 * common.time_per_step(step, args.bench, device)
 
+    dtype, why = common.precision(device, args.amp)
+    auto = common.precision(device)[0]
+    other = argparse.Namespace(**{**vars(args), "amp": dtype == torch.float32})
     reference = argparse.Namespace(**{**vars(args), "critic_impl": "reference", "amp": False})
     paper = argparse.Namespace(**{**vars(args), **PAPER})
     ms = ms_per_step(args, torch.channels_last)
     print(f"{device.type}, batch {args.batch_size}, critic {args.critic}, loss {args.loss}, "
           f"{args.bench} steps each\n  this run:  {ms:8.1f} ms/step   "
-          f"{'bf16 autocast' if args.amp else 'float32'}, channels-last, {args.critic_impl}",
-          flush=True)
+          f"{common.precision_name(dtype)}, channels-last, {args.critic_impl} ({why})", flush=True)
+    ms_other = ms_per_step(other, torch.channels_last)
+    print(f"  other:     {ms_other:8.1f} ms/step   "
+          f"{common.precision_name(common.precision(device, other.amp)[0])}, channels-last; "
+          f"the default (auto) picks {common.precision_name(auto)}", flush=True)
     ms_ref = ms_per_step(reference, torch.contiguous_format)
     print(f"  reference: {ms_ref:8.1f} ms/step   float32, NCHW, reference (all pairs "
           f"materialised for concat)\n  speed-up {ms_ref / ms:.1f}x; "
@@ -261,6 +268,8 @@ def train_and_evaluate(args: argparse.Namespace) -> None:
     torch.manual_seed(args.seed)
     if args.bench:
         return bench(args, device)
+    dtype, why = common.precision(device, args.amp)
+    print(f"{common.precision_name(dtype)}: {why}")
     started, out = time.time(), Path(args.out)
     x_tr, y_tr, x_te, y_te, data_info = common.load_data(args.dataset, args.data_dir,
                                                          download=not args.no_download)
@@ -279,6 +288,7 @@ def train_and_evaluate(args: argparse.Namespace) -> None:
 
     models = build_models(args, device)
     opt = torch.optim.Adam(models.parameters(), lr=args.lr)
+    scaler = common.grad_scaler(device, args.amp)  # float16 only; a pass-through otherwise
     start, history, curve = 0, [], []
     if args.eval_only:
         state = common.load_run_file(out / "model.pt", device)["models"]
@@ -292,6 +302,7 @@ def train_and_evaluate(args: argparse.Namespace) -> None:
         ckpt = common.load_run_file(out / "checkpoint.pt", device)
         common.load_models(models, ckpt["models"], out / "checkpoint.pt")
         opt.load_state_dict(ckpt["optimizer"])
+        scaler.load_state_dict(ckpt.get("scaler", {}))
         torch.set_rng_state(ckpt["rng"])
         start, history, curve = ckpt["step"], ckpt["history"], ckpt["curve"]
         print(f"resuming {out} at step {start}")
@@ -316,8 +327,9 @@ def train_and_evaluate(args: argparse.Namespace) -> None:
         loss, mi = infomax_loss(train, x_tr[order[k * args.batch_size:(k + 1) * args.batch_size]],
                                 args)
         opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
+        scaler.scale(loss).backward()
+        scaler.step(opt)
+        scaler.update()
         losses.append(loss.detach())
         mis.append(mi)
         done = step + 1
@@ -339,7 +351,8 @@ def train_and_evaluate(args: argparse.Namespace) -> None:
                           "henze_zirkler_p": m["normality"]["henze_zirkler_p"]})
         if done % args.ckpt_every == 0 or done == args.steps:
             common.atomic_save({"step": done, "models": models.state_dict(),
-                                "optimizer": opt.state_dict(), "rng": torch.get_rng_state(),
+                                "optimizer": opt.state_dict(), "scaler": scaler.state_dict(),
+                                "rng": torch.get_rng_state(),
                                 "history": history, "curve": curve}, out / "checkpoint.pt")
             saved = True
 
@@ -347,6 +360,7 @@ def train_and_evaluate(args: argparse.Namespace) -> None:
     z_tr, z_te = metrics.pop("embeddings")
     metrics.update(dim=args.dim, critic=args.critic, loss=args.loss, steps=args.steps,
                    batch_size=args.batch_size, seed=args.seed, data=data_info, device=str(device),
+                   precision={"dtype": common.precision_name(dtype), "why": why},
                    wall_time_s=time.time() - started, train_history=history, curve=curve)
     if args.eval_only:  # the run's own files stay as they are
         common.write_json(metrics, out / "metrics_recomputed.json")
