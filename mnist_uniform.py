@@ -289,7 +289,7 @@ def train_and_evaluate(args: argparse.Namespace) -> None:
     models = build_models(args, device)
     opt = torch.optim.Adam(models.parameters(), lr=args.lr)
     scaler = common.grad_scaler(device, args.amp)  # float16 only; a pass-through otherwise
-    start, history, curve = 0, [], []
+    start, history, curve, segments = 0, [], [], []
     if args.eval_only:
         state = common.load_run_file(out / "model.pt", device)["models"]
         common.load_models(models, state, out / "model.pt")
@@ -303,9 +303,13 @@ def train_and_evaluate(args: argparse.Namespace) -> None:
         common.load_models(models, ckpt["models"], out / "checkpoint.pt")
         opt.load_state_dict(ckpt["optimizer"])
         scaler.load_state_dict(ckpt.get("scaler", {}))
-        torch.set_rng_state(ckpt["rng"])
+        torch.set_rng_state(ckpt["rng"].cpu())
+        if device.type == "cuda" and ckpt.get("cuda_rng") is not None:
+            torch.cuda.set_rng_state(ckpt["cuda_rng"].cpu(), device)
         start, history, curve = ckpt["step"], ckpt["history"], ckpt["curve"]
+        segments = ckpt.get("segments", [])
         print(f"resuming {out} at step {start}")
+    segments = segments + [[start, str(device), common.precision_name(dtype)]]
     if args.paper:
         print("paper settings (Table 2, Appendix C): "
               + ", ".join(f"{k}={getattr(args, k)}" for k in PAPER) + f" -> {args.steps} steps")
@@ -350,10 +354,12 @@ def train_and_evaluate(args: argparse.Namespace) -> None:
                           "knn_acc": m["downstream"]["knn_acc"],
                           "henze_zirkler_p": m["normality"]["henze_zirkler_p"]})
         if done % args.ckpt_every == 0 or done == args.steps:
+            cuda_rng = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
             common.atomic_save({"step": done, "models": models.state_dict(),
                                 "optimizer": opt.state_dict(), "scaler": scaler.state_dict(),
-                                "rng": torch.get_rng_state(),
-                                "history": history, "curve": curve}, out / "checkpoint.pt")
+                                "rng": torch.get_rng_state(), "cuda_rng": cuda_rng,
+                                "segments": segments, "history": history, "curve": curve},
+                               out / "checkpoint.pt")
             saved = True
 
     metrics = evaluate(models, data, args)
@@ -361,7 +367,8 @@ def train_and_evaluate(args: argparse.Namespace) -> None:
     metrics.update(dim=args.dim, critic=args.critic, loss=args.loss, steps=args.steps,
                    batch_size=args.batch_size, seed=args.seed, data=data_info, device=str(device),
                    precision={"dtype": common.precision_name(dtype), "why": why},
-                   wall_time_s=time.time() - started, train_history=history, curve=curve)
+                   wall_time_s=time.time() - started, train_history=history, curve=curve,
+                   segments=segments)
     if args.eval_only:  # the run's own files stay as they are
         common.write_json(metrics, out / "metrics_recomputed.json")
         return print(summary(metrics) + f"\nsaved to {out / 'metrics_recomputed.json'}")
