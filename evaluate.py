@@ -739,11 +739,12 @@ def renormalize(paths: list[str]) -> None:
                 n_boot=old.get("n_boot", 20))
         except (KeyError, TypeError) as err:
             fail(f"{run / 'metrics.json'} lacks the seed or normality settings ({err})")
-        same = all(new[k] == old.get(k) for k in ("dagostino_p", "shapiro_p", "henze_zirkler_p"))
+        same = all(new[k] == old.get(k) or isinstance(old.get(k), float) and math.isclose(
+            new[k], old[k], rel_tol=1e-9) for k in ("dagostino_p", "shapiro_p", "henze_zirkler_p"))
         common.write_json({**metrics, "normality": new}, run / "metrics.json")
-        print("\n".join([f"{run}: averaged p-values " + ("reproduced" if same else "differ from "
-                         "the saved ones (other embeddings or library versions)"),
-                         *common.normality_lines(new)]))
+        verdict = ("reproduced (to 1e-9)" if same else "differ from the saved ones (other "
+                   "embeddings or library versions)")
+        print("\n".join([f"{run}: averaged p-values {verdict}", *common.normality_lines(new)]))
 
 
 # --- Mode 6: outliers from the known prior against the fitted detector -------------------------

@@ -293,7 +293,8 @@ def test_embeddings_normality_of_gaussian_and_uniform_samples(tmp_path, capsys):
         assert "null band {:.4f} to {:.4f}".format(*band["band"]) in printed  # beside its band
     assert normal["n"] == 1000 and "downstream" not in normal
     w2 = normal["normality"]["null"]["sliced_w2"]["band"]
-    assert f"{normal['normality']['sliced_w2']:.4f}   null band {w2[0]:.4f} to {w2[1]:.4f}" in printed
+    w2_line = f"{normal['normality']['sliced_w2']:.4f}   null band {w2[0]:.4f} to {w2[1]:.4f}"
+    assert w2_line in printed
     assert normal["normality"]["correlation"]["collapsed"] == 0 and "effective rank" in printed
     assert not normal["normality"]["decision"]["reject"] and "not rejected" in printed
     u = rng.uniform(size=(1000, 2))
