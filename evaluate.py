@@ -36,6 +36,7 @@ import math
 import pickle
 import subprocess
 import sys
+import warnings
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -121,8 +122,10 @@ def welch(a: list[float], b: list[float]) -> tuple[float, float]:
     (unequal variances) over the seeds of two settings; nan with fewer than 2 values a side."""
     if min(len(a), len(b)) < 2:
         return float(np.mean(a) - np.mean(b)), math.nan
-    return (float(np.mean(a) - np.mean(b)),
-            float(scipy.stats.ttest_ind(a, b, equal_var=False).pvalue))
+    with warnings.catch_warnings():  # values like 1e-254 warn of lost precision, not an error
+        warnings.simplefilter("ignore", RuntimeWarning)
+        return (float(np.mean(a) - np.mean(b)),
+                float(scipy.stats.ttest_ind(a, b, equal_var=False).pvalue))
 
 
 def table_row(kind: str, noise: float, capacity: float, values: list[dict[str, float]]) -> Row:
@@ -440,13 +443,11 @@ def compare(paths: list[str], against: list[str]) -> None:
     """Mode 7: every measure of two groups of runs (the seeds of two settings or critics): mean
     ± 99% t interval per group, the difference of means and the p-value of Welch's t test."""
     groups = [[load_run(path) for path in find_runs(group)] for group in (paths, against)]
-    families = {run["family"] for group in groups for run in group}
-    if len(families) > 1:
-        fail(f"cannot compare runs of different families ({', '.join(sorted(families))})")
     for name, group in zip("AB", groups, strict=True):
         check_group(group, ("dim", "data.n_test"), f"the runs of group {name}", f"group {name}")
     rows = []
-    for name, _, title in PANELS[families.pop()]:
+    for name, _, title in [panel for panel in PANELS[groups[0][0]["family"]]  # shared measures
+                           if all(panel[0] in run["values"] for run in groups[1])]:
         a, b = ([run["values"][name] for run in group] for group in groups)
         diff, p = welch(a, b)
         rows.append([title, mean_cell(mean_ci99(a)), mean_cell(mean_ci99(b)), fmt(diff), fmt(p)])
