@@ -612,6 +612,10 @@ NULL_DRAWS = 39
 """Reference draws behind every null level: with 39, the Monte Carlo test at 5% is exact."""
 LEVEL = 0.05
 """Level of the calibrated normality decision."""
+BAND_SHARE = 0.95
+"""Share of N(0, I) samples (or of means of k samples) a null band holds: its central 95 %."""
+COLLAPSED = 0.05
+"""A correlation eigenvalue below this marks a (nearly) collapsed direction of the embedding."""
 _NULL_CACHE: dict[tuple[int, ...], dict] = {}
 
 
@@ -639,16 +643,43 @@ def sliced_w2(z, n_dirs: int = 200, seed: int = 0) -> float:
     return float(np.sqrt(np.mean((projections - quantiles) ** 2)))
 
 
+def correlation_spectrum(z, keep: int = 5) -> dict:
+    """Eigenvalues of the sample correlation matrix of z (they sum to d): the `keep` smallest,
+    how many fall below COLLAPSED (directions the embedding has collapsed, which the constraint
+    Var f_i = 1 of Theorem 3.4 does not prevent), and the effective rank exp(H(lambda / d))."""
+    z = _as_2d(z)
+    z = z - z.mean(axis=0)
+    sd = z.std(axis=0)
+    z = z / np.where(sd > 0, sd, 1.0)  # a constant column: a zero eigenvalue, not NaN
+    eig = np.clip(np.linalg.eigvalsh(z.T @ z / len(z)), 0.0, None)
+    p = eig[eig > 0] / eig.sum()
+    return {"smallest_eigenvalues": [float(v) for v in eig[:keep]],
+            "collapsed": int(np.sum(eig < COLLAPSED)),
+            "effective_rank": float(np.exp(-np.sum(p * np.log(p))))}
+
+
+def null_band(values, k: int = 1, share: float = BAND_SHARE, resamples: int = 20000) -> list:
+    """[low, high]: the central `share` of the mean of k null draws, from `values` (draws of a
+    statistic on N(0, I) samples, normality_null); for k > 1 from means of k values resampled
+    with replacement (seeded), about sqrt(k) narrower than the band of one draw."""
+    values = np.asarray(values, dtype=np.float64)
+    means = values if k == 1 else np.random.default_rng(k).choice(
+        values, size=(resamples, k)).mean(axis=1)
+    return [float(q) for q in np.quantile(means, [(1 - share) / 2, (1 + share) / 2])]
+
+
 def normality_null(n: int, d: int, subsample: int = 128, n_proj: int = 10, n_boot: int = 20,
                    seed: int = 0, draws: int = NULL_DRAWS) -> dict:
-    """normality_report's statistics on `draws` N(0, I_d) samples of size n (own generator, cached):
-    "null" (mean, sd of each averaged p), "sliced_w2_null" (mean, 95th percentile), "w2_draws"."""
+    """normality_report's statistics on `draws` N(0, I_d) samples of size n (own generator,
+    cached): per statistic its mean, sd, null_band of one sample and the draws themselves
+    ("values", from which null_band gives the band of a mean over runs); None for
+    Henze-Zirkler when d >= min(subsample, n)."""
     key = (n, d, subsample, n_proj, n_boot, seed, draws)
     if key not in _NULL_CACHE:
         rng = np.random.default_rng((seed, 16))
         whitenable = d < min(subsample, n)
         stats: dict[str, list] = {"dagostino_p": [], "shapiro_p": [], "henze_zirkler_p": [],
-                                  "w2": []}
+                                  "sliced_w2": [], "min_eigenvalue": []}
         for _ in range(draws):
             z = rng.standard_normal((n, d))
             projections = z @ _directions(rng, d, n_proj)
@@ -660,16 +691,13 @@ def normality_null(n: int, d: int, subsample: int = 128, n_proj: int = 10, n_boo
             if whitenable:
                 stats["henze_zirkler_p"].append(henze_zirkler_pvalue(
                     z, n_boot=n_boot, subsample=subsample, seed=int(rng.integers(2 ** 32))))
-            stats["w2"].append(sliced_w2(z, seed=seed))
+            stats["sliced_w2"].append(sliced_w2(z, seed=seed))
+            stats["min_eigenvalue"].append(correlation_spectrum(z)["smallest_eigenvalues"][0])
         _NULL_CACHE[key] = {name: np.array(values) for name, values in stats.items()}
-    cached = _NULL_CACHE[key]
-    null = {k: {"mean": float(v.mean()), "sd": float(v.std(ddof=1))} if len(v) else None
-            for k, v in cached.items() if k != "w2"}
-    w2 = cached["w2"]
-    return {"null": {**null, "draws": draws},
-            "sliced_w2_null": {"mean": float(w2.mean()), "q95": float(np.quantile(w2, 0.95)),
-                               "draws": draws},
-            "w2_draws": w2.copy()}
+    return {"draws": draws, "share": BAND_SHARE,
+            **{name: {"mean": float(v.mean()), "sd": float(v.std(ddof=1)),
+                      "band": null_band(v), "values": [float(x) for x in v]} if len(v) else None
+               for name, v in _NULL_CACHE[key].items()}}
 
 
 def normality_decision(hz_p: float | None, w2: float, w2_draws: np.ndarray,
@@ -687,47 +715,53 @@ def normality_decision(hz_p: float | None, w2: float, w2_draws: np.ndarray,
 def normality_report(z, seed: int = 0, subsample: int = 128,
                      n_proj: int = 10, n_boot: int = 20) -> dict:
     """Section 5 normality tests: averaged p-values of D'Agostino-Pearson, Shapiro-Wilk and
-    Henze-Zirkler (None when d >= subsample), the HZ statistic, "null" (normality_null),
-    "sliced_w2" with its null band, and "decision" (normality_decision)."""
+    Henze-Zirkler (None when d >= subsample), the HZ statistic, the sliced W2 distance, the
+    correlation_spectrum, "null" (normality_null) and "decision" (normality_decision)."""
     z = _as_2d(z)
     kwargs = dict(n_proj=n_proj, n_boot=n_boot, subsample=subsample, seed=seed)
     whitenable = z.shape[1] < min(subsample, len(z))
     hz_stat, hz_p = henze_zirkler(z) if whitenable else (None, None)
-    report = {
+    null = normality_null(len(z), z.shape[1], subsample, n_proj, n_boot, seed)
+    w2 = sliced_w2(z, seed=seed)
+    return {
         "dagostino_p": projected_pvalues(z, test="dagostino", **kwargs),
         "shapiro_p": projected_pvalues(z, test="shapiro", **kwargs),
         "henze_zirkler_p": henze_zirkler_pvalue(
             z, n_boot=n_boot, subsample=subsample, seed=seed) if whitenable else None,
         "henze_zirkler_stat": hz_stat,
         "subsample": int(min(subsample, len(z))), "n_proj": int(n_proj), "n_boot": int(n_boot),
-    }
-    null = normality_null(len(z), z.shape[1], subsample, n_proj, n_boot, seed)
-    w2 = sliced_w2(z, seed=seed)
-    return {**report, "null": null["null"], "sliced_w2": w2,
-            "sliced_w2_null": null["sliced_w2_null"],
-            "decision": normality_decision(hz_p, w2, null["w2_draws"])}
+        "sliced_w2": w2, "correlation": correlation_spectrum(z), "null": null,
+        "decision": normality_decision(hz_p, w2, np.array(null["sliced_w2"]["values"]))}
 
 
 def normality_lines(report: dict) -> list[str]:
-    """normality_report as text lines; a report saved before the null levels gives values alone."""
-    names = {"dagostino_p": "D'Agostino-Pearson", "shapiro_p": "Shapiro-Wilk",
-             "henze_zirkler_p": "Henze-Zirkler",
+    """normality_report as text lines, each statistic beside its null band (the central 95 % of
+    one N(0, I) sample's value); a report saved before the null levels gives values alone."""
+    names = {"dagostino_p": "D'Agostino-Pearson averaged p", "shapiro_p": "Shapiro-Wilk "
+             "averaged p", "henze_zirkler_p": "Henze-Zirkler averaged p",
+             "sliced_w2": "sliced W2 to N(0, I)",
              "henze-zirkler": "Henze-Zirkler on the whole sample",
              "sliced-w2-monte-carlo": "Monte Carlo test on sliced W2"}
     null = report.get("null") or {}
     lines = [f"normality: p-values averaged over {report['n_proj']} projections x "
              f"{report['n_boot']} subsamples of {report['subsample']} points"
-             + (f" (null level: the same on N(0, I) samples, mean +- sd of {null['draws']})"
-                if null else "")]
-    for key in ("dagostino_p", "shapiro_p", "henze_zirkler_p"):
-        value, band = report.get(key), null.get(key)
-        lines.append(f"  {names[key] + ' averaged p':<30}"
-                     + ("n/a (d >= subsample)" if value is None else f"{value:.3f}")
-                     + (f"   null {band['mean']:.3f} +- {band['sd']:.3f}" if band else ""))
-    if "sliced_w2" in report:
-        band = report["sliced_w2_null"]
-        lines.append(f"  {'sliced W2 to N(0, I)':<30}{report['sliced_w2']:.4f}   null "
-                     f"{band['mean']:.4f}, 95% of N(0, I) samples below {band['q95']:.4f}")
+             + (f"; null band: the central {100 * null['share']:g}% of the same statistic on "
+                f"{null['draws']} N(0, I) samples of the same n and d" if "share" in null else "")]
+    for key in [k for k in ("dagostino_p", "shapiro_p", "henze_zirkler_p", "sliced_w2")
+                if k in report]:
+        value, band = report[key], null.get(key) or {}
+        lines.append(f"  {names[key]:<30}"
+                     + ("n/a (d >= subsample)" if value is None else f"{value:.4f}")
+                     + ("   null band {:.4f} to {:.4f}".format(*band["band"])
+                        if "band" in band else ""))
+    if "correlation" in report:
+        spectrum, band = report["correlation"], null.get("min_eigenvalue") or {}
+        lines.append(f"  {'correlation eigenvalues':<30}smallest "
+                     + ", ".join(f"{v:.3f}" for v in spectrum["smallest_eigenvalues"])
+                     + ("   null band of the smallest {:.3f} to {:.3f}".format(*band["band"])
+                        if "band" in band else "")
+                     + f"; {spectrum['collapsed']} below {COLLAPSED:g} (collapsed directions), "
+                     f"effective rank {spectrum['effective_rank']:.2f}")
     if "decision" in report:
         decision = report["decision"]
         lines.append(f"  decision at level {decision['level']:g}: "

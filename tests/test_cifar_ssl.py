@@ -569,8 +569,8 @@ def test_table1_next_to_the_paper(tmp_path, capsys):
     text = capsys.readouterr().out
     assert (tmp_path / "t1.md").read_text() in text
     row = next(line for line in text.splitlines() if line.startswith("| SimCLR σ = 0.3 |"))
-    # mean 85 % +- 2.5758 * 7.0711 / sqrt(2) = 12.88 %; paper 91.56 / 99.77
-    assert "85.00 ± 12.88 (91.56)" in row and "99.00 ± 0.00 (99.77)" in row
+    # mean 85 % +- t_{0.995, 1} 7.0711 / sqrt(2) = 63.657 * 5 = 318.28 %; paper 91.56 / 99.77
+    assert "85.00 ± 318.28 (91.56)" in row and "99.00 ± 0.00 (99.77)" in row
     assert "– (65.72)" in row
     row = next(line for line in text.splitlines() if line.startswith("| VICReg |"))
     assert "– (90.63)" in row and "50.00 (65.71)" in row

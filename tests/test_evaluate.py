@@ -8,8 +8,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import scipy.stats
 import torch
 
+import common
 import evaluate
 import mnist_gauss
 import mnist_uniform
@@ -57,14 +59,31 @@ def read_csv(path):
     return {(row["kind"], float(row["sigma"])): row for row in csv.DictReader(open(path))}
 
 
-def test_ci99_of_five_values_by_hand():
+def test_ci99_is_the_student_t_interval_by_hand():
     # mean 0.3; s = sqrt(sum (x - 0.3)^2 / 4) = sqrt(0.1 / 4) = 0.158114; s / sqrt(5) = 0.0707107;
-    # z_0.995 = 2.5758293 -> half-width 2.5758293 * 0.0707107 = 0.1821386
+    # t_{0.995, 4} = 4.6040949 -> half-width 4.6040949 * 0.0707107 = 0.3255587 (z would give 0.182)
     mean, half = evaluate.mean_ci99([0.1, 0.2, 0.3, 0.4, 0.5])
     assert mean == pytest.approx(0.3)
-    assert half == pytest.approx(0.1821386, abs=1e-7)
-    assert evaluate.Z99 == pytest.approx(2.5758293, abs=1e-7)
+    assert half == pytest.approx(0.3255587, abs=1e-7)
+    # 3 values: t_{0.995, 2} = 9.9248432, 3.85 times z_{0.995} = 2.5758293
+    assert evaluate.mean_ci99([0.5, 0.6, 0.7])[1] == pytest.approx(9.9248432 * 0.1 / math.sqrt(3))
     assert math.isnan(evaluate.mean_ci99([0.7])[1])
+
+
+def test_welch_t_test_by_hand():
+    # a - b = -0.25; SE^2 = 0.01 / 3 + 0.005 / 2 = 0.0058333, t = -3.2732684;
+    # Welch-Satterthwaite df = 0.0058333^2 / ((0.01 / 3)^2 / 2 + 0.0025^2 / 1) = 2.8823529
+    diff, p = evaluate.welch([0.5, 0.6, 0.7], [0.8, 0.9])
+    assert diff == pytest.approx(-0.25)
+    assert p == pytest.approx(2 * scipy.stats.t.sf(3.2732684, 2.8823529), rel=1e-6)
+    assert 0.04 < p < 0.06 and math.isnan(evaluate.welch([0.5], [0.8, 0.9])[1])
+
+
+def test_against_prints_welch_p_per_measure(sweep, capsys):
+    evaluate.main([str(sweep / f"sigma0.5_seed{s}") for s in range(3)]
+                  + ["--against", str(sweep / "sigma0_seed0"), str(sweep / "sigma0_seed1")])
+    knn = next(line for line in capsys.readouterr().out.splitlines() if "k-NN" in line)
+    assert knn == f"| k-NN accuracy | 0.600 ± 0.573 | 0.850 ± 3.183 | -0.250 | {0.0494163:.3f} |"
 
 
 def test_cells_keep_three_decimals_and_switch_to_scientific_at_the_extremes():
@@ -83,55 +102,67 @@ def test_figure1_table_files_and_mi_check(sweep, tmp_path, capsys):
     rows = read_csv(f"{prefix}.csv")
     assert list(rows) == [("trained", 0.5), ("trained", 1.0), ("no noise", 0.0),
                           ("untrained", 0.5)]
-    # knn 0.5, 0.6, 0.7: s = 0.1, half-width 2.5758293 * 0.1 / sqrt(3) = 0.1487156
+    # knn 0.5, 0.6, 0.7: s = 0.1, half-width t_{0.995, 2} 0.1 / sqrt(3) = 0.5730111
     half = float(rows["trained", 0.5]["knn_acc_ci99"])
     assert float(rows["trained", 0.5]["knn_acc_mean"]) == pytest.approx(0.6)
-    assert half == pytest.approx(0.1487156, abs=1e-7)
-    # MI 0.69, 0.70, 0.90: mean 0.763333, s = 0.1184624, half-width 0.1761720
+    assert half == pytest.approx(0.5730111, abs=1e-7)
+    # MI 0.69, 0.70, 0.90: mean 0.763333, s = 0.1184624, half-width 0.6788025
     assert float(rows["trained", 1.0]["mi_heldout_mean"]) == pytest.approx(0.7633333, abs=1e-7)
-    assert float(rows["trained", 1.0]["mi_heldout_ci99"]) == pytest.approx(0.1761720, abs=1e-7)
+    assert float(rows["trained", 1.0]["mi_heldout_ci99"]) == pytest.approx(0.6788025, abs=1e-7)
     assert float(rows["trained", 1.0]["knn_acc_ci99"]) == 0.0
-    # baselines: knn 0.8, 0.9 -> 0.85 +- 2.5758293 * 0.0707107 / sqrt(2) = 0.1287915; one seed
+    # baselines: knn 0.8, 0.9 -> 0.85 +- t_{0.995, 1} 0.0707107 / sqrt(2) = 3.1828371; one seed
     assert float(rows["no noise", 0.0]["knn_acc_mean"]) == pytest.approx(0.85)
-    assert float(rows["no noise", 0.0]["knn_acc_ci99"]) == pytest.approx(0.1287915, abs=1e-7)
+    assert float(rows["no noise", 0.0]["knn_acc_ci99"]) == pytest.approx(3.1828371, abs=1e-7)
     assert rows["no noise", 0.0]["capacity"] == "inf"
     assert rows["untrained", 0.5]["seeds"] == "1"
     assert math.isnan(float(rows["untrained", 0.5]["knn_acc_ci99"]))
     table = Path(f"{prefix}.md").read_text()
     assert table in printed
-    assert "| trained | 0.5 | 1.609 | 3 | 0.200 ± 0.149 |" in table
-    assert "0.600 ± 0.149" in table and "| untrained | 0.5 | 1.609 | 1 |" in table
+    assert "| trained | 0.5 | 1.609 | 3 | 0.200 ± 0.573 |" in table
+    assert "0.600 ± 0.573" in table and "| untrained | 0.5 | 1.609 | 1 |" in table
     assert "| 0.100 |" in table  # one seed: no interval
-    assert "1 of 6 trained runs exceed the bound" in printed
+    assert "bug detector" in printed and "1 of 6 estimates exceed the bound" in printed
     flagged = [line for line in printed.splitlines() if line.startswith("  ")]
     assert len(flagged) == 1 and "sigma1_seed2" in flagged[0]
 
 
-def estimates(dv_whole, theorem41=True):
-    """mi_estimates as mnist_gauss.py writes them, every value 1.0 but the Theorem 4.1 DV."""
+def estimates(nwj_whole, dv_whole=1.0, theorem41=True):
+    """mi_estimates as mnist_gauss.py writes them, every value 1.0 (SE 0.1) but the Theorem 4.1
+    critic's NWJ and DV on the whole test split."""
     cell = {"batch": [1.0, 0.1], "whole": [1.0, 0.1]}
     critics = {"trained": {k: cell for k in ("infonce", "nwj", "dv")}}
     if theorem41:
-        critics["theorem41"] = {"infonce": cell, "nwj": cell,
+        critics["theorem41"] = {"infonce": cell,
+                                "nwj": {"batch": [1.0, 0.1], "whole": [nwj_whole, 0.1]},
                                 "dv": {"batch": [1.0, 0.1], "whole": [dv_whole, 0.1]}}
     return {"batch": 256, "n_test": 2000, **critics}
 
 
-def test_certificate_table_gives_c_minus_dv_per_sigma(tmp_path, capsys):
+def test_certificate_is_c_minus_the_largest_valid_lower_bound(tmp_path, capsys):
     root = tmp_path / "runs"
-    for seed, dv_whole in enumerate((1.2, 1.4)):
-        write_run(root, f"sigma0.5_seed{seed}", 0.5, seed, mi_estimates=estimates(dv_whole))
+    # C = log 5 = 1.609; the plug-in DV (biased upwards) reads 5.0 > C: neither used nor checked
+    for seed, nwj_whole in enumerate((1.2, 1.4)):
+        write_run(root, f"sigma0.5_seed{seed}", 0.5, seed,
+                  mi_estimates=estimates(nwj_whole, dv_whole=5.0))
     write_run(root, "sigma0_seed0", 0.0, 0, mi=3.6, mi_estimates=estimates(0, theorem41=False))
     prefix = tmp_path / "fig"
     evaluate.main([str(root), "--out", str(prefix)])
-    assert "log 2000 = 7.601" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "log 2000 = 7.601" in printed and "non-invariance" in printed
+    assert "no estimate exceeds the bound (10 checked)" in printed  # 5 lower bounds x 2 runs
     rows = read_csv(f"{prefix}_certificate.csv")
     assert list(rows) == [("trained", 0.5)]  # sigma = 0: C = inf, nothing to certify
     row = rows[("trained", 0.5)]
-    assert float(row["theorem41.dv.whole_mean"]) == pytest.approx(1.3)
-    assert float(row["gap_mean"]) == pytest.approx(math.log1p(4) - 1.3)
+    assert float(row["theorem41.dv.whole_mean"]) == pytest.approx(5.0)
+    assert float(row["gap_mean"]) == pytest.approx(math.log1p(4) - 1.3)  # max(1.0, NWJ) per run
     assert float(row["trained.infonce.batch_mean"]) == pytest.approx(1.0)
-    assert "C − DV (Thm 4.1 critic)" in Path(f"{prefix}_certificate.md").read_text()
+    assert "C − largest lower bound" in Path(f"{prefix}_certificate.md").read_text()
+    # a lower bound above C + 3 SE (2.0 > 1.609 + 0.3) is flagged: the check is a bug detector
+    write_run(root, "sigma0.5_seed2", 0.5, 2, mi_estimates=estimates(2.0))
+    evaluate.main([str(root), "--out", str(prefix)])
+    printed = capsys.readouterr().out
+    assert "1 of 15 estimates exceed the bound" in printed
+    assert "sigma0.5_seed2: NWJ, Thm 4.1 critic = 2.000 +- 0.100 > C = 1.609" in printed
 
 
 def test_no_certificate_without_estimates(sweep, tmp_path):
@@ -142,29 +173,40 @@ def test_no_certificate_without_estimates(sweep, tmp_path):
 def test_one_clean_run_passes_the_mi_check(tmp_path, capsys):
     write_run(tmp_path, "a", 0.5, mi=1.6, se=0.01)
     evaluate.main([str(tmp_path / "a"), "--out", str(tmp_path / "fig")])
-    assert "no trained run exceeds the bound (1 checked)" in capsys.readouterr().out
+    assert "no estimate exceeds the bound (1 checked)" in capsys.readouterr().out
 
 
-def test_figure1_draws_null_bands_and_the_distance_column(tmp_path, capsys):
-    normality = {"dagostino_p": 0.3, "shapiro_p": 0.35, "henze_zirkler_p": 0.2,
-                 "henze_zirkler_stat": 2.0, "subsample": 128, "n_proj": 10, "n_boot": 20,
-                 "null": {"dagostino_p": {"mean": 0.5, "sd": 0.03},
-                          "shapiro_p": {"mean": 0.5, "sd": 0.025},
-                          "henze_zirkler_p": {"mean": 0.49, "sd": 0.07}, "draws": 39},
-                 "sliced_w2": 0.06, "sliced_w2_null": {"mean": 0.031, "q95": 0.037, "draws": 39},
-                 "decision": {"test": "henze-zirkler", "level": 0.05, "p": 1e-4,
-                              "reject": True}}
-    for seed in range(2):
-        write_run(tmp_path / "runs", f"s{seed}", 0.5, seed, normality=normality)
+def test_figure1_bands_are_for_means_of_as_many_null_draws_as_seeds(tmp_path, capsys):
+    rng = np.random.default_rng(0)
+
+    def null(mean, sd):
+        values = list(mean + sd * rng.standard_normal(39))
+        return {"mean": mean, "sd": sd, "band": [0, 1], "values": values}
+    nulls = [{"dagostino_p": null(0.5, 0.03), "shapiro_p": null(0.5, 0.025),
+              "henze_zirkler_p": null(0.49, 0.07), "sliced_w2": null(0.031, 0.003),
+              "min_eigenvalue": null(0.95, 0.01), "draws": 39, "share": 0.95}
+             for _ in range(3)]
+    for seed in range(3):
+        write_run(tmp_path / "runs", f"s{seed}", 0.5, seed, normality={
+            "dagostino_p": 0.3, "shapiro_p": 0.35, "henze_zirkler_p": 0.2,
+            "henze_zirkler_stat": 2.0, "subsample": 128, "n_proj": 10, "n_boot": 20,
+            "sliced_w2": 0.06, "null": nulls[seed], "decision": {
+                "test": "henze-zirkler", "level": 0.05, "p": 1e-4, "reject": True},
+            "correlation": {"smallest_eigenvalues": [0.04 + 0.01 * seed, 1.96 - 0.01 * seed],
+                            "collapsed": 1 - seed // 2, "effective_rank": 1.5}})
     write_run(tmp_path / "runs", "old", 1.0)  # saved before the null levels: no band, no W2
     evaluate.main([str(tmp_path / "runs"), "--out", str(tmp_path / "fig")])
     printed = capsys.readouterr().out
-    assert "sliced W2 to N(0, I)" in printed and "| 0.060 ± 0.000 |" in printed
-    assert "D'Agostino-Pearson p (average) 0.440 to 0.560" in printed
-    assert "sliced W2 to N(0, I) 0.031 to 0.037" in printed
+    assert "| 0.060 ± 0.000 |" in printed and "| 0.050 ± 0.057 |" in printed  # W2, eigenvalue
+    for k in (1, 3):  # the sigma = 1 row has one seed, the sigma = 0.5 row three
+        pooled = np.concatenate([n["sliced_w2"]["values"] for n in nulls])
+        band = "{} to {}".format(*map(evaluate.fmt, common.null_band(pooled, k)))
+        assert f"| null band, mean of {k} |" in printed and band in printed
     rows = {float(row["sigma"]): row for row in csv.DictReader(open(tmp_path / "fig.csv"))}
     assert float(rows[0.5]["sliced_w2_mean"]) == pytest.approx(0.06)
+    assert float(rows[0.5]["collapsed_mean"]) == pytest.approx(2 / 3)
     assert math.isnan(float(rows[1.0]["sliced_w2_mean"]))
+    assert math.isnan(float(rows[1.0]["min_eigenvalue_mean"]))
     assert (tmp_path / "fig.png").stat().st_size > 0
 
 
@@ -248,10 +290,12 @@ def test_embeddings_normality_of_gaussian_and_uniform_samples(tmp_path, capsys):
         assert normal["normality"][key] > 0.3
         band = normal["normality"]["null"][key]
         assert abs(normal["normality"][key] - band["mean"]) < 3 * band["sd"]
-        assert f"{band['mean']:.3f} +- {band['sd']:.3f}" in printed  # value beside its null level
+        assert "null band {:.4f} to {:.4f}".format(*band["band"]) in printed  # beside its band
     assert normal["n"] == 1000 and "downstream" not in normal
-    w2 = normal["normality"]["sliced_w2_null"]
-    assert f"{normal['normality']['sliced_w2']:.4f}   null {w2['mean']:.4f}" in printed
+    w2 = normal["normality"]["null"]["sliced_w2"]["band"]
+    w2_line = f"{normal['normality']['sliced_w2']:.4f}   null band {w2[0]:.4f} to {w2[1]:.4f}"
+    assert w2_line in printed
+    assert normal["normality"]["correlation"]["collapsed"] == 0 and "effective rank" in printed
     assert not normal["normality"]["decision"]["reject"] and "not rejected" in printed
     u = rng.uniform(size=(1000, 2))
     json_out = tmp_path / "new" / "folder" / "report.json"  # created on the way
@@ -265,7 +309,20 @@ def test_embeddings_normality_of_gaussian_and_uniform_samples(tmp_path, capsys):
     raw, printed = embeddings(tmp_path, capsys, "u2.npz", z_test=u)
     assert raw["normality"]["henze_zirkler_p"] < 0.01
     assert raw["normality"]["decision"]["reject"] and "rejected" in printed
-    assert raw["normality"]["sliced_w2"] > raw["normality"]["sliced_w2_null"]["q95"]
+    assert raw["normality"]["sliced_w2"] > raw["normality"]["null"]["sliced_w2"]["band"][1]
+
+
+def test_embeddings_report_a_collapsed_direction(tmp_path, capsys):
+    # d = 4 with the last coordinate nearly a copy of the first: one correlation eigenvalue
+    # near 0 (below common.COLLAPSED), the others near 1, effective rank about 3
+    z = np.random.default_rng(3).standard_normal((1000, 4))
+    z[:, 3] = z[:, 0] + 0.05 * z[:, 3]
+    report, printed = embeddings(tmp_path, capsys, "flat.npy", z=z)
+    spectrum = report["normality"]["correlation"]
+    assert spectrum["collapsed"] == 1 and spectrum["smallest_eigenvalues"][0] < 0.01
+    assert 0.8 < spectrum["smallest_eigenvalues"][1] < spectrum["smallest_eigenvalues"][3] < 2.2
+    assert 2.5 < spectrum["effective_rank"] < 3.2
+    assert "1 below 0.05 (collapsed directions)" in printed
 
 
 def test_embeddings_with_labels_give_downstream_scores(tmp_path, capsys):

@@ -5,6 +5,8 @@ import numpy as np
 import pytest
 
 from common import (
+    COLLAPSED,
+    correlation_spectrum,
     downstream_report,
     henze_zirkler,
     henze_zirkler_pvalue,
@@ -12,6 +14,7 @@ from common import (
     normality_lines,
     normality_null,
     normality_report,
+    null_band,
     projected_pvalues,
     sliced_w2,
     to_gaussian,
@@ -173,10 +176,13 @@ def test_to_gaussian_makes_uniform_sample_normal_and_keeps_order():
 def test_normality_report_is_json_serialisable():
     report = normality_report(_gaussian(200, 2, 9), n_proj=2, n_boot=2)
     assert set(report) == {"dagostino_p", "shapiro_p", "henze_zirkler_p",
-                           "henze_zirkler_stat", "subsample", "n_proj",
-                           "n_boot", "null", "sliced_w2", "sliced_w2_null", "decision"}
-    assert set(report["null"]) == {"dagostino_p", "shapiro_p", "henze_zirkler_p", "draws"}
-    assert set(report["sliced_w2_null"]) == {"mean", "q95", "draws"}
+                           "henze_zirkler_stat", "subsample", "n_proj", "n_boot", "null",
+                           "sliced_w2", "correlation", "decision"}
+    assert set(report["null"]) == {"dagostino_p", "shapiro_p", "henze_zirkler_p", "sliced_w2",
+                                   "min_eigenvalue", "draws", "share"}
+    assert set(report["null"]["sliced_w2"]) == {"mean", "sd", "band", "values"}
+    assert len(report["null"]["sliced_w2"]["values"]) == report["null"]["draws"]
+    assert set(report["correlation"]) == {"smallest_eigenvalues", "collapsed", "effective_rank"}
     assert set(report["decision"]) == {"test", "level", "p", "reject"}
     assert json.loads(json.dumps(report)) == report
 
@@ -245,21 +251,50 @@ def _one_coordinate(kind, n, seed):
 def test_null_levels_hold_the_averages_of_gaussian_samples():
     settings = dict(subsample=64, n_proj=5, n_boot=10)
     null = normality_null(400, 2, **settings, seed=0)
-    assert null["null"]["draws"] >= 20 and null["sliced_w2_null"]["draws"] >= 20
+    assert null["draws"] >= 20 and len(null["sliced_w2"]["values"]) == null["draws"]
     for key in ("dagostino_p", "shapiro_p", "henze_zirkler_p"):
-        assert 0.4 < null["null"][key]["mean"] < 0.6 and 0 < null["null"][key]["sd"] < 0.15
+        assert 0.4 < null[key]["mean"] < 0.6 and 0 < null[key]["sd"] < 0.15
     for seed in range(5):
         z = _gaussian(400, 2, 100 + seed)
         values = {"dagostino_p": projected_pvalues(z, "dagostino", seed=seed, **settings),
                   "shapiro_p": projected_pvalues(z, "shapiro", seed=seed, **settings),
                   "henze_zirkler_p": henze_zirkler_pvalue(z, n_boot=10, subsample=64, seed=seed)}
         for key, value in values.items():
-            band = null["null"][key]
+            band = null[key]
             assert abs(value - band["mean"]) < 3 * band["sd"], (key, seed)
-        assert sliced_w2(z) < 2 * null["sliced_w2_null"]["q95"]
+        assert sliced_w2(z) < 2 * null["sliced_w2"]["band"][1]
     # cached and deterministic; another seed draws other reference samples
-    assert normality_null(400, 2, **settings, seed=0)["null"] == null["null"]
-    assert normality_null(400, 2, **settings, seed=1)["null"] != null["null"]
+    assert normality_null(400, 2, **settings, seed=0) == null
+    assert normality_null(400, 2, **settings, seed=1) != null
+
+
+def test_null_band_holds_its_share_and_a_band_of_means_is_sqrt_k_narrower():
+    values = np.random.default_rng(0).standard_normal(400)
+    one = null_band(values)  # k = 1: the central 95 % of the draws themselves
+    assert one == list(np.quantile(values, [0.025, 0.975]))
+    assert np.mean((values >= one[0]) & (values <= one[1])) == pytest.approx(0.95, abs=0.01)
+    for k in (3, 5):
+        low, high = null_band(values, k)
+        assert (high - low) * np.sqrt(k) == pytest.approx(one[1] - one[0], rel=0.1), k
+        # fresh means of k N(0, 1) draws: 95 % of them fall inside the band
+        means = np.random.default_rng(k).standard_normal((4000, k)).mean(axis=1)
+        assert np.mean((means >= low) & (means <= high)) == pytest.approx(0.95, abs=0.02), k
+    assert null_band(values, 3) == null_band(values, 3)  # seeded resampling
+    assert null_band(values, 1, share=0.5) == list(np.quantile(values, [0.25, 0.75]))
+
+
+def test_correlation_spectrum_counts_collapsed_directions():
+    z = _gaussian(2000, 8, 5)
+    full = correlation_spectrum(z)
+    assert full["collapsed"] == 0 and full["smallest_eigenvalues"][0] > 0.8
+    assert 7.8 < full["effective_rank"] <= 8 and len(full["smallest_eigenvalues"]) == 5
+    z[:, 6] = z[:, 0] + 0.1 * z[:, 6]  # two nearly collinear pairs and a constant column
+    z[:, 7] = z[:, 1] - 0.1 * z[:, 7]
+    z[:, 5] = 3.0
+    flat = correlation_spectrum(z)
+    assert flat["collapsed"] == 3 and flat["smallest_eigenvalues"][0] == pytest.approx(0, abs=1e-9)
+    assert all(v < COLLAPSED for v in flat["smallest_eigenvalues"][:3])
+    assert flat["smallest_eigenvalues"][3] > 0.8 and 4.5 < flat["effective_rank"] < 5.5
 
 
 def test_normality_report_is_deterministic_and_carries_its_scale():
@@ -275,6 +310,8 @@ def test_normality_report_is_deterministic_and_carries_its_scale():
     old = {k: report[k] for k in ("dagostino_p", "shapiro_p", "henze_zirkler_p",
                                   "henze_zirkler_stat", "subsample", "n_proj", "n_boot")}
     assert "null" not in "\n".join(normality_lines(old))  # runs saved before the null levels
+    assert "1 below 0.05" in "\n".join(normality_lines(normality_report(
+        np.column_stack([z, z[:, :1] + 0.01 * _gaussian(500, 1, 12)]), n_proj=2, n_boot=2)))
 
 
 def _decisions(samples):
@@ -307,11 +344,11 @@ def test_monte_carlo_decision_counts_the_null_draws():
 
 @pytest.mark.parametrize("kind", ["t8", "uniform", "bimodal"])
 def test_sliced_w2_is_larger_for_non_gaussian_samples(kind):
-    null = normality_null(2000, 2, subsample=64, n_proj=1, n_boot=1, draws=20)["sliced_w2_null"]
+    null = normality_null(2000, 2, subsample=64, n_proj=1, n_boot=1, draws=20)["sliced_w2"]
     for seed in range(3):
         gaussian, other = sliced_w2(_gaussian(2000, 2, seed)), sliced_w2(_one_coordinate(
             kind, 2000, seed))
-        assert other > gaussian and other > null["q95"], (kind, seed)
+        assert other > gaussian and other > null["band"][1], (kind, seed)
 
 
 def test_sliced_w2_ignores_scale_and_location_and_has_no_nan():
