@@ -374,6 +374,75 @@ def aggregate(paths: list[str], prefix: str) -> None:
     print(text + f"\nsaved {prefix}.png, {prefix}.pdf, {prefix}.md, {prefix}.csv")
 
 
+CURVE = [("sliced_w2", "sliced W2 to N(0, I), test"), ("sliced_w2_train", "sliced W2, train"),
+         ("knn_acc", "k-NN accuracy"), ("mi_over_c", "held-out MI / C")]
+"""The panels of --curve: entries of a curve point of mnist_gauss.py --eval-at / --eval-every."""
+
+
+def curve(paths: list[str], prefix: str) -> None:
+    """Mode --curve: the Figure 1 measures against training steps (log axis) for runs written
+    with --eval-at: per sigma the seeds (thin) and their mean (thick), the null band of the mean
+    of k N(0, I) samples of the test (or training) set's size, k = the seeds of each sigma."""
+    runs = [load_run(path) for path in find_runs(paths)]
+    if missing := [str(run["path"]) for run in runs if not run["saved"].get("curve")]:
+        fail(f"{missing[0]} has no curve: run mnist_gauss.py with --eval-at or --eval-every")
+    check_group(runs, SETTINGS["sigma"][0] + ("critic", "loss", "batch_size"), "runs of a curve")
+    groups: dict[float, list[Run]] = {}
+    for run in runs:
+        groups.setdefault(run["noise"], []).append(run)
+    n_train = runs[0]["saved"]["data"]["n_train"]
+    rng = np.random.default_rng(0)
+    train_draws = [common.sliced_w2(rng.standard_normal((n_train, runs[0]["saved"]["dim"])))
+                   for _ in range(common.NULL_DRAWS)]
+    plt = common.pyplot()
+    fig, axes = plt.subplots(1, len(CURVE), figsize=(4.2 * len(CURVE), 3.6))
+    rows, bands = [], {}
+    for i, (noise, members) in enumerate(sorted(groups.items())):
+        steps = sorted(set.intersection(*({p["step"] for p in run["saved"]["curve"]}
+                                          for run in members)))
+        values = {name: np.array([[next(p for p in run["saved"]["curve"] if p["step"] == t)
+                                   .get(name, math.nan) for t in steps] for run in members],
+                                 dtype=np.float64) for name, _ in CURVE[:3]}
+        values["mi_over_c"] = np.array([[next(p for p in run["saved"]["curve"] if p["step"] == t)
+                                         ["mi_heldout"] / run["capacity"] for t in steps]
+                                        for run in members])
+        k = len(members)
+        bands[k] = {"sliced_w2": null_bands(members, k)["sliced_w2"],
+                    "sliced_w2_train": common.null_band(train_draws, k)}
+        label = f"σ = {noise:g}" + (" (no noise)" if noise == 0 else "")
+        for ax, (name, title) in zip(axes, CURVE, strict=True):
+            ax.plot(steps, values[name].T, color=f"C{i}", linewidth=0.6, alpha=0.5)
+            ax.plot(steps, values[name].mean(0), "o-", color=f"C{i}", label=label)
+            ax.set(xscale="log", xlabel="training steps", title=title)
+        for j, t in enumerate(steps):
+            rows.append([f"{noise:g}", str(t), str(k), *(
+                mean_cell(mean_ci99(values[name][:, j]), fmt) for name, _ in CURVE)])
+    for ax, (name, _) in zip(axes, CURVE, strict=True):
+        for k, band in bands.items():
+            if name in band:
+                ax.axhspan(*band[name], color="0.5", alpha=0.3,
+                           label=f"null band (mean of {k})" if ax is axes[0] else None)
+    axes[0].legend(fontsize=8)
+    setting = runs[0]["settings"]
+    about = (f"{runs[0]['saved']['critic']} critic, d = {setting['dim']}, "
+             f"{setting['data.dataset']}, batch {runs[0]['saved']['batch_size']}")
+    fig.suptitle(f"Matching against training steps ({about})")
+    fig.tight_layout()
+    for suffix in ("png", "pdf"):
+        common.save_figure(fig, f"{prefix}.{suffix}")
+    band_text = "; ".join(f"mean of {k}: test {' to '.join(map(fmt, b['sliced_w2']))}, train "
+                          f"{' to '.join(map(fmt, b['sliced_w2_train']))}"
+                          for k, b in sorted(bands.items()))
+    text = (f"Matching against training steps ({about}): mean ± half-width of the 99% Student t "
+            "interval over seeds\n\n" + md_table(["σ", "step", "seeds", *(t for _, t in CURVE)],
+                                                  rows)
+            + f"\n\nsliced W2 null band (central {100 * common.BAND_SHARE:g}% of the mean of k "
+            f"N(0, I) samples; test n = {runs[0]['saved']['data']['n_test']}, train n = "
+            f"{n_train}): {band_text}\n")
+    save_texts(prefix, {"md": text})
+    print(text + f"\nsaved {prefix}.png, {prefix}.pdf, {prefix}.md")
+
+
 def mi_check(runs: list[Run], estimates: dict[str, Any], equation: str) -> str:
     """A bug detector, not a test of Theorems 3.4 / 3.5: a lower bound on I(f(X'); f(X) + Z)
     cannot exceed C (eqs. 5, 6) in expectation, so an estimate above C + 3 SE (any excess without
@@ -837,6 +906,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="--outliers: the prior of the embeddings (auto: from the run)")
     p.add_argument("--against", nargs="+", default=None, metavar="RUN_DIR",
                    help="compare RUN_DIRs with these runs: Welch's t test per measure")
+    p.add_argument("--curve", action="store_true",
+                   help="the measures against training steps of RUN_DIRs written with "
+                        "mnist_gauss.py --eval-at: PREFIX.png, .pdf, .md")
     p.add_argument("--renormalize", action="store_true",
                    help="renew the normality block of each RUN_DIR from its embeddings.npz")
     p.add_argument("--out", default=None, metavar="PREFIX",
@@ -865,8 +937,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error("give run directories, --embeddings FILE or --checkpoint RUN_DIR (one mode)")
     if args.embeddings is None and (args.uniform or args.json_out or args.key):
         p.error("--uniform, --key and --json-out go with --embeddings")
-    if (args.table and args.renormalize) or ((args.table or args.renormalize) and not args.runs):
-        p.error("--table or --renormalize (one of them) needs run directories")
+    if args.table + args.renormalize + args.curve > 1 or (
+            (args.table or args.renormalize or args.curve) and not args.runs):
+        p.error("--table, --curve or --renormalize (one of them) needs run directories")
     if args.out is not None and (args.checkpoint or args.renormalize):
         p.error("--out has no meaning here: the results go into the run directories")
     if args.against and (not args.runs or args.table or args.renormalize or args.outliers
@@ -891,6 +964,8 @@ def main(argv: list[str] | None = None) -> None:
         compare(args.runs, args.against)
     elif args.table:
         table1(args.runs, args.out or "table1")
+    elif args.curve:
+        curve(args.runs, args.out or "curve")
     elif args.renormalize:
         renormalize(args.runs)
     elif args.runs:

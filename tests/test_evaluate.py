@@ -482,3 +482,21 @@ def test_help_documents_the_modes(capsys):
     assert exc.value.code == 0
     for needle in ("Figure 1", "--table", "--embeddings", "--checkpoint", "--renormalize"):
         assert needle in text
+
+
+def test_curve_of_eval_at_runs(run_script, tmp_path, capsys):
+    for seed in (0, 1):
+        metrics = run_script(mnist_gauss, tmp_path / "runs" / f"seed{seed}", "--steps", "4",
+                             "--eval-at", "2", "--sigma", "0.5", "--seed", str(seed))
+        assert [p["step"] for p in metrics["curve"]] == [2, 4]  # the last is the final one
+        assert metrics["curve"][-1]["sliced_w2"] == metrics["normality"]["sliced_w2"]
+        assert {"sliced_w2_train", "knn_acc", "mi_heldout", "decision", "correlation"} <= set(
+            metrics["curve"][0])
+    evaluate.main([str(tmp_path / "runs"), "--curve", "--out", str(tmp_path / "curve")])
+    text = (tmp_path / "curve.md").read_text()
+    assert "| 0.5 | 2 | 2 |" in text and "| 0.5 | 4 | 2 |" in text and "mean of 2: test" in text
+    assert (tmp_path / "curve.png").stat().st_size > 0
+    write_run(tmp_path / "flat", "sigma0.5_seed0")
+    with pytest.raises(SystemExit):
+        evaluate.main([str(tmp_path / "flat"), "--curve"])
+    assert "has no curve: run mnist_gauss.py with --eval-at" in capsys.readouterr().err
