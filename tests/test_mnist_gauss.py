@@ -59,6 +59,9 @@ def test_same_seed_same_metrics_and_resume_continues_exactly(run_script, same_me
     mnist_gauss.main(["--out", str(part), "--resume", "--quiet"])
     resumed = json.loads((part / "metrics.json").read_text())
     assert same_metrics(resumed, full)
+    precision = full["precision"]["dtype"]
+    assert full["segments"] == [[0, "cpu", precision]]
+    assert resumed["segments"] == [[0, "cpu", precision], [3, "cpu", precision]]
 
 
 def test_eval_only_reproduces_the_metrics_and_keeps_the_run(run_script, tmp_path, capsys):
