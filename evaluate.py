@@ -400,12 +400,12 @@ def curve(paths: list[str], prefix: str) -> None:
     for i, (noise, members) in enumerate(sorted(groups.items())):
         steps = sorted(set.intersection(*({p["step"] for p in run["saved"]["curve"]}
                                           for run in members)))
-        values = {name: np.array([[next(p for p in run["saved"]["curve"] if p["step"] == t)
-                                   .get(name, math.nan) for t in steps] for run in members],
-                                 dtype=np.float64) for name, _ in CURVE[:3]}
-        values["mi_over_c"] = np.array([[next(p for p in run["saved"]["curve"] if p["step"] == t)
-                                         ["mi_heldout"] / run["capacity"] for t in steps]
-                                        for run in members])
+        points = [{p["step"]: p for p in run["saved"]["curve"]} for run in members]
+        values = {name: np.array([[point[t].get(name, math.nan) for t in steps]
+                                  for point in points], dtype=np.float64) for name, _ in CURVE[:3]}
+        capacity = members[0]["capacity"] if noise else math.nan  # sigma = 0: C = inf, no line
+        values["mi_over_c"] = np.array([[point[t]["mi_heldout"] / capacity for t in steps]
+                                        for point in points])
         k = len(members)
         bands[k] = {"sliced_w2": null_bands(members, k)["sliced_w2"],
                     "sliced_w2_train": common.null_band(train_draws, k)}
@@ -416,7 +416,8 @@ def curve(paths: list[str], prefix: str) -> None:
             ax.set(xscale="log", xlabel="training steps", title=title)
         for j, t in enumerate(steps):
             rows.append([f"{noise:g}", str(t), str(k), *(
-                mean_cell(mean_ci99(values[name][:, j]), fmt) for name, _ in CURVE)])
+                mean_cell(mean_ci99(values[name][:, j]), fmt) if noise or name != "mi_over_c"
+                else "(C = inf)" for name, _ in CURVE)])
     for ax, (name, _) in zip(axes, CURVE, strict=True):
         for k, band in bands.items():
             if name in band:
