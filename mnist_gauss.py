@@ -125,7 +125,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.sigmas is not None and args.sigma != p.get_default("sigma"):
         p.error("--sigma and --sigmas exclude each other")
     if args.resume or args.eval_only:
-        common.check_resume(p, args, needs="sigma", forbids="eps")
+        common.check_resume(p, args, ["sigma"])
     elif args.sigmas is None and args.seeds == 1:
         common.resolve_out(p, args, f"runs/mnist_gauss/sigma{args.sigma:g}_seed{args.seed}")
     if args.critic == "gaussian" and 0 in (args.sigmas or [args.sigma]):
@@ -139,7 +139,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def build_models(args: argparse.Namespace, device: torch.device) -> nn.ModuleDict:
     """Encoder f (Table 2), the normalization of Theorem 3.4 (BatchNorm1d, no affine), critic T."""
     models = nn.ModuleDict({"encoder": common.ConvEncoder(args.dim),
-                            "head": common.GaussianNoise(args.dim, args.sigma),
+                            "head": common.GaussianHead(args.dim),
                             "critic": common.make_critic(args.critic, args.dim, args.sigma,
                                                          fast=args.critic_impl == "fast")})
     return models.to(device).to(memory_format=torch.channels_last)
@@ -152,10 +152,10 @@ def two_views(models: nn.ModuleDict, x: torch.Tensor, args: argparse.Namespace
     with common.autocast(x.device, args.amp):
         f, f_aug = models["encoder"](x), models["encoder"](x_aug)
         # each branch normalized over its own batch: Theorem 3.4 constrains f(X) alone
-        b = models["head"](f.float(), noisy=False)                 # E f(X) = 0, Var f(X)_i = 1
+        b = models["head"](f.float())                              # E f(X) = 0, Var f(X)_i = 1
         if args.sigma > 0:
             b = b + args.sigma * torch.randn_like(b)               # f(X) + Z, Z ~ N(0, sigma^2 I)
-        a = models["head"](f_aug.float(), noisy=False)             # f(X'), no noise
+        a = models["head"](f_aug.float())                          # f(X'), no noise
     return a, b
 
 
@@ -248,7 +248,7 @@ def evaluate(models: nn.ModuleDict, data: tuple, args: argparse.Namespace,
             scores[name] = [critic(a, b).float() for a, b in views]
     mis = [loss(s)[1].item() for s in scores["trained"][:n_batches]]
     # eval-mode embeddings: BatchNorm statistics recomputed on the clean training images
-    common.recompute_bn_stats(models, lambda x: models["head"](models["encoder"](x), noisy=False),
+    common.recompute_bn_stats(models, lambda x: models["head"](models["encoder"](x)),
                               x_tr, args.batch_size)
     z_tr, z_te = embed(models, x_tr), embed(models, x_te)
     if not (np.isfinite(z_tr).all() and np.isfinite(z_te).all()):

@@ -118,7 +118,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.epss is not None and args.eps != p.get_default("eps"):
         p.error("--eps and --epss exclude each other")
     if args.resume or args.eval_only:
-        common.check_resume(p, args, needs="eps", forbids="sigma")
+        common.check_resume(p, args, ["eps"])
     elif args.epss is None and args.seeds == 1:
         common.resolve_out(p, args, f"runs/mnist_uniform/eps{args.eps:g}_seed{args.seed}")
     if args.batch_size < 2:
@@ -129,7 +129,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def build_models(args: argparse.Namespace, device: torch.device) -> nn.ModuleDict:
     """Encoder f (Table 2), the squash Phi(BatchNorm(.)) of Theorem 3.5 and a learned critic T."""
     models = nn.ModuleDict({"encoder": common.ConvEncoder(args.dim),
-                            "head": common.UniformNoise(args.dim, args.eps),
+                            "head": common.UniformHead(args.dim),
                             "critic": common.make_critic(args.critic, args.dim,
                                                          fast=args.critic_impl == "fast")})
     return models.to(device).to(memory_format=torch.channels_last)
@@ -142,9 +142,9 @@ def infomax_loss(models: nn.ModuleDict, x: torch.Tensor, args: argparse.Namespac
     with common.autocast(x.device, args.amp):
         f, f_aug = models["encoder"](x), models["encoder"](x_aug)
         # each branch squashed over its own batch: Theorem 3.5 constrains f(X) alone
-        b = models["head"](f.float(), noisy=False)                 # Phi(BN(f(X))) in [0, 1]^d
+        b = models["head"](f.float())                              # Phi(BN(f(X))) in [0, 1]^d
         b = b + args.eps * (2 * torch.rand_like(b) - 1)            # f(X) + Z, Z ~ U[-eps, eps]^d
-        a = models["head"](f_aug.float(), noisy=False)             # f(X'), no noise
+        a = models["head"](f_aug.float())                          # f(X'), no noise
         scores = models["critic"](a, b).float()                    # S[i, j] = T(a_i, b_j)
     return common.mi_loss(args.loss, args.reg_weight, args.clip or None)(scores)
 
@@ -211,7 +211,7 @@ def evaluate(models: nn.ModuleDict, data: tuple, args: argparse.Namespace) -> di
         mis = [infomax_loss(models, x_te[i:i + bs], args)[1].item()
                for i in range(0, len(x_te) - bs + 1, bs)]
     # eval-mode embeddings: BatchNorm statistics recomputed on the clean training images
-    common.recompute_bn_stats(models, lambda x: models["head"](models["encoder"](x), noisy=False),
+    common.recompute_bn_stats(models, lambda x: models["head"](models["encoder"](x)),
                               x_tr, args.batch_size)
     z_tr, z_te = embed(models, x_tr), embed(models, x_te)
     if not (np.isfinite(z_tr).all() and np.isfinite(z_te).all()):

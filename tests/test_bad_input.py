@@ -95,7 +95,7 @@ RUN_CASES = [
     ("uniform", "gauss", None, ["--resume"], 2, "not a run of"),
     ("gauss", "uniform", None, ["--resume"], 2, "not a run of"),
     ("gauss", "gauss", None, ["--resume", "--sigma", "0.9"], 2, "--sigma 0.9 differs"),
-    ("gauss", "gauss", "args_types", ["--resume"], 2, "is not a"),
+    ("gauss", "gauss", "args_types", ["--resume"], 2, "--batch-size"),
     ("gauss", "gauss", "args_garbage", ["--resume"], 2, "not valid JSON"),
     ("gauss", "gauss", "no_model", ["--eval-only"], 2, "holds no model.pt"),
     ("gauss", "gauss", "model_truncated", ["--eval-only"], 2, "model.pt is damaged"),

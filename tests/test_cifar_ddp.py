@@ -15,7 +15,7 @@ from torch import distributed as dist
 from torch import nn
 
 import cifar_ssl
-from common import GaussianNoise, nt_xent, vicreg_loss
+from common import GaussianHead, nt_xent, vicreg_loss
 
 REPO = Path(__file__).resolve().parents[1]
 WORLD = 2
@@ -47,7 +47,7 @@ def losses_and_grads(z1: torch.Tensor, z2: torch.Tensor,
         loss = cifar_ssl.ssl_loss(args)(a, b)
         loss.backward()
         results[method] = [loss.detach(), a.grad, b.grad]
-    head = GaussianNoise(z1.shape[1], 0.0)
+    head = GaussianHead(z1.shape[1])
     head.gather = cifar_ssl.gather if process_group_size() > 1 else None
     a = z1.clone().requires_grad_()
     out = head(a)

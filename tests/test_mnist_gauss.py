@@ -9,6 +9,26 @@ import torch
 import mnist_gauss
 
 
+def test_two_views_adds_z_to_the_clean_branch_only_each_normalized_over_its_own_batch(tmp_path):
+    args = mnist_gauss.parse_args(["--sigma", "0.5", "--dim", "3", "--no-amp",
+                                   "--out", str(tmp_path / "unused")])
+    torch.manual_seed(0)
+    models = mnist_gauss.build_models(args, torch.device("cpu")).train()
+    x = torch.rand(4096, 1, 24, 24)
+    torch.manual_seed(1)
+    a, b = mnist_gauss.two_views(models, x, args)
+    torch.manual_seed(1)
+    x_aug = x + 0.6 * torch.randn_like(x)
+    with torch.no_grad():
+        clean, augmented = (models["head"](models["encoder"](v)) for v in (x, x_aug))
+    assert torch.allclose(a, augmented, atol=1e-5)  # a = BN(f(X')) over X' alone, no noise
+    assert torch.allclose(a.var(0, unbiased=False), torch.ones(3), atol=1e-3)
+    assert torch.allclose(clean.var(0, unbiased=False), torch.ones(3), atol=1e-3)
+    z = b - clean  # b = BN(f(X)) + Z, Z ~ N(0, 0.5^2 I)
+    assert torch.allclose(z.std(0), torch.full((3,), 0.5), atol=0.02)
+    assert torch.allclose(b.var(0), torch.full((3,), 1.25), atol=0.08)
+
+
 def test_short_run_writes_metrics_and_files(run_script, tmp_path):
     metrics = run_script(mnist_gauss, tmp_path / "run", "--steps", "4", "--sigma", "0.5")
     assert metrics["capacity"] == pytest.approx(np.log(5))

@@ -5,11 +5,12 @@ import re
 
 import numpy as np
 import pytest
+import torch
 from conftest import TINY_FLAGS as FLAGS
 
 import mnist_gauss
 import mnist_uniform
-from common import uniformity_report
+from common import infonce, uniformity_report
 
 
 @pytest.mark.parametrize("eps", ["0.7", "0", "0.5", "-0.1"])
@@ -18,6 +19,35 @@ def test_eps_outside_open_half_interval_is_rejected(eps, capsys):
         mnist_uniform.parse_args(["--eps", eps])
     assert exc.value.code == 2
     assert "(0, 0.5)" in capsys.readouterr().err
+
+
+class InnerProduct(torch.nn.Module):
+    """A critic T(a, b) = <a, b> that keeps the views it was given."""
+
+    def forward(self, a, b):
+        self.views = (a, b)
+        return a @ b.T
+
+
+def test_infomax_loss_adds_uniform_z_to_the_squashed_clean_branch(tmp_path):
+    args = mnist_uniform.parse_args(["--eps", "0.2", "--dim", "3", "--no-amp",
+                                     "--out", str(tmp_path / "unused")])
+    torch.manual_seed(0)
+    models = mnist_uniform.build_models(args, torch.device("cpu")).train()
+    models["critic"] = InnerProduct()
+    x = torch.rand(2048, 1, 24, 24)
+    torch.manual_seed(1)
+    loss, mi = mnist_uniform.infomax_loss(models, x, args)
+    a, b = models["critic"].views
+    assert torch.equal(loss, infonce(a @ b.T)[0]) and torch.equal(mi, infonce(a @ b.T)[1])
+    torch.manual_seed(1)
+    x_aug = x + 0.6 * torch.randn_like(x)
+    with torch.no_grad():
+        clean, augmented = (models["head"](models["encoder"](v)) for v in (x, x_aug))
+    assert torch.allclose(a, augmented, atol=1e-5) and a.min() >= 0 and a.max() <= 1
+    z = b - clean  # Z ~ U[-0.2, 0.2]^3: variance 0.2^2 / 3
+    assert z.abs().max() <= 0.2 + 1e-6 and z.abs().max() > 0.19
+    assert torch.allclose(z.var(0), torch.full((3,), 0.04 / 3), rtol=0.1)
 
 
 def test_short_uniform_run_writes_metrics(tiny_mnist, tmp_path):
