@@ -867,8 +867,7 @@ def report(m: dict[str, Any]) -> str:
     """The run's metrics.json as the few lines printed at its end."""
     n, probe = m["normality"], m["probe"]
     hz = "n/a (dim >= subsample)" if n["henze_zirkler_p"] is None else f"{n['henze_zirkler_p']:.3f}"
-    head = m.get("head", "none" if m["sigma"] == 0 else "bn")  # runs from before --head
-    return (f"{label(m['method'], m['sigma'], head)} on {m['data']['dataset']}, {m['steps']} "
+    return (f"{label(m['method'], m['sigma'], m['head'])} on {m['data']['dataset']}, {m['steps']} "
             f"steps ({m['epochs']:.2f} epochs), final loss {m['final_loss']:.4f}\n"
             f"linear probe: top-1 {100 * probe['top1']:.2f} %   top-5 {100 * probe['top5']:.2f} %"
             f"   (weight decay {probe['weight_decay']:g}; online probe top-1 "

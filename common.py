@@ -1,6 +1,8 @@
-"""Shared pieces of the Noise-Injected Deep InfoMax reproduction (Butakov et al.). Docstrings
-cite the paper (`noise-injected-infomax.md`), Choi & Lee (`choi-regularized-mi-losses.md`) and
-Tschannen et al. (`tschannen-mi-maximization.md`)."""
+"""Shared pieces of the Noise-Injected Deep InfoMax reproduction. Docstrings cite equations and
+theorems of Butakov et al., "Efficient Distribution Matching of Representations via
+Noise-Injected Deep InfoMax" (the paper), Choi & Lee, "Combating the Instability of Mutual
+Information-based Losses via Regularization" (UAI 2022) and Tschannen et al., "On Mutual
+Information Maximization for Representation Learning" (ICLR 2020)."""
 from __future__ import annotations
 
 import argparse
@@ -405,6 +407,16 @@ class GaussianCritic(nn.Module):
                     + gaussian_capacity(a.shape[1], self.sigma))
 
 
+def make_critic(name: str, dim: int, sigma: float = 0.0, fast: bool = True) -> nn.Module:
+    """The critic `name` for d-dimensional embeddings: concat (Table 2; fast: its split first
+    layer), separable, bilinear (Tschannen et al.) or gaussian (Theorem 4.1, needs sigma > 0)."""
+    if name == "gaussian":
+        return GaussianCritic(sigma)
+    if name == "concat":
+        return ConcatCritic(dim, fast=fast)
+    return {"separable": SeparableCritic, "bilinear": BilinearCritic}[name](dim)
+
+
 # --- MI bounds on a score matrix (positives on the diagonal); each returns (loss, MI in nats) --
 # Scores estimate the PMI; the NWJ family (optimum PMI + 1, Remark 2.5) uses T = scores + 1.
 
@@ -461,6 +473,15 @@ def renwj(scores: torch.Tensor, weight: float = 0.1,
 
 LOSSES: dict[str, Callable[..., tuple[torch.Tensor, torch.Tensor]]] = {
     "infonce": infonce, "nwj": nwj, "dv": dv, "js": js, "redv": redv, "renwj": renwj}
+
+
+def mi_loss(name: str, reg_weight: float = 0.1,
+            clip: float | None = 10.0) -> Callable[[torch.Tensor], tuple]:
+    """The loss `name` with weight for redv / renwj and clip for renwj (Choi & Lee Table 1)."""
+    loss = LOSSES[name]
+    if name == "renwj":
+        return partial(loss, weight=reg_weight, clip=clip)
+    return partial(loss, weight=reg_weight) if name == "redv" else loss
 
 
 def bound_estimates(scores: torch.Tensor) -> dict[str, tuple[float, float]]:
@@ -1174,24 +1195,6 @@ def load_models(models: nn.Module, state: dict[str, Any], path: str | Path) -> N
     except RuntimeError as err:
         raise DataError(f"{path} was written with other model settings "
                         f"({str(err).splitlines()[0][:100]})") from None
-
-
-def make_critic(name: str, dim: int, sigma: float = 0.0, fast: bool = True) -> nn.Module:
-    """The critic `name` for d-dimensional embeddings (sigma: Gaussian; fast: concat)."""
-    if name == "gaussian":
-        return GaussianCritic(sigma)
-    if name == "concat":
-        return ConcatCritic(dim, fast=fast)
-    return {"separable": SeparableCritic, "bilinear": BilinearCritic}[name](dim)
-
-
-def mi_loss(name: str, reg_weight: float = 0.1,
-            clip: float | None = 10.0) -> Callable[[torch.Tensor], tuple]:
-    """The loss `name` with weight for redv / renwj and clip for renwj (Choi & Lee Table 1)."""
-    loss = LOSSES[name]
-    if name == "renwj":
-        return partial(loss, weight=reg_weight, clip=clip)
-    return partial(loss, weight=reg_weight) if name == "redv" else loss
 
 
 def epoch_order(n: int, seed: int, epoch: int, device: torch.device) -> torch.Tensor:

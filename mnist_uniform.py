@@ -60,7 +60,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--lr", type=common.positive_float, default=1e-3,
                    help="Adam learning rate (Appendix C: 1e-3)")
     p.add_argument("--steps", type=common.bounded(int, 0), default=2000,
-                   help="optimizer steps (paper: 2000 epochs = 117k steps on 60k images)")
+                   help="optimizer steps (paper: 2000 epochs of 60k images = 116,000 steps)")
     p.add_argument("--epochs", type=common.positive_int, default=None,
                    help="train for this many passes over the training set instead of --steps")
     p.add_argument("--seed", type=common.seed_int, default=0,

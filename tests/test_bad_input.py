@@ -128,7 +128,7 @@ def test_broken_run_folders_are_refused_before_anything_is_written(
             (run / "checkpoint.pt").unlink()
             (run / "checkpoint.pt").mkdir()
         else:
-            ckpt = torch.load(run / "checkpoint.pt", weights_only=False)
+            ckpt = torch.load(run / "checkpoint.pt", weights_only=True)
             ckpt["models"] = {k: torch.cat([v, v]) if v.ndim and v.shape[0] == 2 else v
                               for k, v in ckpt["models"].items()}
             torch.save(ckpt, run / "checkpoint.pt")

@@ -125,7 +125,7 @@ def test_short_run_writes_figures_and_metrics(tiny_mnist, encoder_run, tmp_path)
         assert sum(unc[key]["shares"]) == pytest.approx(1)
         assert 0 <= unc[key]["entropy"] <= math.log(10) + 1e-9
     assert unc["test_embeddings"]["tv_to_test_embeddings"] == 0
-    saved = torch.load(out / "model.pt", weights_only=False)
+    saved = torch.load(out / "model.pt", weights_only=True)
     gen = cgan.Generator(8, width=8)
     gen.load_state_dict(saved["models"]["generator"])
 
@@ -192,7 +192,7 @@ def test_nan_loss_stops_in_one_line_and_keeps_the_last_good_checkpoint(
     assert len(err) == 1 and "step 3" in err[0] and "--lr" in err[0] and kept in err[0]
     checkpoint = tmp_path / "run" / "checkpoint.pt"
     if ckpt_every == "2":
-        assert torch.load(checkpoint, weights_only=False)["step"] == 2
+        assert torch.load(checkpoint, weights_only=True)["step"] == 2
     else:
         assert not checkpoint.exists()
     assert not (tmp_path / "run" / "metrics.json").exists()

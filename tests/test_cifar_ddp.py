@@ -144,7 +144,7 @@ def test_two_processes_train_on_an_image_folder_and_write_one_run(tmp_path):
     assert metrics["data"]["n_train"] == 24 and metrics["data"]["n_test"] == 8
     assert metrics["batch_size"] == 8 and metrics["settings"]["recipe"] == "imagenet"
     assert metrics["data"]["mean"] == list(cifar_ssl.IMAGENET_MEAN)
-    ckpt = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=False)
+    ckpt = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)
     assert ckpt["step"] == 2 and len(ckpt["process_rng"]) == WORLD
     assert not torch.equal(ckpt["process_rng"][0][0], ckpt["process_rng"][1][0])
     assert proc.stdout.count("linear probe") == 1  # rank 0 alone reports

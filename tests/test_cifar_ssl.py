@@ -482,7 +482,7 @@ def test_resume_after_a_crash_equals_an_uninterrupted_run(tmp_path, monkeypatch)
     with pytest.raises(KeyboardInterrupt):
         run(tmp_path / "resumed", *flags)
     monkeypatch.setattr(cifar_ssl.Trainer, "step", step)
-    assert torch.load(tmp_path / "resumed" / "checkpoint.pt", weights_only=False)["step"] == 2
+    assert torch.load(tmp_path / "resumed" / "checkpoint.pt", weights_only=True)["step"] == 2
     cifar_ssl.main(["--out", str(tmp_path / "resumed"), "--resume", "--quiet"])
     resumed = json.loads((tmp_path / "resumed" / "metrics.json").read_text())
     assert resumed["train_history"] == whole["train_history"]

@@ -28,7 +28,7 @@ def write_run(root, name, sigma=0.5, seed=0, mi=1.0, se=0.01, knn=0.5, **changes
                "dm_gap": capacity - mi, "class_information": math.log(10),
                "normality": {"dagostino_p": 0.1 + 0.1 * seed, "shapiro_p": 0.2,
                              "henze_zirkler_p": 0.3, "henze_zirkler_stat": 2.0,
-                             "subsample": 128, "n_proj": 10, "n_boot": 20},
+                             "sliced_w2": 0.05, "subsample": 128, "n_proj": 10, "n_boot": 20},
                "downstream": {"gnb_acc": 0.4, "knn_acc": knn, "mlp_acc": 0.6, "silhouette": 0.0},
                "sigma": sigma, "dim": 2, "critic": "gaussian" if sigma else "separable",
                "loss": "infonce", "steps": 2000, "batch_size": 256, "seed": seed, "data": DATA,
@@ -194,7 +194,7 @@ def test_figure1_bands_are_for_means_of_as_many_null_draws_as_seeds(tmp_path, ca
                 "test": "henze-zirkler", "level": 0.05, "p": 1e-4, "reject": True},
             "correlation": {"smallest_eigenvalues": [0.04 + 0.01 * seed, 1.96 - 0.01 * seed],
                             "collapsed": 1 - seed // 2, "effective_rank": 1.5}})
-    write_run(tmp_path / "runs", "old", 1.0)  # saved before the null levels: no band, no W2
+    write_run(tmp_path / "runs", "old", 1.0)  # no null levels, no eigenvalues (cifar_ssl.py)
     evaluate.main([str(tmp_path / "runs"), "--out", str(tmp_path / "fig")])
     printed = capsys.readouterr().out
     assert "| 0.060 ± 0.000 |" in printed and "| 0.050 ± 0.057 |" in printed  # W2, eigenvalue
@@ -205,7 +205,7 @@ def test_figure1_bands_are_for_means_of_as_many_null_draws_as_seeds(tmp_path, ca
     rows = {float(row["sigma"]): row for row in csv.DictReader(open(tmp_path / "fig.csv"))}
     assert float(rows[0.5]["sliced_w2_mean"]) == pytest.approx(0.06)
     assert float(rows[0.5]["collapsed_mean"]) == pytest.approx(2 / 3)
-    assert math.isnan(float(rows[1.0]["sliced_w2_mean"]))
+    assert float(rows[1.0]["sliced_w2_mean"]) == pytest.approx(0.05)
     assert math.isnan(float(rows[1.0]["min_eigenvalue_mean"]))
     assert (tmp_path / "fig.png").stat().st_size > 0
 
@@ -301,7 +301,7 @@ def test_embeddings_normality_of_gaussian_and_uniform_samples(tmp_path, capsys):
     json_out = tmp_path / "new" / "folder" / "report.json"  # created on the way
     file = tmp_path / "u.npz"
     np.savez(file, z_test=u)
-    evaluate.main(["--embeddings", str(file), "--uniform", "--json-out", str(json_out)])
+    evaluate.main(["--embeddings", str(file), "--uniform", "--out", str(json_out)])
     pit = json.loads(json_out.read_text())
     for key in ("dagostino_p", "shapiro_p", "henze_zirkler_p"):
         assert pit["normality"][key] > 0.3
@@ -363,7 +363,7 @@ def save_other(file, z, y):
 def test_embeddings_of_other_models(tmp_path, capsys, name, labelled):
     z, y = clusters()
     save_other(tmp_path / name, z, y)
-    evaluate.main(["--embeddings", str(tmp_path / name), "--json-out", str(tmp_path / "r.json")])
+    evaluate.main(["--embeddings", str(tmp_path / name), "--out", str(tmp_path / "r")])
     report = json.loads((tmp_path / "r.json").read_text())
     assert report["n"] == 500 and report["dim"] == 2
     assert report["normality"]["decision"]["reject"]  # three clusters are not Gaussian
@@ -414,36 +414,30 @@ def test_bad_embeddings_are_one_line(tmp_path, capsys, name, save, flags, messag
     assert exc.value.code == 2 and len(err.strip().splitlines()) == 1 and message in err, err
 
 
-@pytest.mark.parametrize("flags", [("--checkpoint", "x", "--out", "y"), ("--subsample", "3"),
-                                   ("--renormalize",), ("--embeddings", "e.npy", "--out", "a",
-                                                        "--json-out", "b")])
-def test_flags_without_meaning_are_refused(flags, capsys):
+@pytest.mark.parametrize("flags,message", [
+    (["--checkpoint", "run"], "python SCRIPT.py --out RUN_DIR --eval-only"),
+    (["--embeddings", "e.npy", "--json-out", "r.json"], "--out PREFIX"),
+    (["--renormalize"], "give run directories or --embeddings FILE"),
+    (["run", "--renormalize", "--out", "x"], "--out has no meaning"),
+    (["run", "--uniform"], "--uniform and --key go with --embeddings"),
+    (["run", "--prior", "uniform"], "--prior goes with --outliers"),
+    (["--embeddings", "e.npy", "--subsample", "3"], "--subsample"),
+])
+def test_flags_without_meaning_are_refused_by_name(flags, message, capsys):
     with pytest.raises(SystemExit) as exc:
-        evaluate.main(list(flags) if flags[0] != "--subsample" else ["--embeddings", "e.npy",
-                                                                     *flags])
-    assert exc.value.code == 2
+        evaluate.main(flags)
+    assert exc.value.code == 2 and message in capsys.readouterr().err.strip().splitlines()[-1]
 
 
-def test_checkpoint_reproduces_gaussian_run(run_script, tmp_path, capfd):
-    out = tmp_path / "run"
-    saved = run_script(mnist_gauss, out, "--steps", "2", "--sigma", "0.5", "--device", "cpu")
-    capfd.readouterr()
-    evaluate.main(["--checkpoint", str(out), "--device", "cpu"])
-    printed = capfd.readouterr().out
-    again = json.loads((out / "metrics_recomputed.json").read_text())
-    for key in ("capacity", "mi_heldout", "mi_heldout_se", "normality", "downstream"):
-        assert again[key] == saved[key]
-    assert "identical to" in printed and "MI estimate (held-out)" in printed
-
-
-def test_checkpoint_reproduces_uniform_run_and_renormalize_keeps_it(run_script, tmp_path,
-                                                                   capfd):
+def test_uniform_eval_only_and_renormalize_reproduce_the_run(run_script, tmp_path, capfd):
     out = tmp_path / "run"
     saved = run_script(mnist_uniform, out, "--steps", "2", "--eps", "0.2", "--device", "cpu")
-    evaluate.main(["--checkpoint", str(out), "--device", "cpu"])
+    before = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
+    mnist_uniform.main(["--out", str(out), "--eval-only", "--quiet"])
     again = json.loads((out / "metrics_recomputed.json").read_text())
     for key in ("mi_heldout", "normality", "uniformity", "downstream"):
         assert again[key] == saved[key]
+    assert before == {p.name: p.stat().st_mtime_ns for p in out.iterdir() if p.name in before}
     # --renormalize on a run saved before the null levels: the block comes back complete
     old = {**saved, "normality": {k: saved["normality"][k] for k in (
         "dagostino_p", "shapiro_p", "henze_zirkler_p", "henze_zirkler_stat", "subsample",
@@ -465,23 +459,6 @@ def test_renormalize_without_embeddings_is_one_line(tmp_path, capsys):
     err = capsys.readouterr().err
     assert exc.value.code == 2 and len(err.strip().splitlines()) == 1
     assert "embeddings.npz does not exist" in err
-
-
-def test_checkpoint_of_broken_run_dir_is_one_line(tmp_path, capsys):
-    (tmp_path / "args.json").write_text("{broken")
-    with pytest.raises(SystemExit) as exc:
-        evaluate.main(["--checkpoint", str(tmp_path)])
-    err = capsys.readouterr().err
-    assert exc.value.code == 2 and len(err.strip().splitlines()) == 1 and "args.json" in err
-
-
-def test_help_documents_the_modes(capsys):
-    with pytest.raises(SystemExit) as exc:
-        evaluate.main(["--help"])
-    text = capsys.readouterr().out
-    assert exc.value.code == 0
-    for needle in ("Figure 1", "--table", "--embeddings", "--checkpoint", "--renormalize"):
-        assert needle in text
 
 
 def test_curve_of_eval_at_runs(run_script, tmp_path, capsys):

@@ -111,7 +111,7 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(run_script, tmp_path,
     assert exc.value.code == 3
     err = capsys.readouterr().err
     assert "by step 4" in err and "smaller --lr" in err and "checkpoint.pt" in err
-    ckpt = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=False)
+    ckpt = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)
     assert ckpt["step"] == 2
     assert not (tmp_path / "run" / "metrics.json").exists()
 

@@ -65,6 +65,22 @@ def test_short_uniform_run_writes_metrics(tiny_mnist, tmp_path):
     assert (out / "scatter.png").is_file()
 
 
+def test_eval_every_curve_and_resume_continue_exactly(run_script, same_metrics, tmp_path):
+    flags = ("--steps", "6", "--eps", "0.2", "--ckpt-every", "3", "--log-every", "3",
+             "--eval-every", "2")
+    full = run_script(mnist_uniform, tmp_path / "a", *flags)
+    assert [point["step"] for point in full["curve"]] == [2, 4]  # the final metrics hold step 6
+    assert all(0 <= point["knn_acc"] <= 1 for point in full["curve"])
+    # a run killed after its step-3 checkpoint: train 3 steps, then resume the 6-step run
+    part = tmp_path / "b"
+    run_script(mnist_uniform, part, *flags[2:], "--steps", "3")
+    saved = json.loads((part / "args.json").read_text())
+    (part / "args.json").write_text(json.dumps({**saved, "steps": 6}))
+    (part / "metrics.json").unlink()
+    mnist_uniform.main(["--out", str(part), "--resume", "--quiet"])
+    assert same_metrics(json.loads((part / "metrics.json").read_text()), full)
+
+
 def test_uniformity_report_separates_uniform_from_peaked():
     rng = np.random.default_rng(0)
     assert uniformity_report(rng.uniform(size=(2000, 2)))["ks_p_mean"] > 0.05
