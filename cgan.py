@@ -94,6 +94,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="time N GAN steps on synthetic data, print ms/step, and exit")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     args = p.parse_args(argv)
+    if args.epochs is not None and args.steps != p.get_default("steps"):
+        p.error("--steps and --epochs exclude each other")
     if args.resume:
         common.check_resume(p, args, OWN_KEYS)
     else:

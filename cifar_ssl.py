@@ -130,6 +130,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add("--quiet", action="store_true", help="no progress bar")
     args = p.parse_args(argv)
 
+    if args.steps is not None and args.epochs != p.get_default("epochs"):
+        p.error("--steps and --epochs exclude each other")
     if args.resume or args.eval_only:
         common.check_resume(p, args, RUN_KEYS, model_files=("model.pt", "checkpoint.pt"))
     else:

@@ -1,8 +1,6 @@
-"""Shared pieces of the Noise-Injected Deep InfoMax reproduction. Docstrings cite equations and
-theorems of Butakov et al., "Efficient Distribution Matching of Representations via
-Noise-Injected Deep InfoMax" (the paper), Choi & Lee, "Combating the Instability of Mutual
-Information-based Losses via Regularization" (UAI 2022) and Tschannen et al., "On Mutual
-Information Maximization for Representation Learning" (ICLR 2020)."""
+"""Shared pieces of the reproduction of Butakov et al., "Efficient Distribution Matching of
+Representations via Noise-Injected Deep InfoMax" (the paper). Docstrings cite its equations and
+theorems, Choi & Lee (UAI 2022: ReDV, ReNWJ) and Tschannen et al. (ICLR 2020: the critics)."""
 from __future__ import annotations
 
 import argparse
@@ -215,13 +213,9 @@ class ConvEncoder(nn.Module):
 
 
 class GaussianHead(nn.Module):
-    """BatchNorm1d(affine=False): E f(X) = 0, Var f(X)_i = 1, the constraint of Theorem 3.4 under
-    which f(X) + Z, Z ~ N(0, sigma^2 I), carries at most C of eq. 5. The head adds no noise: each
-    script adds Z itself, in one line beside the loss.
-
-    `gather` (DDP): a differentiable function returning every process's rows, so that training
-    normalizes with the global batch's statistics.
-    """
+    """BatchNorm1d(affine=False): E f(X) = 0, Var f(X)_i = 1 (Theorem 3.4; C of eq. 5). No noise:
+    each script adds Z itself, in one line. `gather` (DDP): a differentiable function returning
+    every process's rows, so that training normalizes with the global batch's statistics."""
 
     def __init__(self, dim: int, gather: Callable[[torch.Tensor], torch.Tensor] | None = None):
         super().__init__()
@@ -408,8 +402,7 @@ class GaussianCritic(nn.Module):
 
 
 def make_critic(name: str, dim: int, sigma: float = 0.0, fast: bool = True) -> nn.Module:
-    """The critic `name` for d-dimensional embeddings: concat (Table 2; fast: its split first
-    layer), separable, bilinear (Tschannen et al.) or gaussian (Theorem 4.1, needs sigma > 0)."""
+    """The critic `name` for d-dimensional embeddings (sigma: Theorem 4.1's; fast: concat)."""
     if name == "gaussian":
         return GaussianCritic(sigma)
     if name == "concat":
@@ -1078,24 +1071,6 @@ def resolve_out(p: argparse.ArgumentParser, args: argparse.Namespace, stem: str)
                         if not Path(name).exists())
 
 
-def _as_flags(saved: dict[str, Any], args: argparse.Namespace,
-              p: argparse.ArgumentParser) -> list[str]:
-    """The command line that would give the saved settings that differ from the defaults."""
-    tokens = []
-    for key, value in saved.items():
-        flag = "--" + key.replace("_", "-")
-        if key not in vars(args) or key in RUNTIME_FLAGS or value is None \
-                or value == p.get_default(key) and type(value) is type(p.get_default(key)):
-            continue
-        if isinstance(value, bool):
-            tokens.append(flag if value else f"--no-{key.replace('_', '-')}")
-        elif isinstance(value, list):
-            tokens += [flag, *map(str, value)]
-        else:
-            tokens.append(f"{flag}={value}")
-    return tokens
-
-
 def check_resume(p: argparse.ArgumentParser, args: argparse.Namespace, needs: Sequence[str],
                  model_files: Sequence[str] = ("model.pt",)) -> None:
     """--resume / --eval-only: load the settings of the run in --out. Its args.json must hold
@@ -1112,9 +1087,16 @@ def check_resume(p: argparse.ArgumentParser, args: argparse.Namespace, needs: Se
     missing = [key for key in needs if not isinstance(saved, dict) or key not in saved]
     if missing:
         p.error(f"{out} is not a run of {p.prog} (its args.json lacks {', '.join(missing)})")
+    flags = []  # the command line of the saved settings that differ from the defaults
+    for key, value in saved.items():
+        flag, default = "--" + key.replace("_", "-"), p.get_default(key)
+        if key in vars(args) and key not in RUNTIME_FLAGS and value is not None and not (
+                value == default and type(value) is type(default)):
+            flags += ([flag if value else "--no-" + flag[2:]] if isinstance(value, bool) else
+                      [flag, *map(str, value)] if isinstance(value, list) else [f"{flag}={value}"])
     p.exit_on_error = False  # an invalid setting raises, so that the line can name the file
     try:
-        p.parse_known_args(_as_flags(saved, args, p))
+        p.parse_known_args(flags)
     except argparse.ArgumentError as err:
         p.error(f"{out / 'args.json'} is damaged: {err}")
     finally:

@@ -78,9 +78,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--device", type=common.device_flag, default="auto",
                    help="auto (CUDA when present), cpu, cuda, cuda:N, mps")
     p.add_argument("--dataset", choices=["mnist", "fashion-mnist", "mnist-test-split"],
-                   default="mnist", help="mnist falls back to the shipped MNIST test split "
-                                         "(8k/2k) when the full set is neither on disk nor "
-                                         "downloadable")
+                   default="mnist", help="mnist falls back to the shipped MNIST test split (8k/2k) "
+                   "when the full set is neither on disk nor downloadable")
     p.add_argument("--data-dir", default=None, help="folder with the IDX files (optionally .gz)")
     p.add_argument("--no-download", action="store_true", help="never try to download data")
     p.add_argument("--ood", nargs="+", choices=common.OOD_SETS, default=[],
@@ -116,14 +115,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--paper", action="store_true",
                    help="the paper's settings: " + ", ".join(f"{k}={v}" for k, v in PAPER.items()))
     args = p.parse_args(argv)
+    for one, other in (("sigma", "sigmas"), ("steps", "epochs")):
+        if getattr(args, one) != p.get_default(one) and getattr(args, other) is not None:
+            p.error(f"--{one} and --{other} exclude each other")
     if args.paper:
         given = [k for k in PAPER if getattr(args, k) != p.get_default(k)]
         if given:
             p.error(f"--paper sets {', '.join('--' + k.replace('_', '-') for k in given)}; "
                     "drop them or drop --paper")
         vars(args).update(PAPER)
-    if args.sigmas is not None and args.sigma != p.get_default("sigma"):
-        p.error("--sigma and --sigmas exclude each other")
     if args.resume or args.eval_only:
         common.check_resume(p, args, ["sigma"])
     elif args.sigmas is None and args.seeds == 1:
@@ -333,12 +333,12 @@ def train_and_evaluate(args: argparse.Namespace) -> None:
         ckpt = common.load_run_file(out / "checkpoint.pt", device)
         common.load_models(models, ckpt["models"], out / "checkpoint.pt")
         opt.load_state_dict(ckpt["optimizer"])
-        scaler.load_state_dict(ckpt.get("scaler", {}))
+        scaler.load_state_dict(ckpt["scaler"])
         torch.set_rng_state(ckpt["rng"].cpu())
-        if device.type == "cuda" and ckpt.get("cuda_rng") is not None:
+        if device.type == "cuda" and ckpt["cuda_rng"] is not None:
             torch.cuda.set_rng_state(ckpt["cuda_rng"].cpu(), device)
         start, history, curve = ckpt["step"], ckpt["history"], ckpt["curve"]
-        segments = ckpt.get("segments", [])
+        segments = ckpt["segments"]
         print(f"resuming {out} at step {start}")
     segments = segments + [[start, str(device), common.precision_name(dtype)]]
     if args.paper:
