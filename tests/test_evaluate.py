@@ -477,3 +477,133 @@ def test_curve_of_eval_at_runs(run_script, tmp_path, capsys):
     with pytest.raises(SystemExit):
         evaluate.main([str(tmp_path / "flat"), "--curve"])
     assert "has no curve: run mnist_gauss.py with --eval-at" in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------------------------
+# evaluate.py: Table 1 and the sigma sweep of cifar_ssl.py runs
+# --------------------------------------------------------------------------------------------
+
+def fake_ssl_run(root, name, method="simclr", sigma=0.0, dataset="cifar10", seed=0, top1=0.9,
+                 steps=1000, hz=0.5):
+    """A fake cifar_ssl.py run directory; sigma 0 is the original method (no head)."""
+    metrics = {"method": method, "sigma": sigma, "head": "none" if sigma == 0 else "bn",
+               "dataset": dataset, "arch": "resnet18",
+               "dim": 256, "capacity": "inf" if sigma == 0 else 128 * math.log1p(sigma ** -2),
+               "steps": steps, "epochs": 5.0, "batch_size": 256, "seed": seed,
+               "probe": {"top1": top1, "top5": 0.99, "train_top1": 0.95},
+               "online_probe": {"test_top1": top1 - 0.05},
+               "normality": {"dagostino_p": 0.2 + sigma, "shapiro_p": 0.1,
+                             "henze_zirkler_p": hz, "sliced_w2": 0.1, "subsample": 128},
+               "probe_images": {"train": 50000, "test": 10000},
+               "data": {"dataset": dataset, "n_train": 50000}}
+    (root / name).mkdir(parents=True)
+    (root / name / "metrics.json").write_text(json.dumps(metrics))
+
+
+def test_table1_next_to_the_paper(tmp_path, capsys):
+    fake_ssl_run(tmp_path, "a", "simclr", 0.3, top1=0.80)
+    fake_ssl_run(tmp_path, "b", "simclr", 0.3, top1=0.90, seed=1)
+    fake_ssl_run(tmp_path, "c", "vicreg", 0.0, "cifar100", top1=0.5)
+    fake_ssl_run(tmp_path, "d", "vicreg", 0.0, "cifar100", top1=0.2, steps=0)
+    fake_ssl_run(tmp_path, "e", "simclr", 0.1, "fashion-mnist", top1=0.7)
+    evaluate.main(["--table", str(tmp_path), "--out", str(tmp_path / "t1")])
+    text = capsys.readouterr().out
+    assert (tmp_path / "t1.md").read_text() in text
+    row = next(line for line in text.splitlines() if line.startswith("| SimCLR σ = 0.3 |"))
+    # mean 85 % +- t_{0.995, 1} 7.0711 / sqrt(2) = 63.657 * 5 = 318.28 %; paper 91.56 / 99.77
+    assert "85.00 ± 318.28 (91.56)" in row and "99.00 ± 0.00 (99.77)" in row
+    assert "– (65.72)" in row
+    row = next(line for line in text.splitlines() if line.startswith("| VICReg |"))
+    assert "– (90.63)" in row and "50.00 (65.71)" in row
+    assert len([line for line in text.splitlines() if line.startswith("| SimCLR")]) == 4
+    assert text.splitlines()[2].endswith("fashion-mnist top-1 | fashion-mnist top-5 |")
+    row = next(line for line in text.splitlines() if line.startswith("| SimCLR σ = 0.1 |"))
+    assert row.endswith("| 70.00 | 99.00 |")
+    row = next(line for line in text.splitlines() if line.startswith("| random-init encoder |"))
+    assert "20.00" in row and "(" not in row
+
+
+def test_table1_keeps_sigma0_with_the_head_apart_from_the_original_method(tmp_path, capsys):
+    fake_ssl_run(tmp_path, "original", "simclr", 0.0, top1=0.80)
+    fake_ssl_run(tmp_path, "bn", "simclr", 0.0, top1=0.70)
+    file = tmp_path / "bn" / "metrics.json"
+    file.write_text(json.dumps({**json.loads(file.read_text()), "head": "bn"}))
+    evaluate.main(["--table", str(tmp_path), "--out", str(tmp_path / "t1")])
+    lines = capsys.readouterr().out.splitlines()
+    original = lines.index(next(line for line in lines if line.startswith("| SimCLR |")))
+    assert "80.00 (90.83)" in lines[original]
+    assert lines[original + 1].startswith("| SimCLR, BatchNorm head, no noise | 70.00 |")
+    assert "(" not in lines[original + 1]
+
+
+def test_table1_refuses_mnist_runs_duplicate_seeds_and_mixed_settings(tmp_path, capsys):
+    fake_ssl_run(tmp_path / "dup", "a")
+    fake_ssl_run(tmp_path / "dup", "b")
+    with pytest.raises(SystemExit) as exc:
+        evaluate.main(["--table", str(tmp_path / "dup"), "--out", str(tmp_path / "t")])
+    assert exc.value.code == 2 and "both seed 0" in capsys.readouterr().err
+    fake_ssl_run(tmp_path / "steps", "a")
+    fake_ssl_run(tmp_path / "steps", "b", seed=1, steps=5)
+    with pytest.raises(SystemExit) as exc:
+        evaluate.main(["--table", str(tmp_path / "steps"), "--out", str(tmp_path / "t")])
+    assert exc.value.code == 2 and "differ in steps" in capsys.readouterr().err
+    write_run(tmp_path / "mnist", "run")  # an mnist_gauss.py run: metrics without "method"
+    with pytest.raises(SystemExit) as exc:
+        evaluate.main(["--table", str(tmp_path / "mnist"), "--out", str(tmp_path / "t")])
+    assert exc.value.code == 2 and "not a cifar_ssl.py run" in capsys.readouterr().err
+    assert not (tmp_path / "t.md").exists()
+
+
+def test_sigma_sweep_panel_of_cifar_runs(tmp_path, capsys):
+    for sigma in (0.1, 0.3):
+        for seed in (0, 1):
+            fake_ssl_run(tmp_path, f"s{sigma}_{seed}", sigma=sigma, seed=seed,
+                         top1=0.8 + 0.1 * seed, hz=None)
+    fake_ssl_run(tmp_path, "s0", sigma=0.0)
+    fake_ssl_run(tmp_path, "untrained", sigma=0.1, steps=0, top1=0.3)
+    evaluate.main([str(tmp_path), "--out", str(tmp_path / "fig")])
+    text = capsys.readouterr().out
+    assert (tmp_path / "fig.png").stat().st_size > 0
+    assert "linear probe top-1" in text and "projector output" in text
+    assert "record no MI estimate" in text
+    assert "| trained | 0.3 |" in text and "| untrained | 0.1 |" in text
+    rows = {(row["kind"], float(row["sigma"])): row
+            for row in csv.DictReader(open(tmp_path / "fig.csv"))}
+    assert float(rows["trained", 0.3]["top1_mean"]) == pytest.approx(0.85)
+    assert math.isnan(float(rows["trained", 0.3]["henze_zirkler_p_mean"]))
+
+
+def fake_imagenet_run(root, name, sigma, seed, top1, classes=100, steps=1000):
+    fake_ssl_run(root, name, "vicreg", sigma, "folder", seed, top1, steps)
+    file = root / name / "metrics.json"
+    metrics = json.loads(file.read_text())
+    metrics["data"].update(n_classes=classes, image_size=224)
+    file.write_text(json.dumps(metrics))
+
+
+def test_table2_mean_and_std_over_seeds_next_to_the_poster(tmp_path, capsys):
+    for seed, top1 in enumerate((0.70, 0.72, 0.74)):
+        fake_imagenet_run(tmp_path, f"in100_s0.1_{seed}", 0.1, seed, top1)
+    fake_imagenet_run(tmp_path, "in1k_s0", 0.0, 0, 0.6, classes=1000)
+    fake_imagenet_run(tmp_path, "in1k_untrained", 0.0, 0, 0.05, classes=1000, steps=0)
+    evaluate.main(["--table", str(tmp_path), "--out", str(tmp_path / "t")])
+    text = capsys.readouterr().out
+    assert (tmp_path / "t.md").read_text() in text
+    assert "Table 1" not in text and "Table 2" in text
+    lines = text.splitlines()
+    assert lines[2] == ("| σ | ImageNet-100 top-1 | ImageNet-100 top-5 | ImageNet-1k top-1 | "
+                        "ImageNet-1k top-5 |")
+    row = next(line for line in lines if line.startswith("| 0.1 |"))
+    # mean 72 %, sample std 2 %; poster 72.07 +- 0.27
+    assert "| 72.00 ± 2.00 (72.07 ± 0.27) | 99.00 ± 0.00 (91.65 ± 0.13) |" in row
+    assert row.endswith("| – (67.30 ± 0.13) | – (87.43 ± 0.02) |")
+    row = next(line for line in lines if line.startswith("| 0 |"))
+    assert "| 60.00 (67.41 ± 0.17) |" in row
+    assert next(line for line in lines if line.startswith("| 0.05 |")).count("–") == 4
+    row = next(line for line in lines if line.startswith("| random-init encoder |"))
+    assert "5.00" in row and "(" not in row
+    fake_ssl_run(tmp_path, "cifar", "simclr", 0.3)
+    evaluate.main(["--table", str(tmp_path), "--out", str(tmp_path / "t")])
+    text = capsys.readouterr().out
+    assert "Table 1" in text and "Table 2" in text
+    assert "ImageNet" not in text.split("Table 2")[0]
