@@ -17,8 +17,6 @@ Exit codes: 0 done; 2 bad input or a damaged file (one line on stderr); 3 the GA
 from __future__ import annotations
 
 import argparse
-import math
-import pickle
 import shlex
 import subprocess
 import sys
@@ -37,7 +35,6 @@ from tqdm import tqdm
 import common
 
 N_CLASSES, COND_DIM = 10, 2  # Appendix D conditions on the two-dimensional embeddings
-LOG10 = math.log(N_CLASSES)  # the information of a balanced digit label, in nats
 OWN_KEYS = ("latent_dim", "lr_g", "lr_d", "clf_epochs")  # in each cgan.py args.json, no other
 
 
@@ -97,26 +94,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="time N GAN steps on synthetic data, print ms/step, and exit")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     args = p.parse_args(argv)
-    out = Path(args.out or "")
-    if args.resume and args.out and (out / "args.json").is_file():  # before resolve_out uses it
-        saved = common.read_json(out / "args.json")
-        if not isinstance(saved, dict) or not all(key in saved for key in OWN_KEYS):
-            p.error(f"--resume: {out} is not a cgan.py run (its args.json lacks "
-                    f"{', '.join(OWN_KEYS)}); choose another --out")
-        for flag in [flag for flag in p._actions if flag.dest in saved]:  # as if typed
-            value = saved[flag.dest]
-            convert = flag.type or (bool if isinstance(flag, argparse.BooleanOptionalAction)
-                                    else str if flag.default is None else type(flag.default))
-            try:
-                fits = value is None and flag.default is None or (
-                    isinstance(value, bool) if convert is bool else not isinstance(value, bool)
-                    and convert(str(value)) == value and value in (flag.choices or [value]))
-            except (ValueError, argparse.ArgumentTypeError):
-                fits = False
-            if not fits:
-                p.error(f"{out / 'args.json'} is damaged: {flag.dest} = {value!r} is not a "
-                        f"valid {flag.option_strings[0]}")
-    common.resolve_out(p, args, f"runs/cgan/seed{args.seed}")
+    if args.epochs is not None and args.steps != p.get_default("steps"):
+        p.error("--steps and --epochs exclude each other")
+    if args.resume:
+        common.check_resume(p, args, OWN_KEYS)
+    else:
+        common.resolve_out(p, args, f"runs/cgan/seed{args.seed}")
     if args.batch_size < 2:  # after --resume has filled in the stored settings
         p.error("--batch-size must be >= 2: the generator's BatchNorm needs two images")
     return args
@@ -328,10 +311,10 @@ def train(gen: Generator, disc: Discriminator, opt_g, opt_d, scaler, x_tr: torch
             bar.set_postfix(epoch=epoch, d_loss=f"{history[-1][1]:.3f}",
                             g_loss=f"{history[-1][2]:.3f}", refresh=False)
         if checkpoint:  # everything --resume needs
-            common.atomic_save({"step": done, "generator": gen.state_dict(),
-                                "discriminator": disc.state_dict(), "opt_g": opt_g.state_dict(),
-                                "opt_d": opt_d.state_dict(), "scaler": scaler.state_dict(),
-                                "rng": torch.get_rng_state(),
+            common.atomic_save({"step": done, "models": {"generator": gen.state_dict(),
+                                                         "discriminator": disc.state_dict()},
+                                "opt_g": opt_g.state_dict(), "opt_d": opt_d.state_dict(),
+                                "scaler": scaler.state_dict(), "rng": torch.get_rng_state(),
                                 "history": history}, out / "checkpoint.pt")
             saved_at = done
 
@@ -432,7 +415,7 @@ def evaluate(gen: Generator, clf: nn.Module, data: tuple, args: argparse.Namespa
         "unconditional": {"n_samples": n, "box_half_width": args.box,
                           "test_labels": class_histogram(y_te.cpu().numpy()),
                           **{name: class_report(p, reference) for name, p in probs.items()}},
-        "class_information": LOG10,
+        "class_information": common.LOG10,
         "samples": {"real": x_te[:64].cpu(), "conditional": first(c_te, 64),
                     "gaussian_prior": first(sources["gaussian_prior"], 100),
                     "box_prior": first(sources["box_prior"], 100)},
@@ -465,7 +448,7 @@ def figures(metrics: dict, samples: dict[str, torch.Tensor]) -> dict[str, Any]:
                              ("mismatched.png", "box_prior", f"c ~ U[-{box:g}, {box:g}]^2")):
         grids[name], ax = plt.subplots(figsize=(5.5, 5.8))
         show_grid(ax, samples[key], 10, f"{prior}: class entropy {unc[key]['entropy']:.3f} nats "
-                                        f"(log 10 = {LOG10:.3f}),\nTV to test embeddings "
+                                        f"(log 10 = {common.LOG10:.3f}),\nTV to test embeddings "
                                         f"{unc[key]['tv_to_test_embeddings']:.3f}")
     fig_hist, ax = plt.subplots(figsize=(8, 4))
     sources = (("test_labels", "test labels"), ("test_embeddings", "c = f(X_test)"),
@@ -477,7 +460,7 @@ def figures(metrics: dict, samples: dict[str, torch.Tensor]) -> dict[str, Any]:
     ax.axhline(1 / N_CLASSES, color="k", ls=":", lw=1)
     ax.set(xticks=range(N_CLASSES), xlabel="class predicted by the classifier (true label for "
            "the test images)", ylabel="share", title=f"classes of {unc['n_samples']} generations "
-           f"per conditioning source (log 10 = {LOG10:.3f} nats)")
+           f"per conditioning source (log 10 = {common.LOG10:.3f} nats)")
     ax.legend(fontsize=8)
     return {"conditional.png": fig_cond, **grids, "classes.png": fig_hist}
 
@@ -492,8 +475,9 @@ def report(metrics: dict) -> str:
     return (f"classifier test accuracy {metrics['classifier_accuracy']:.4f} (the ceiling of "
             f"consistency)\nconditional consistency {metrics['consistency']:.4f}   (nearest "
             f"training embedding {metrics['retrieval_consistency']:.4f}, chance 0.1)\n"
-            f"unconditional, {unc['n_samples']} samples: class entropy (log 10 = {LOG10:.3f}), "
-            f"TV distance to the test embeddings' histogram, classifier confidence{rows}\n"
+            f"unconditional, {unc['n_samples']} samples: class entropy (log 10 = "
+            f"{common.LOG10:.3f}), TV distance to the test embeddings' histogram, classifier "
+            f"confidence{rows}\n"
             f"wall time {metrics['wall_time_s']:.0f} s ({metrics['steps']} GAN steps)")
 
 
@@ -513,12 +497,7 @@ def run(args: argparse.Namespace) -> dict | None:
         return metrics
     started, ckpt = time.time(), None
     if args.resume and (out / "checkpoint.pt").exists():  # read before anything is written
-        try:
-            ckpt = torch.load(out / "checkpoint.pt", map_location=device, weights_only=True)
-        except (OSError, RuntimeError, EOFError, pickle.UnpicklingError) as err:
-            raise common.DataError(f"{out / 'checkpoint.pt'} is damaged ("
-                                   f"{(str(err) or type(err).__name__).splitlines()[0]}); delete "
-                                   "it to restart the GAN from step 0") from err
+        ckpt = common.load_run_file(out / "checkpoint.pt", device)
     x_tr, y_tr, x_te, y_te, data = common.load_data(args.dataset, args.data_dir,
                                                     download=not args.no_download)
     if "note" in data:
@@ -544,9 +523,10 @@ def run(args: argparse.Namespace) -> dict | None:
     start, history = 0, []
     if ckpt is not None:
         try:
-            for part, key in ((gen, "generator"), (disc, "discriminator"), (opt_g, "opt_g"),
-                              (opt_d, "opt_d")):
-                part.load_state_dict(ckpt[key])
+            for part, state in ((gen, ckpt["models"]["generator"]),
+                                (disc, ckpt["models"]["discriminator"]),
+                                (opt_g, ckpt["opt_g"]), (opt_d, ckpt["opt_d"])):
+                part.load_state_dict(state)
             scaler.load_state_dict(ckpt.get("scaler", {}))
             torch.set_rng_state(ckpt["rng"].cpu())
             start, history = int(ckpt["step"]), list(ckpt["history"])
@@ -562,8 +542,9 @@ def run(args: argparse.Namespace) -> dict | None:
                    seed=args.seed, clf_epochs=args.clf_epochs, device=str(device),
                    precision={"dtype": common.precision_name(dtype), "why": why},
                    wall_time_s=time.time() - started, train_history=history)
-    common.atomic_save({"generator": gen.state_dict(), "discriminator": disc.state_dict(),
-                        "args": vars(args)}, out / "model.pt")
+    common.atomic_save({"models": {"generator": gen.state_dict(),
+                                   "discriminator": disc.state_dict()}, "args": vars(args)},
+                       out / "model.pt")
     for name, fig in figures(metrics, samples).items():
         common.save_figure(fig, out / name)
     common.write_json(metrics, out / "metrics.json")

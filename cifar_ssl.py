@@ -1,9 +1,10 @@
 """Table 1: SimCLR and VICReg with noise injection on CIFAR-10/100 (Section 5, Appendix C).
 
 A ResNet-18 (CIFAR stem) learns from two augmented views of each image; the projector output of
-both views passes the noise head (common.GaussianNoise: BatchNorm1d without affine, Theorem 3.4's
-constraint, + Z ~ N(0, sigma^2 I) in training) before the loss. A linear probe on the backbone
-features gives top-1 / top-5; Section 5's normality tests read the normalized projector outputs.
+both views is normalized (common.GaussianHead: BatchNorm1d without affine, Theorem 3.4's
+constraint) and, in training, Z ~ N(0, sigma^2 I) is added before the loss (Trainer.step). A
+linear probe on the backbone features gives top-1 / top-5; Section 5's normality tests read the
+normalized projector outputs.
 
     python cifar_ssl.py --method simclr --dataset cifar10 --sigma 0.3   # one Table 1 cell
     python cifar_ssl.py --method simclr --head none                     # the original method
@@ -39,7 +40,6 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 import common
-from common import DataError, fail
 
 CIFAR_MEAN, CIFAR_STD = (0.4914, 0.4822, 0.4465), (0.247, 0.2435, 0.2616)  # Appendix C
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)  # VICReg's recipe
@@ -52,7 +52,6 @@ CIFAR_FILES = {  # dataset -> (folder, train files, test files, label key, torch
 PROJECTOR = {"simclr": (1, 256), "vicreg": (2, 2048)}  # (hidden layers, output dim), Appendix C
 CIFAR10_TRAIN = 50_000
 IMAGENET_TRAIN = {"ImageNet-100": 126_689, "ImageNet-1k": 1_281_167}  # poster Table 2's sets
-NOT_SAVED = (*common.RUNTIME_FLAGS, "eval_only")  # from the command line, not from args.json
 # the keys of every cifar_ssl.py args.json: a run directory without them is another script's
 RUN_KEYS = ("method", "sigma", "dataset", "arch", "batch_size", "temperature", "vicreg_weights")
 Batches = Callable[[int, int], Iterator[tuple[torch.Tensor, torch.Tensor]]]  # see make_batches
@@ -131,17 +130,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add("--quiet", action="store_true", help="no progress bar")
     args = p.parse_args(argv)
 
-    args.resume = args.resume or args.eval_only  # both take the settings from --out/args.json
-    saved_args = Path(args.out or ".") / "args.json"
-    saved = common.read_json(saved_args) if args.resume and args.out and saved_args.is_file() \
-        else None
-    if saved is not None and not (isinstance(saved, dict) and all(k in saved for k in RUN_KEYS)):
-        p.error(f"--out {args.out} is not a cifar_ssl.py run (its args.json lacks "
-                f"{', '.join(RUN_KEYS)}); choose a cifar_ssl.py run directory")
-    common.resolve_out(p, args, f"runs/cifar_ssl/{args.method}_{args.dataset}_sigma"
-                       f"{args.sigma:g}{'_nohead' if args.head == 'none' else ''}_seed{args.seed}")
-    if saved is not None and "head" not in saved:  # written before --head: sigma 0 had no head
-        args.head = "none" if args.sigma == 0 else "bn"
+    if args.steps is not None and args.epochs != p.get_default("epochs"):
+        p.error("--steps and --epochs exclude each other")
+    if args.resume or args.eval_only:
+        common.check_resume(p, args, RUN_KEYS, model_files=("model.pt", "checkpoint.pt"))
+    else:
+        nohead = "_nohead" if args.head == "none" else ""
+        common.resolve_out(p, args, f"runs/cifar_ssl/{args.method}_{args.dataset}_sigma"
+                           f"{args.sigma:g}{nohead}_seed{args.seed}")
     args.dim = args.dim or PROJECTOR[args.method][1]
     if args.recipe == "auto":
         args.recipe = "imagenet" if args.image_size > 64 else "cifar"
@@ -165,15 +161,15 @@ def read_cifar_batch(file: Path, label_key: bytes) -> tuple[np.ndarray, np.ndarr
             batch = pickle.load(fh, encoding="bytes")
     except (pickle.UnpicklingError, EOFError, ValueError, TypeError, KeyError, IndexError,
             AttributeError, ImportError, UnicodeDecodeError, OverflowError, MemoryError) as err:
-        raise DataError(f"{file} is not a CIFAR python pickle (truncated or damaged: "
-                        f"{type(err).__name__}); download it again") from err
+        raise common.DataError(f"{file} is not a CIFAR python pickle (truncated or damaged: "
+                               f"{type(err).__name__}); download it again") from err
     if not isinstance(batch, dict) or b"data" not in batch or label_key not in batch:
-        raise DataError(f"{file} lacks b'data' or {label_key!r}: not a CIFAR python batch")
+        raise common.DataError(f"{file} lacks b'data' or {label_key!r}: not a CIFAR python batch")
     data, labels = np.asarray(batch[b"data"]), np.asarray(batch[label_key])
     if data.ndim != 2 or data.shape[1] != 3072 or labels.ndim != 1 or len(labels) != len(data) \
             or not np.issubdtype(labels.dtype, np.integer) or (labels < 0).any():
-        raise DataError(f"{file}: b'data' {data.shape} and {label_key!r} {labels.shape} are not "
-                        "N x 3072 pixels and N non-negative integer labels")
+        raise common.DataError(f"{file}: b'data' {data.shape} and {label_key!r} {labels.shape} "
+                               "are not N x 3072 pixels and N non-negative integer labels")
     return data.astype(np.uint8).reshape(-1, 3, 32, 32), labels.astype(np.int64)
 
 
@@ -185,12 +181,13 @@ def load_cifar(dataset: str, root: Path, download: bool) -> tuple[torch.Tensor, 
         try:
             tv_class(str(root), train=True, download=True)
         except Exception as err:  # network errors come in many types
-            raise DataError(f"{dataset} is not in {root / folder} and could not be downloaded "
-                            f"({str(err).splitlines()[0][:80]})") from err
+            raise common.DataError(f"{dataset} is not in {root / folder} and could not be "
+                                   f"downloaded ({str(err).splitlines()[0][:80]})") from err
     missing = [name for name in names if not (root / folder / name).is_file()]
     if missing:
-        raise DataError(f"{root / folder} lacks {', '.join(missing)} (CIFAR's python pickles); "
-                        f"point --data-dir at the folder that holds {folder}/ or allow --download")
+        raise common.DataError(f"{root / folder} lacks {', '.join(missing)} (CIFAR's python "
+                               f"pickles); point --data-dir at the folder that holds {folder}/ or "
+                               "allow --download")
     splits = []
     for files in (train_files, test_files):
         parts = [read_cifar_batch(root / folder / name, label_key) for name in files]
@@ -206,7 +203,7 @@ def read_image(path: str, size: int) -> torch.Tensor:
         with open(path, "rb") as fh:
             image = Image.open(fh).convert("RGB")
     except (OSError, SyntaxError, ValueError) as err:  # PIL's errors for damaged files
-        raise DataError(f"{path} is not a readable image ({err})") from err
+        raise common.DataError(f"{path} is not a readable image ({err})") from err
     image = TF.resize(image, size, interpolation=TF.InterpolationMode.BICUBIC)
     return TF.pil_to_tensor(TF.center_crop(image, [size, size]))
 
@@ -215,15 +212,15 @@ def open_trees(root: Path, size: int) -> tuple[Any, Any]:
     """The ImageFolder trees root/train and root/val (or root/test)."""
     test_dir = next((root / name for name in ("val", "test") if (root / name).is_dir()), None)
     if not (root / "train").is_dir() or test_dir is None:
-        raise DataError(f"{root} needs train/<class>/<image> and val/<class>/<image> (or test/) "
-                        "folders; point --data-dir at such a tree")
+        raise common.DataError(f"{root} needs train/<class>/<image> and val/<class>/<image> (or "
+                               "test/) folders; point --data-dir at such a tree")
     try:
         trees = [torchvision.datasets.ImageFolder(str(d), loader=partial(read_image, size=size))
                  for d in (root / "train", test_dir)]
     except (FileNotFoundError, OSError) as err:  # a class folder without images, unreadable
-        raise DataError(f"{root}: {str(err).splitlines()[0]}") from err
+        raise common.DataError(f"{root}: {str(err).splitlines()[0]}") from err
     if trees[0].classes != trees[1].classes:
-        raise DataError(f"{root}: train/ and {test_dir.name}/ hold different class folders")
+        raise common.DataError(f"{root}: train/ and {test_dir.name}/ hold different class folders")
     return trees[0], trees[1]
 
 
@@ -477,15 +474,16 @@ def make_projector(method: str, in_dim: int, hidden: int, dim: int) -> nn.Sequen
 
 
 class SSLNet(nn.Module):
-    """backbone -> features h (read by the probe); projector -> noise head -> the loss's z.
-    head "bn": common.GaussianNoise; head "none": the standard method's network exactly."""
+    """backbone -> features h (read by the probe); projector -> head -> the normalized z that
+    Trainer.step adds the noise to. head "bn": common.GaussianHead; "none": the standard
+    method's network exactly."""
 
-    def __init__(self, method: str, sigma: float, arch: str, cifar_stem: bool, hidden: int,
-                 dim: int, n_classes: int, head: str = "bn"):
+    def __init__(self, method: str, arch: str, cifar_stem: bool, hidden: int, dim: int,
+                 n_classes: int, head: str = "bn"):
         super().__init__()
         self.backbone, features = resnet_backbone(arch, cifar_stem)
         self.projector = make_projector(method, features, hidden, dim)
-        self.head = common.GaussianNoise(dim, sigma) if head == "bn" else None
+        self.head = common.GaussianHead(dim) if head == "bn" else None
         self.probe = nn.Linear(features, n_classes)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -496,8 +494,8 @@ class SSLNet(nn.Module):
 
 def build_model(args: argparse.Namespace, n_classes: int, device: torch.device) -> SSLNet:
     cifar_stem = args.stem == "cifar" or (args.stem == "auto" and args.image_size <= 64)
-    model = SSLNet(args.method, args.sigma, args.arch, cifar_stem, args.hidden, args.dim,
-                   n_classes, args.head).to(device)
+    model = SSLNet(args.method, args.arch, cifar_stem, args.hidden, args.dim, n_classes,
+                   args.head).to(device)
     return model.to(memory_format=torch.channels_last) if args.channels_last else model
 
 
@@ -642,6 +640,9 @@ class Trainer:
         with common.autocast(self.device, self.args.amp):
             h1, z1 = self.net(v1)
             h2, z2 = self.net(v2)
+            if self.args.sigma > 0:  # z + Z, Z ~ N(0, sigma^2 I), on both views (Theorem 3.4)
+                z1 = z1 + self.args.sigma * torch.randn_like(z1)
+                z2 = z2 + self.args.sigma * torch.randn_like(z2)
             loss = self.loss_fn(z1, z2)
             labels = torch.cat([y, y])
             logits = self.model.probe(torch.cat([h1, h2]).detach())
@@ -657,7 +658,7 @@ class Trainer:
         rank, world = rank_and_world()
         rng = (torch.get_rng_state(),
                torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [])
-        state = {"step": step, "model": self.model.state_dict(),
+        state = {"step": step, "models": self.model.state_dict(),
                  "optimizer": self.opt.state_dict(), "scaler": self.scaler.state_dict(),
                  "rng": rng[0], "cuda_rng": rng[1], "history": history}
         if world > 1:
@@ -669,11 +670,11 @@ class Trainer:
     def load(self, out: Path) -> tuple[int, list]:
         """Rank 0's checkpoint.pt, with this process's own RNG states; (step, history)."""
         rank, world = rank_and_world()
-        ckpt = read_torch_file(out / "checkpoint.pt", self.device)
+        ckpt = common.load_run_file(out / "checkpoint.pt", self.device)
         if world > 1 and len(ckpt.get("process_rng", [])) != world:
-            raise DataError(f"{out / 'checkpoint.pt'} was not written by {world} processes; "
-                            "resume it with as many processes as it was started with")
-        common.load_models(self.model, ckpt["model"], out / "checkpoint.pt")
+            raise common.DataError(f"{out / 'checkpoint.pt'} was not written by {world} processes; "
+                                   "resume it with as many processes as it was started with")
+        common.load_models(self.model, ckpt["models"], out / "checkpoint.pt")
         self.opt.load_state_dict(ckpt["optimizer"])
         self.scaler.load_state_dict(ckpt["scaler"])
         cpu_rng, cuda_rng = ckpt["process_rng"][rank] if world > 1 else (ckpt["rng"],
@@ -682,18 +683,6 @@ class Trainer:
         if cuda_rng and torch.cuda.is_available():
             torch.cuda.set_rng_state_all([state.cpu() for state in cuda_rng])
         return ckpt["step"], ckpt["history"]
-
-
-def read_torch_file(path: Path, device: torch.device) -> dict[str, Any]:
-    """A checkpoint.pt / model.pt of this script; DataError when it is damaged."""
-    try:
-        state = torch.load(path, map_location=device, weights_only=False)
-    except (OSError, RuntimeError, EOFError, pickle.UnpicklingError, ValueError) as err:
-        raise DataError(f"{path} is damaged ({str(err).splitlines()[0][:100]}); delete it "
-                        "or choose another --out") from err
-    if not isinstance(state, dict) or "model" not in state:
-        raise DataError(f"{path} is not a cifar_ssl.py checkpoint (no model weights)")
-    return state
 
 
 def make_batches(x: torch.Tensor, y: torch.Tensor, tree: Any, args: argparse.Namespace,
@@ -761,8 +750,8 @@ def train(trainer: Trainer, batches: Batches, plan: dict[str, int], out: Path, s
             if not math.isfinite(mean_loss):
                 kept = (f"the last good checkpoint is kept in {out / 'checkpoint.pt'}"
                         if (out / "checkpoint.pt").is_file() else "no checkpoint was written yet")
-                fail(f"the loss became {mean_loss} by step {done}; {kept}; no metrics written. "
-                     "Try a smaller --lr", code=3)
+                common.fail(f"the loss became {mean_loss} by step {done}; {kept}; no metrics "
+                            "written. Try a smaller --lr", code=3)
             history.append([done, mean_loss, mean_acc, args.lr * args.batch_size / 256 * scale])
             bar.set_postfix(epoch=epoch, loss=f"{mean_loss:.3f}", online=f"{mean_acc:.3f}",
                             refresh=False)
@@ -860,8 +849,8 @@ def evaluate(model: SSLNet, data: tuple[torch.Tensor, ...], args: argparse.Names
     f_tr, p_tr = embed(model, x_tr, args, mean, std, device)
     f_te, p_te = embed(model, x_te, args, mean, std, device)
     if not all(torch.isfinite(t).all() for t in (f_tr, p_tr, f_te, p_te)):
-        fail("the embeddings are not finite (the training diverged); no metrics written. "
-             "Try a smaller --lr", code=3)
+        common.fail("the embeddings are not finite (the training diverged); no metrics written. "
+                    "Try a smaller --lr", code=3)
     probe = linear_probe(f_tr, y_tr, f_te, y_te, n_classes, args.probe_steps, args.probe_wd)
     online = (model.probe(f_te).argmax(1) == y_te).float().mean().item()
     z_te = ((p_te - p_tr.mean(0)) / p_tr.std(0).clamp(min=1e-6)).cpu().numpy()
@@ -880,8 +869,7 @@ def report(m: dict[str, Any]) -> str:
     """The run's metrics.json as the few lines printed at its end."""
     n, probe = m["normality"], m["probe"]
     hz = "n/a (dim >= subsample)" if n["henze_zirkler_p"] is None else f"{n['henze_zirkler_p']:.3f}"
-    head = m.get("head", "none" if m["sigma"] == 0 else "bn")  # runs from before --head
-    return (f"{label(m['method'], m['sigma'], head)} on {m['data']['dataset']}, {m['steps']} "
+    return (f"{label(m['method'], m['sigma'], m['head'])} on {m['data']['dataset']}, {m['steps']} "
             f"steps ({m['epochs']:.2f} epochs), final loss {m['final_loss']:.4f}\n"
             f"linear probe: top-1 {100 * probe['top1']:.2f} %   top-5 {100 * probe['top5']:.2f} %"
             f"   (weight decay {probe['weight_decay']:g}; online probe top-1 "
@@ -938,8 +926,6 @@ def run(args: argparse.Namespace, device: torch.device) -> dict[str, Any] | None
         metrics = common.read_json(out / "metrics.json")
         print(f"{out} is finished:\n{report(metrics)}")
         return metrics
-    if args.eval_only and not ((out / "model.pt").is_file() or (out / "checkpoint.pt").is_file()):
-        raise DataError(f"{out} holds no model.pt or checkpoint.pt to evaluate")
     started = time.time()
     dtype, why = common.precision(device, args.amp)
     if rank == 0:
@@ -947,10 +933,10 @@ def run(args: argparse.Namespace, device: torch.device) -> dict[str, Any] | None
     torch.manual_seed(args.seed)
     (x_tr, y_tr, x_te, y_te), info = load_images(args)
     if args.batch_size > info["n_train"]:
-        fail(f"--batch-size {args.batch_size} exceeds the {info['n_train']} training images")
+        common.fail(f"--batch-size {args.batch_size} exceeds the {info['n_train']} training images")
     if args.batch_size % world or args.batch_size // world < 2:
-        fail(f"--batch-size {args.batch_size} (the global batch) must be divisible by the "
-             f"{world} processes, at least 2 images each")
+        common.fail(f"--batch-size {args.batch_size} (the global batch) must be divisible by the "
+                    f"{world} processes, at least 2 images each")
     x_tr, y_tr, x_te, y_te = (t.to(device) for t in (x_tr, y_tr, x_te, y_te))
     mean, std = torch.tensor(info["mean"], device=device), torch.tensor(info["std"], device=device)
     plan = schedule_plan(args, info["n_train"])
@@ -959,16 +945,16 @@ def run(args: argparse.Namespace, device: torch.device) -> dict[str, Any] | None
     history: list = []
     if args.eval_only:  # the final weights, else the last checkpoint's (an unfinished run)
         saved = out / ("model.pt" if (out / "model.pt").is_file() else "checkpoint.pt")
-        common.load_models(model, read_torch_file(saved, device)["model"], saved)
+        common.load_models(model, common.load_run_file(saved, device)["models"], saved)
         if (out / "checkpoint.pt").is_file():
-            ckpt = read_torch_file(out / "checkpoint.pt", torch.device("cpu"))
+            ckpt = common.load_run_file(out / "checkpoint.pt", torch.device("cpu"))
             plan["steps"], history = ckpt["step"], ckpt["history"]
         print(f"evaluating {saved}")
     else:
         if rank == 0:
             out.mkdir(parents=True, exist_ok=True)
-            common.write_json({k: v for k, v in vars(args).items() if k not in NOT_SAVED},
-                              out / "args.json")
+            common.write_json({k: v for k, v in vars(args).items()
+                               if k not in common.RUNTIME_FLAGS}, out / "args.json")
         if world > 1:  # same initial weights (DDP broadcasts rank 0's), own augmentations, noise
             torch.manual_seed(args.seed * 1_000_003 + rank)
         trainer = Trainer(model, args, mean, std, device)
@@ -990,10 +976,6 @@ def run(args: argparse.Namespace, device: torch.device) -> dict[str, Any] | None
     probe_data = (x_tr[train_index], y_tr[train_index], x_te[test_index], y_te[test_index])
     metrics = evaluate(model, probe_data, args, mean, std, info["n_classes"], device)
     z_te, y_te_np = metrics.pop("embeddings")
-    with common.atomic_path(out / "embeddings.npz") as tmp, open(tmp, "wb") as fh:
-        np.savez(fh, z_test=z_te, y_test=y_te_np)
-    if not args.eval_only:
-        common.atomic_save({"model": model.state_dict(), "args": vars(args)}, out / "model.pt")
     metrics = {
         "method": args.method, "sigma": args.sigma, "head": args.head,
         "label": label(args.method, args.sigma, args.head), "dataset": args.dataset,
@@ -1004,9 +986,16 @@ def run(args: argparse.Namespace, device: torch.device) -> dict[str, Any] | None
         "seed": args.seed, "final_loss": history[-1][1] if history else math.nan,
         "train_history": history, **metrics,
         "probe_images": {"train": len(probe_data[0]), "test": len(probe_data[2])},
-        "settings": {k: v for k, v in vars(args).items() if k not in NOT_SAVED},
+        "settings": {k: v for k, v in vars(args).items() if k not in common.RUNTIME_FLAGS},
         "data": info, "device": str(device), "wall_time_s": time.time() - started,
         "precision": {"dtype": common.precision_name(dtype), "why": why}}
+    if args.eval_only:  # the run's own files stay as they are
+        common.write_json(metrics, out / "metrics_recomputed.json")
+        print(report(metrics) + f"\nsaved to {out / 'metrics_recomputed.json'}")
+        return metrics
+    with common.atomic_path(out / "embeddings.npz") as tmp, open(tmp, "wb") as fh:
+        np.savez(fh, z_test=z_te, y_test=y_te_np)
+    common.atomic_save({"models": model.state_dict(), "args": vars(args)}, out / "model.pt")
     if info["n_classes"] <= 10:
         title = f"{label(args.method, args.sigma, args.head)}, {args.dataset} test"
         common.save_figure(common.scatter_embeddings(z_te, y_te_np, title), out / "scatter.png")
@@ -1024,7 +1013,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | None:
     device = common.pick_device(args.device)
     if world > 1:
         if args.eval_only:
-            fail("--eval-only runs in one process: use python, not torchrun")
+            common.fail("--eval-only runs in one process: use python, not torchrun")
         shared = [args.out]  # a default --out is time-stamped: take rank 0's
         dist.broadcast_object_list(shared, src=0)
         args.out = shared[0]
@@ -1037,8 +1026,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | None:
         return None
     try:
         return run(args, device)
-    except DataError as err:  # from a DataLoader worker the message ends with the original one
-        fail(str(err).strip().splitlines()[-1].split("DataError: ")[-1])
+    except common.DataError as err:  # from a DataLoader worker it ends with the original line
+        common.fail(str(err).strip().splitlines()[-1].split("DataError: ")[-1])
 
 
 if __name__ == "__main__":

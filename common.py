@@ -1,6 +1,6 @@
-"""Shared pieces of the Noise-Injected Deep InfoMax reproduction (Butakov et al.). Docstrings
-cite the paper (`noise-injected-infomax.md`), Choi & Lee (`choi-regularized-mi-losses.md`) and
-Tschannen et al. (`tschannen-mi-maximization.md`)."""
+"""Shared pieces of the reproduction of Butakov et al., "Efficient Distribution Matching of
+Representations via Noise-Injected Deep InfoMax" (the paper). Docstrings cite its equations and
+theorems, Choi & Lee (UAI 2022: ReDV, ReNWJ) and Tschannen et al. (ICLR 2020: the critics)."""
 from __future__ import annotations
 
 import argparse
@@ -23,7 +23,7 @@ from concurrent.futures import ThreadPoolExecutor, as_completed
 from contextlib import contextmanager
 from functools import lru_cache, partial
 from pathlib import Path
-from typing import Any, NoReturn, Protocol
+from typing import Any, NoReturn
 
 import numpy as np
 import scipy.stats
@@ -212,19 +212,14 @@ class ConvEncoder(nn.Module):
         return self.head(self.features(x))
 
 
-class GaussianNoise(nn.Module):
-    """Normalize with BatchNorm1d(affine=False), then add Z ~ N(0, sigma^2 I) (Theorem 3.4, eq. 5).
+class GaussianHead(nn.Module):
+    """BatchNorm1d(affine=False): E f(X) = 0, Var f(X)_i = 1 (Theorem 3.4; C of eq. 5). No noise:
+    each script adds Z itself, in one line. `gather` (DDP): a differentiable function returning
+    every process's rows, so that training normalizes with the global batch's statistics."""
 
-    Noise only in training and when `noisy`. `gather` (DDP): a differentiable function returning
-    every process's rows, so that training normalizes with the global batch's statistics.
-    """
-
-    def __init__(self, dim: int, sigma: float,
-                 gather: Callable[[torch.Tensor], torch.Tensor] | None = None):
+    def __init__(self, dim: int, gather: Callable[[torch.Tensor], torch.Tensor] | None = None):
         super().__init__()
-        if sigma < 0:
-            raise ValueError(f"sigma must be >= 0, got {sigma}")
-        self.sigma, self.gather = sigma, gather
+        self.gather = gather
         self.norm = nn.BatchNorm1d(dim, affine=False)
 
     def global_norm(self, f: torch.Tensor) -> torch.Tensor:
@@ -237,28 +232,20 @@ class GaussianNoise(nn.Module):
             self.norm.num_batches_tracked += 1
         return (f - mean) / torch.sqrt(var + self.norm.eps)
 
-    def forward(self, f: torch.Tensor, noisy: bool = True) -> torch.Tensor:
-        z = self.global_norm(f) if self.training and self.gather else self.norm(f)
-        if self.training and noisy and self.sigma > 0:
-            z = z + self.sigma * torch.randn_like(z)
-        return z
+    def forward(self, f: torch.Tensor) -> torch.Tensor:
+        return self.global_norm(f) if self.training and self.gather else self.norm(f)
 
 
-class UniformNoise(nn.Module):
-    """Squash to [0, 1]^d with Phi(BN(f)), then add Z ~ U[-eps, eps]^d (Theorem 3.5, eq. 6)."""
+class UniformHead(nn.Module):
+    """Phi(BatchNorm1d(affine=False)(f)): f(X) squashed into [0, 1]^d, the support Theorem 3.5
+    assumes for f(X) + Z, Z ~ U[-eps, eps]^d (eq. 6). The script adds Z itself."""
 
-    def __init__(self, dim: int, eps: float):
+    def __init__(self, dim: int):
         super().__init__()
-        if not 0 < eps < 0.5:
-            raise ValueError(f"eps must lie in (0, 1/2), got {eps}")
-        self.eps = eps
         self.norm = nn.BatchNorm1d(dim, affine=False)
 
-    def forward(self, f: torch.Tensor, noisy: bool = True) -> torch.Tensor:
-        u = torch.special.ndtr(self.norm(f))
-        if self.training and noisy:
-            u = u + self.eps * (2 * torch.rand_like(u) - 1)
-        return u
+    def forward(self, f: torch.Tensor) -> torch.Tensor:
+        return torch.special.ndtr(self.norm(f))
 
 
 @torch.no_grad()
@@ -414,6 +401,15 @@ class GaussianCritic(nn.Module):
                     + gaussian_capacity(a.shape[1], self.sigma))
 
 
+def make_critic(name: str, dim: int, sigma: float = 0.0, fast: bool = True) -> nn.Module:
+    """The critic `name` for d-dimensional embeddings (sigma: Theorem 4.1's; fast: concat)."""
+    if name == "gaussian":
+        return GaussianCritic(sigma)
+    if name == "concat":
+        return ConcatCritic(dim, fast=fast)
+    return {"separable": SeparableCritic, "bilinear": BilinearCritic}[name](dim)
+
+
 # --- MI bounds on a score matrix (positives on the diagonal); each returns (loss, MI in nats) --
 # Scores estimate the PMI; the NWJ family (optimum PMI + 1, Remark 2.5) uses T = scores + 1.
 
@@ -470,6 +466,15 @@ def renwj(scores: torch.Tensor, weight: float = 0.1,
 
 LOSSES: dict[str, Callable[..., tuple[torch.Tensor, torch.Tensor]]] = {
     "infonce": infonce, "nwj": nwj, "dv": dv, "js": js, "redv": redv, "renwj": renwj}
+
+
+def mi_loss(name: str, reg_weight: float = 0.1,
+            clip: float | None = 10.0) -> Callable[[torch.Tensor], tuple]:
+    """The loss `name` with weight for redv / renwj and clip for renwj (Choi & Lee Table 1)."""
+    loss = LOSSES[name]
+    if name == "renwj":
+        return partial(loss, weight=reg_weight, clip=clip)
+    return partial(loss, weight=reg_weight) if name == "redv" else loss
 
 
 def bound_estimates(scores: torch.Tensor) -> dict[str, tuple[float, float]]:
@@ -1049,24 +1054,10 @@ def progress_interval() -> float:
     return 0.1 if sys.stderr.isatty() else 60.0
 
 
-class Parser(Protocol):
-    """What resolve_out and check_resume use of a script's argument parser."""
-    prog: str
-
-    def error(self, message: str) -> NoReturn: ...
-
-    def get_default(self, dest: str) -> Any: ...
-
-
-def resolve_out(p: Parser, args: argparse.Namespace, stem: str) -> None:
-    """--out / --resume rules: --resume loads the non-RUNTIME_FLAGS settings from args.json; a
-    non-empty or file --out is refused; no --out (and no --bench) gives `stem` + a time stamp."""
-    if args.resume:
-        if args.out is None or not (Path(args.out) / "args.json").is_file():
-            p.error("--resume needs --out pointing at a run directory with args.json")
-        saved = read_json(Path(args.out) / "args.json")
-        vars(args).update({k: v for k, v in saved.items() if k not in RUNTIME_FLAGS})
-    elif args.out is not None:
+def resolve_out(p: argparse.ArgumentParser, args: argparse.Namespace, stem: str) -> None:
+    """--out of a new run: a non-empty or file --out is refused; no --out (and no --bench) gives
+    `stem` + a time stamp. A run that continues (--resume, --eval-only) goes to check_resume."""
+    if args.out is not None:
         out = Path(args.out)
         blocking = next((q for q in (out, *out.parents) if q.exists() and not q.is_dir()), None)
         if blocking is not None:
@@ -1080,29 +1071,44 @@ def resolve_out(p: Parser, args: argparse.Namespace, stem: str) -> None:
                         if not Path(name).exists())
 
 
-def check_resume(p: Parser, args: argparse.Namespace, needs: str, forbids: str) -> None:
-    """--resume / --eval-only: load the settings of the run in --out, whose args.json must name
-    `needs`, not `forbids`, with the defaults' types and match the command line."""
-    out = Path(args.out or ".")
+def check_resume(p: argparse.ArgumentParser, args: argparse.Namespace, needs: Sequence[str],
+                 model_files: Sequence[str] = ("model.pt",)) -> None:
+    """--resume / --eval-only: load the settings of the run in --out. Its args.json must hold
+    every key of `needs` (a run of this script), pass the script's own flag checks as if typed
+    and agree with every setting given on the command line; --eval-only needs a model file."""
+    evaluating = getattr(args, "eval_only", False)
+    out, what = Path(args.out or "."), "--eval-only" if evaluating else "--resume"
     if args.out is None or not (out / "args.json").is_file():
-        p.error("--resume and --eval-only need --out pointing at a run directory with args.json")
+        p.error(f"{what} needs --out pointing at a run directory with args.json")
     try:
         saved = json.loads((out / "args.json").read_text())
     except (OSError, ValueError) as err:
         p.error(f"{out / 'args.json'} is not valid JSON ({err})")
-    if not isinstance(saved, dict) or needs not in saved or forbids in saved:
-        p.error(f"{out} is not a run of {p.prog} (its args.json has no {needs!r} setting)")
+    missing = [key for key in needs if not isinstance(saved, dict) or key not in saved]
+    if missing:
+        p.error(f"{out} is not a run of {p.prog} (its args.json lacks {', '.join(missing)})")
+    flags = []  # the command line of the saved settings that differ from the defaults
     for key, value in saved.items():
-        default = p.get_default(key) if key not in RUNTIME_FLAGS else None
-        if default is not None and value is not None and not isinstance(
-                value, (int, float) if isinstance(default, (int, float)) else type(default)):
-            p.error(f"{out / 'args.json'}: {key} = {value!r} is not a {type(default).__name__}")
+        flag, default = "--" + key.replace("_", "-"), p.get_default(key)
+        if key in vars(args) and key not in RUNTIME_FLAGS and value is not None and not (
+                value == default and type(value) is type(default)):
+            flags += ([flag if value else "--no-" + flag[2:]] if isinstance(value, bool) else
+                      [flag, *map(str, value)] if isinstance(value, list) else [f"{flag}={value}"])
+    p.exit_on_error = False  # an invalid setting raises, so that the line can name the file
+    try:
+        p.parse_known_args(flags)
+    except argparse.ArgumentError as err:
+        p.error(f"{out / 'args.json'} is damaged: {err}")
+    finally:
+        p.exit_on_error = True
+    for key, value in saved.items():
         given = getattr(args, key, None)
         if key not in RUNTIME_FLAGS and given != p.get_default(key) and given != value:
             p.error(f"--{key.replace('_', '-')} {given} differs from the run's {value}: a "
                     "resumed run keeps its settings (drop the flag or choose another --out)")
-    if args.eval_only and not (out / "model.pt").is_file():
-        p.error(f"--eval-only: {out} holds no model.pt (the run has not finished)")
+    if evaluating and not any((out / name).is_file() for name in model_files):
+        p.error(f"--eval-only: {out} holds no {' or '.join(model_files)} (the run has not "
+                "finished)")
     vars(args).update({k: v for k, v in saved.items() if k not in RUNTIME_FLAGS})
 
 
@@ -1171,24 +1177,6 @@ def load_models(models: nn.Module, state: dict[str, Any], path: str | Path) -> N
     except RuntimeError as err:
         raise DataError(f"{path} was written with other model settings "
                         f"({str(err).splitlines()[0][:100]})") from None
-
-
-def make_critic(name: str, dim: int, sigma: float = 0.0, fast: bool = True) -> nn.Module:
-    """The critic `name` for d-dimensional embeddings (sigma: Gaussian; fast: concat)."""
-    if name == "gaussian":
-        return GaussianCritic(sigma)
-    if name == "concat":
-        return ConcatCritic(dim, fast=fast)
-    return {"separable": SeparableCritic, "bilinear": BilinearCritic}[name](dim)
-
-
-def mi_loss(name: str, reg_weight: float = 0.1,
-            clip: float | None = 10.0) -> Callable[[torch.Tensor], tuple]:
-    """The loss `name` with weight for redv / renwj and clip for renwj (Choi & Lee Table 1)."""
-    loss = LOSSES[name]
-    if name == "renwj":
-        return partial(loss, weight=reg_weight, clip=clip)
-    return partial(loss, weight=reg_weight) if name == "redv" else loss
 
 
 def epoch_order(n: int, seed: int, epoch: int, device: torch.device) -> torch.Tensor:

@@ -19,10 +19,9 @@
         labels / y / targets split 80/20) add downstream scores. --out PREFIX: PREFIX.json.
     python evaluate.py --outliers RUN_DIR ... [--out PREFIX]
         Outlier detection from the prior against the fitted Mahalanobis rule (runs with --ood).
-    python evaluate.py --checkpoint RUN_DIR
-        Reruns the run's script with --eval-only (RUN_DIR/metrics_recomputed.json), compares.
     python evaluate.py --renormalize RUN_DIR [RUN_DIR ...]
-        Renews the normality block of each run's metrics.json from its embeddings.npz.
+        Renews the normality block of each run's metrics.json from its embeddings.npz (a run's
+        metrics from its model.pt: python SCRIPT.py --out RUN_DIR --eval-only).
     python evaluate.py RUN_DIR ... --against RUN_DIR ...
         Each measure of two groups of seeds: means, 99% t intervals, Welch's t test p-value.
 """
@@ -34,8 +33,6 @@ import io
 import json
 import math
 import pickle
-import subprocess
-import sys
 import warnings
 import zipfile
 from pathlib import Path
@@ -47,7 +44,6 @@ import torch
 from sklearn.model_selection import train_test_split
 
 import common
-from common import fail
 
 Run = Row = dict[str, Any]
 KINDS = ("trained", "no noise", "untrained", "file")  # the order of table rows
@@ -102,7 +98,7 @@ TABLE2_DATASETS = {100: "ImageNet-100", 1000: "ImageNet-1k"}  # by the ImageFold
 METHOD_NAMES = {"simclr": "SimCLR", "vicreg": "VICReg"}
 EMBEDDING_KEYS, LABEL_KEYS = ("embeddings", "z", "features", "x"), ("labels", "y", "targets")
 MIN_POINTS = 8  # the fewest points the tests take (scipy's D'Agostino-Pearson test needs 8)
-NEWER = ("sliced_w2", "min_eigenvalue", "collapsed")  # normality entries older runs lack: nan
+NEWER = ("min_eigenvalue", "collapsed")  # normality entries cifar_ssl.py runs may lack: nan
 
 
 # --- Tables: rows of kind, noise, capacity, seeds and (mean, 99% t half-width) per measure ----
@@ -177,7 +173,7 @@ def save_texts(prefix: str, texts: dict[str, str]) -> None:
             with common.atomic_path(f"{prefix}.{suffix}") as tmp:
                 Path(tmp).write_text(text)
     except OSError as err:
-        fail(f"cannot write {prefix}.* ({err.strerror or err})")
+        common.fail(f"cannot write {prefix}.* ({err.strerror or err})")
 
 
 # --- Mode 1: Figure 1 from many runs -----------------------------------------------------------
@@ -186,11 +182,11 @@ def find_runs(paths: list[str]) -> list[Path]:
     found: dict[Path, None] = {}
     for path in map(Path, paths):
         if not path.exists():
-            fail(f"{path} does not exist")
+            common.fail(f"{path} does not exist")
         runs = sorted(file.parent for file in path.rglob("metrics.json")) if path.is_dir() else []
         if not runs:
-            fail(f"{path} holds no metrics.json: expected a run directory of mnist_gauss.py / "
-                 "mnist_uniform.py / cifar_ssl.py or a folder of them")
+            common.fail(f"{path} holds no metrics.json: expected a run directory of "
+                        "mnist_gauss.py / mnist_uniform.py / cifar_ssl.py or a folder of them")
         found.update((run.resolve(), None) for run in runs)
     return list(found)
 
@@ -239,9 +235,9 @@ def load_run(path: Path) -> Run:
                 "settings": {key: lookup(key) for key in shared + training},
                 "saved": saved}
     except KeyError as err:
-        fail(f"{file} lacks the entry {err}")
+        common.fail(f"{file} lacks the entry {err}")
     except (ValueError, TypeError, AttributeError) as err:
-        fail(f"{file} is not a valid metrics.json ({err})")
+        common.fail(f"{file} is not a valid metrics.json ({err})")
 
 
 def check_group(runs: list[Run], keys: tuple[str, ...], what: str, seeds_of: str = "") -> None:
@@ -250,14 +246,14 @@ def check_group(runs: list[Run], keys: tuple[str, ...], what: str, seeds_of: str
     for key in keys:
         for run in runs[1:]:
             if run["settings"][key] != runs[0]["settings"][key]:
-                fail(f"{runs[0]['path']} and {run['path']} differ in {key} "
-                     f"({runs[0]['settings'][key]!r} vs {run['settings'][key]!r}): "
-                     f"{what} must share it")
+                common.fail(f"{runs[0]['path']} and {run['path']} differ in {key} "
+                            f"({runs[0]['settings'][key]!r} vs {run['settings'][key]!r}): "
+                            f"{what} must share it")
     seeds: dict[Any, Path] = {}
     for run in runs if seeds_of else []:
         if run["seed"] in seeds:
-            fail(f"{seeds[run['seed']]} and {run['path']} are both seed {run['seed']} of "
-                 f"{seeds_of}: pass only one of them")
+            common.fail(f"{seeds[run['seed']]} and {run['path']} are both seed {run['seed']} of "
+                        f"{seeds_of}: pass only one of them")
         seeds[run["seed"]] = run["path"]
 
 
@@ -268,13 +264,14 @@ def group_rows(runs: list[Run]) -> list[Row]:
     if len(families) > 1:
         (a, b), (first, second) = families[:2], (next(r for r in runs if r["family"] == f)
                                                  for f in families[:2])
-        fail(f"cannot mix {FAMILIES[a][0]} ({a}) and {FAMILIES[b][0]} ({b}) runs in one figure: "
-             f"{first['path']} is {FAMILIES[a][0]}, {second['path']} is {FAMILIES[b][0]}")
+        common.fail(f"cannot mix {FAMILIES[a][0]} ({a}) and {FAMILIES[b][0]} ({b}) runs in one "
+                    f"figure: {first['path']} is {FAMILIES[a][0]}, {second['path']} is "
+                    f"{FAMILIES[b][0]}")
     shared, training = SETTINGS[families[0]]
     check_group(runs, shared, "runs of one figure")
     trained = [run for run in runs if run["kind"] == "trained"]
     if not trained:
-        fail(f"none of the {len(runs)} runs is a trained run with finite capacity C")
+        common.fail(f"none of the {len(runs)} runs is a trained run with finite capacity C")
     check_group(trained, training, "the trained runs of one figure")
     groups: dict[tuple[int, float], list[Run]] = {}
     for run in runs:
@@ -385,7 +382,7 @@ def curve(paths: list[str], prefix: str) -> None:
     of k N(0, I) samples of the test (or training) set's size, k = the seeds of each sigma."""
     runs = [load_run(path) for path in find_runs(paths)]
     if missing := [str(run["path"]) for run in runs if not run["saved"].get("curve")]:
-        fail(f"{missing[0]} has no curve: run mnist_gauss.py with --eval-at or --eval-every")
+        common.fail(f"{missing[0]} has no curve: run mnist_gauss.py with --eval-at or --eval-every")
     check_group(runs, SETTINGS["sigma"][0] + ("critic", "loss", "batch_size"), "runs of a curve")
     groups: dict[float, list[Run]] = {}
     for run in runs:
@@ -571,10 +568,8 @@ def probe_table(runs: list[Run], key_of: Any, label_of: Any, column_of: Any, col
 
 def table1_row(run: Run) -> tuple[str, float, bool]:
     """Table 1 row of a run: method, sigma and whether it has the BatchNorm head (sigma = 0 with
-    the head is a row of its own after the original method, the paper's sigma = 0 row); runs
-    saved before --head existed had no head at sigma = 0."""
-    head = run["saved"].get("head") or ("none" if run["noise"] == 0 else "bn")
-    return run["saved"]["method"], run["noise"], head == "bn"
+    the head is a row of its own after the original method, the paper's sigma = 0 row)."""
+    return run["saved"]["method"], run["noise"], run["saved"]["head"] == "bn"
 
 
 def table1_label(key: tuple[str, float, bool]) -> str:
@@ -590,7 +585,7 @@ def table1(paths: list[str], prefix: str) -> None:
     runs = []
     for path in find_runs(paths):
         if "method" not in common.read_json(path / "metrics.json"):
-            fail(f"{path} is not a cifar_ssl.py run (its metrics.json has no method)")
+            common.fail(f"{path} is not a cifar_ssl.py run (its metrics.json has no method)")
         runs.append(load_run(path))
     imagenet = [run for run in runs if run["saved"]["dataset"] == "folder"
                 and run["saved"]["method"] == "vicreg"
@@ -623,11 +618,11 @@ def read_arrays(file: Path) -> dict[str, np.ndarray]:
     """The arrays of an .npy ("" for the one array), .npz, .pt / .pth or .csv (numeric, one row
     per sample, a first row that is not numeric is a header) file."""
     if not file.is_file():
-        fail(f"{file} does not exist" if not file.exists() else f"{file} is not a file")
+        common.fail(f"{file} does not exist" if not file.exists() else f"{file} is not a file")
     suffix = file.suffix.lower()
     if suffix not in (".npy", ".npz", ".pt", ".pth", ".csv"):
-        fail(f"{file}: unknown format {suffix or '(no suffix)'}; expected .npy, .npz, .pt, "
-             ".pth or .csv")
+        common.fail(f"{file}: unknown format {suffix or '(no suffix)'}; expected .npy, .npz, .pt, "
+                    ".pth or .csv")
     try:
         if suffix == ".npy":
             return {"": np.load(file, allow_pickle=False)}
@@ -644,14 +639,14 @@ def read_arrays(file: Path) -> dict[str, np.ndarray]:
         loaded = torch.load(file, map_location="cpu", weights_only=True)
     except (OSError, ValueError, EOFError, RuntimeError, zipfile.BadZipFile,
             pickle.UnpicklingError, UnicodeDecodeError) as err:
-        fail(f"{file} is not a readable {suffix} file ({str(err).strip().splitlines()[0]})")
+        common.fail(f"{file} is not a readable {suffix} file ({str(err).strip().splitlines()[0]})")
     items = loaded.items() if isinstance(loaded, dict) else [("", loaded)]
     arrays = {str(key): (value.detach().float() if value.dtype in (torch.bfloat16, torch.float16)
                          else value.detach()).numpy()
               for key, value in items if isinstance(value, torch.Tensor)}
     if not arrays:
-        fail(f"{file} holds a {type(loaded).__name__} without tensors: expected a tensor or a "
-             "dict of tensors")
+        common.fail(f"{file} holds a {type(loaded).__name__} without tensors: expected a tensor "
+                    "or a dict of tensors")
     return arrays
 
 
@@ -660,25 +655,26 @@ def check_embeddings(z: np.ndarray, what: str) -> np.ndarray:
     complex or non-numeric values, NaN / inf, fewer than MIN_POINTS rows, a constant column, or
     a column whose scale under- or overflows the tests' moments in double precision."""
     if z.dtype.kind not in "biuf":
-        fail(f"{what} holds {'complex' if z.dtype.kind == 'c' else 'non-numeric'} values "
-             f"({z.dtype}): embeddings must be real numbers")
+        common.fail(f"{what} holds {'complex' if z.dtype.kind == 'c' else 'non-numeric'} values "
+                    f"({z.dtype}): embeddings must be real numbers")
     z = np.asarray(z, dtype=np.float64)
     z = z[:, None] if z.ndim == 1 else z
     if z.ndim != 2 or 0 in z.shape:
-        fail(f"{what}: expected an (n, d) array of embeddings, got shape {z.shape}")
+        common.fail(f"{what}: expected an (n, d) array of embeddings, got shape {z.shape}")
     if not np.isfinite(z).all():
-        fail(f"{what} holds {int((~np.isfinite(z)).sum())} NaN or infinite values")
+        common.fail(f"{what} holds {int((~np.isfinite(z)).sum())} NaN or infinite values")
     if len(z) < MIN_POINTS:
-        fail(f"{what} holds {len(z)} points: the normality tests need at least {MIN_POINTS}")
+        common.fail(f"{what} holds {len(z)} points: the normality tests need at least {MIN_POINTS}")
     peak = np.abs(z).max(axis=0)  # the sd of z / peak cannot under- or overflow
     sd = (z / np.where(peak > 0, peak, 1)).std(axis=0) * peak
     for j, s in enumerate(sd):
         if s == 0:
-            fail(f"{what}: column {j} is constant ({z[0, j]:g}); the tests need variation in "
-                 "every coordinate (drop the column)")
+            common.fail(f"{what}: column {j} is constant ({z[0, j]:g}); the tests need "
+                        "variation in every coordinate (drop the column)")
         if not 1e-50 <= s <= 1e50:
-            fail(f"{what}: column {j} has standard deviation {s:.1e}, outside [1e-50, 1e50] "
-                 "where the tests' moments under- or overflow in double precision; rescale it")
+            common.fail(f"{what}: column {j} has standard deviation {s:.1e}, outside [1e-50, "
+                        "1e50] where the tests' moments under- or overflow in double precision; "
+                        "rescale it")
     return z
 
 
@@ -686,9 +682,10 @@ def check_labels(y: np.ndarray, n: int, what: str) -> np.ndarray:
     """n labels of two classes or more, or one line and exit 2."""
     y = np.asarray(y).reshape(-1) if np.ndim(y) == 2 and 1 in np.shape(y) else np.asarray(y)
     if y.ndim != 1 or len(y) != n:
-        fail(f"{what} has shape {y.shape}: expected {n} labels, one per embedding")
+        common.fail(f"{what} has shape {y.shape}: expected {n} labels, one per embedding")
     if len(np.unique(y)) < 2:
-        fail(f"{what} holds a single class: the downstream scores and the silhouette need two")
+        common.fail(f"{what} holds a single class: the downstream scores and the silhouette "
+                    "need two")
     return y
 
 
@@ -703,17 +700,17 @@ def pick_arrays(arrays: dict[str, np.ndarray], file: Path, key: str | None, seed
             return z, None, "z_test"
         z_tr = check_embeddings(arrays["z_train"], f"{file} (z_train)")
         if z_tr.shape[1] != z.shape[1]:
-            fail(f"{file}: z_train has {z_tr.shape[1]} columns, z_test {z.shape[1]}")
+            common.fail(f"{file}: z_train has {z_tr.shape[1]} columns, z_test {z.shape[1]}")
         return z, (z_tr, check_labels(arrays["y_train"], len(z_tr), f"{file} (y_train)"), z,
                    check_labels(arrays["y_test"], len(z), f"{file} (y_test)")), "z_test"
     if key is not None and key not in arrays:
-        fail(f"{file} holds no array {key!r}; it holds: {found}")
+        common.fail(f"{file} holds no array {key!r}; it holds: {found}")
     candidates = ([key] if key is not None else [k for k in EMBEDDING_KEYS if k in arrays]
                   or [k for k, a in arrays.items() if a.ndim == 2]
                   or (list(arrays) if len(arrays) == 1 else []))
     if len(candidates) != 1:
-        fail(f"{file}: cannot tell which array holds the embeddings (found {found}); "
-             "name it with --key NAME")
+        common.fail(f"{file}: cannot tell which array holds the embeddings (found {found}); "
+                    "name it with --key NAME")
     key = candidates[0]
     z = check_embeddings(arrays[key], f"{file} ({key or 'the array'})")
     label = next((name for name in LABEL_KEYS if name in arrays and name != key), None)
@@ -735,7 +732,8 @@ def embeddings_report(file: Path, key: str | None, uniform: bool, subsample: int
     (Kolmogorov-Smirnov) and for normality after the probability integral transform Phi^-1."""
     z, labelled, source = pick_arrays(read_arrays(file), file, key, seed)
     if uniform and (z.min() < 0 or z.max() > 1):
-        fail(f"{file}: --uniform needs embeddings in [0, 1], found [{z.min():.3g}, {z.max():.3g}]")
+        common.fail(f"{file}: --uniform needs embeddings in [0, 1], found [{z.min():.3g}, "
+                    f"{z.max():.3g}]")
     report: dict[str, Any] = {"file": str(file), "arrays": source, "n": len(z),
                               "dim": z.shape[1], "uniform": uniform}
     if uniform:
@@ -745,7 +743,7 @@ def embeddings_report(file: Path, key: str | None, uniform: bool, subsample: int
     if labelled:
         report["downstream"] = common.downstream_report(*labelled, seed=seed)
     if not np.isfinite([v for v in report["normality"].values() if isinstance(v, float)]).all():
-        fail(f"{file}: the normality tests returned NaN on these embeddings")
+        common.fail(f"{file}: the normality tests returned NaN on these embeddings")
     return report
 
 
@@ -765,51 +763,22 @@ def report_lines(report: dict[str, Any]) -> list[str]:
     return lines
 
 
-# --- Mode 4: recompute a run's metrics from its model; mode 5: renew its normality block ------
-def recompute(run_dir: Path, device: str) -> int:
-    """Run the run's own script with --eval-only (it writes metrics_recomputed.json and prints
-    its summary), then compare with metrics.json; returns the script's exit code."""
-    args_file = run_dir / "args.json"
-    if not args_file.is_file():
-        fail(f"{run_dir} holds no args.json: not a run directory of mnist_gauss.py / "
-             "mnist_uniform.py")
-    saved = common.read_json(args_file)
-    if not isinstance(saved, dict) or not {"sigma", "eps"} & saved.keys():
-        fail(f"{args_file} names neither sigma nor eps: not a run of mnist_gauss.py / "
-             "mnist_uniform.py")
-    script = common.REPO / ("mnist_uniform.py" if "eps" in saved else "mnist_gauss.py")
-    sys.stdout.flush()
-    code = subprocess.run([sys.executable, str(script), "--out", str(run_dir), "--eval-only",
-                           "--device", device]).returncode
-    if code == 0:
-        again = json.loads((run_dir / "metrics_recomputed.json").read_text())
-        try:
-            saved = json.loads((run_dir / "metrics.json").read_text())
-        except (OSError, ValueError):
-            saved = {}
-        differ = [key for key in again if saved.get(key) != again[key] and key not in
-                  ("data", "device", "wall_time_s", "train_history", "curve")]  # not evaluation
-        print(f"identical to {run_dir / 'metrics.json'}" if not differ
-              else f"differs from {run_dir / 'metrics.json'} in: {', '.join(differ)}")
-    return code
-
-
+# --- Mode 4: renew the normality block of runs from their embeddings ----------------------
 def renormalize(paths: list[str]) -> None:
     """Recompute each run's normality block from RUN/embeddings.npz (z_test) with the settings
     and seed it recorded, and write it into RUN/metrics.json atomically, keeping the rest."""
     for run in find_runs(paths):
         metrics = common.read_json(run / "metrics.json")
         if "method" in metrics or not {"sigma", "eps"} & metrics.keys():
-            fail(f"{run}: --renormalize takes runs of mnist_gauss.py / mnist_uniform.py")
+            common.fail(f"{run}: --renormalize takes runs of mnist_gauss.py / mnist_uniform.py")
         z = pick_arrays(read_arrays(run / "embeddings.npz"), run / "embeddings.npz", None, 0)[0]
         old = metrics.get("normality", {})
         try:
             new = common.normality_report(
                 common.to_gaussian(z) if "eps" in metrics else z, seed=metrics["seed"],
-                subsample=old["subsample"], n_proj=old.get("n_proj", 10),
-                n_boot=old.get("n_boot", 20))
+                subsample=old["subsample"], n_proj=old["n_proj"], n_boot=old["n_boot"])
         except (KeyError, TypeError) as err:
-            fail(f"{run / 'metrics.json'} lacks the seed or normality settings ({err})")
+            common.fail(f"{run / 'metrics.json'} lacks the seed or normality settings ({err})")
         same = all(new[k] == old.get(k) or isinstance(old.get(k), float) and math.isclose(
             new[k], old[k], rel_tol=1e-9) for k in ("dagostino_p", "shapiro_p", "henze_zirkler_p"))
         common.write_json({**metrics, "normality": new}, run / "metrics.json")
@@ -818,26 +787,26 @@ def renormalize(paths: list[str]) -> None:
         print("\n".join([f"{run}: averaged p-values {verdict}", *common.normality_lines(new)]))
 
 
-# --- Mode 6: outliers from the known prior against the fitted detector -------------------------
+# --- Mode 5: outliers from the known prior against the fitted detector -------------------------
 def outlier_arrays(file: Path, uniform: bool, prior: str) -> dict[str, np.ndarray]:
     """The train / test / shifted embeddings of an embeddings.npz written with --ood (one line
     and exit 2 when unusable, or when `prior` contradicts the run's `uniform` head)."""
     if prior != "auto" and uniform != (prior == "uniform"):
-        fail(f"{file}: embeddings of a {'uniform' if uniform else 'Gaussian'} DM run; the "
-             f"{prior} prior does not apply (drop --prior or pass --prior "
-             f"{'uniform' if uniform else 'gaussian'})")
+        common.fail(f"{file}: embeddings of a {'uniform' if uniform else 'Gaussian'} DM run; the "
+                    f"{prior} prior does not apply (drop --prior or pass --prior "
+                    f"{'uniform' if uniform else 'gaussian'})")
     arrays = read_arrays(file)
     shifted = {key.removeprefix("z_ood_"): check_embeddings(value, f"{file}:{key}")
                for key, value in arrays.items() if key.startswith("z_ood_")}
     if not shifted or not {"z_train", "z_test"} <= set(arrays):
-        fail(f"{file} holds no out-of-distribution embeddings (z_ood_<name>) beside z_train and "
-             "z_test: run the script with --ood fashion-mnist inverted noise")
+        common.fail(f"{file} holds no out-of-distribution embeddings (z_ood_<name>) beside "
+                    "z_train and z_test: run the script with --ood fashion-mnist inverted noise")
     return {"z_train": check_embeddings(arrays["z_train"], f"{file}:z_train"),
             "z_test": check_embeddings(arrays["z_test"], f"{file}:z_test"), **shifted}
 
 
 def outliers(paths: list[str], embeddings: str | None, prior: str, prefix: str | None) -> None:
-    """Mode 6: false-alarm and detection rates of the prior rule (chi^2_d p-value of ||z||^2,
+    """Mode 5: false-alarm and detection rates of the prior rule (chi^2_d p-value of ||z||^2,
     after Phi^-1 for uniform DM) and of the fitted Mahalanobis rule at alpha = 0.01, 0.05, 0.10,
     and AUROC; for run directories one table over the noise level, mean +- 99% t interval."""
     sources = ([(Path(embeddings), prior == "uniform", ("file", math.nan, math.nan))]
@@ -926,34 +895,32 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="subsample size of the bootstrapped normality tests (as in the scripts)")
     p.add_argument("--seed", type=common.seed_int, default=0,
                    help="seed of the test subsamples, projections, split and MLP")
-    p.add_argument("--json-out", default=None, metavar="FILE",
-                   help="--embeddings: write the report to FILE")
-    p.add_argument("--checkpoint", default=None, metavar="RUN_DIR",
-                   help="recompute the run's metrics from RUN_DIR/model.pt")
-    p.add_argument("--device", default="auto", type=common.device_flag,
-                   help="--checkpoint: auto (CUDA when present), cpu, cuda; the run's own "
-                        "device reproduces its numbers exactly")
+    p.add_argument("--json-out", help=argparse.SUPPRESS)
+    p.add_argument("--checkpoint", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
-    if bool(args.runs) + (args.embeddings is not None) + (args.checkpoint is not None) != 1:
-        p.error("give run directories, --embeddings FILE or --checkpoint RUN_DIR (one mode)")
-    if args.embeddings is None and (args.uniform or args.json_out or args.key):
-        p.error("--uniform, --key and --json-out go with --embeddings")
+    if args.json_out is not None:
+        p.error("--json-out FILE is now --out PREFIX (writes PREFIX.json)")
+    if args.checkpoint is not None:
+        p.error("--checkpoint RUN_DIR is now python SCRIPT.py --out RUN_DIR --eval-only (the "
+                "run's own script; it writes RUN_DIR/metrics_recomputed.json)")
+    if bool(args.runs) == (args.embeddings is not None):
+        p.error("give run directories or --embeddings FILE (one mode)")
+    if args.embeddings is None and (args.uniform or args.key):
+        p.error("--uniform and --key go with --embeddings")
     if args.table + args.renormalize + args.curve > 1 or (
             (args.table or args.renormalize or args.curve) and not args.runs):
         p.error("--table, --curve or --renormalize (one of them) needs run directories")
-    if args.out is not None and (args.checkpoint or args.renormalize):
+    if args.out is not None and args.renormalize:
         p.error("--out has no meaning here: the results go into the run directories")
     if args.against and (not args.runs or args.table or args.renormalize or args.outliers
                          or args.out is not None):
         p.error("--against RUN_DIR ... compares with RUN_DIRs given before it (no other mode)")
-    if args.outliers and (args.table or args.renormalize or args.checkpoint):
+    if args.outliers and (args.table or args.renormalize):
         p.error("--outliers goes with RUN_DIRs or --embeddings FILE")
     if args.prior != "auto" and not args.outliers:
         p.error("--prior goes with --outliers")
     if args.outliers and args.embeddings and args.prior == "auto":
         p.error("--outliers --embeddings FILE needs --prior gaussian or --prior uniform")
-    if args.out is not None and args.json_out is not None:
-        p.error("give --out PREFIX or --json-out FILE, not both")
     return args
 
 
@@ -971,22 +938,18 @@ def main(argv: list[str] | None = None) -> None:
         renormalize(args.runs)
     elif args.runs:
         aggregate(args.runs, args.out or "figure1")
-    elif args.embeddings is not None:
+    else:
         report = embeddings_report(Path(args.embeddings), args.key, args.uniform,
                                    args.subsample, args.seed)
         print("\n".join(report_lines(report)))
-        if args.json_out or args.out:
-            out = Path(args.json_out or f"{args.out.removesuffix('.json')}.json")
+        if args.out:
+            out = Path(f"{args.out.removesuffix('.json')}.json")
             try:
                 out.parent.mkdir(parents=True, exist_ok=True)
                 common.write_json(report, out)
             except OSError as err:
-                fail(f"cannot write {out} ({err.strerror or err})")
+                common.fail(f"cannot write {out} ({err.strerror or err})")
             print(f"saved {out}")
-    elif not Path(args.checkpoint).is_dir():
-        fail(f"{args.checkpoint} is not a directory")
-    elif code := recompute(Path(args.checkpoint), args.device):
-        sys.exit(code)
 
 
 if __name__ == "__main__":

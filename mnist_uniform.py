@@ -60,7 +60,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--lr", type=common.positive_float, default=1e-3,
                    help="Adam learning rate (Appendix C: 1e-3)")
     p.add_argument("--steps", type=common.bounded(int, 0), default=2000,
-                   help="optimizer steps (paper: 2000 epochs = 117k steps on 60k images)")
+                   help="optimizer steps (paper: 2000 epochs of 60k images = 116,000 steps)")
     p.add_argument("--epochs", type=common.positive_int, default=None,
                    help="train for this many passes over the training set instead of --steps")
     p.add_argument("--seed", type=common.seed_int, default=0,
@@ -75,9 +75,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--device", type=common.device_flag, default="auto",
                    help="auto (CUDA when present), cpu, cuda, cuda:N, mps")
     p.add_argument("--dataset", choices=["mnist", "fashion-mnist", "mnist-test-split"],
-                   default="mnist", help="mnist falls back to the shipped MNIST test split "
-                                         "(8k/2k) when the full set is neither on disk nor "
-                                         "downloadable")
+                   default="mnist", help="mnist falls back to the shipped MNIST test split (8k/2k) "
+                   "when the full set is neither on disk nor downloadable")
     p.add_argument("--data-dir", default=None, help="folder with the IDX files (optionally .gz)")
     p.add_argument("--no-download", action="store_true", help="never try to download data")
     p.add_argument("--ood", nargs="+", choices=common.OOD_SETS, default=[],
@@ -109,16 +108,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--paper", action="store_true",
                    help="the paper's settings: " + ", ".join(f"{k}={v}" for k, v in PAPER.items()))
     args = p.parse_args(argv)
+    for one, other in (("eps", "epss"), ("steps", "epochs")):
+        if getattr(args, one) != p.get_default(one) and getattr(args, other) is not None:
+            p.error(f"--{one} and --{other} exclude each other")
     if args.paper:
         given = [k for k in PAPER if getattr(args, k) != p.get_default(k)]
         if given:
             p.error(f"--paper sets {', '.join('--' + k.replace('_', '-') for k in given)}; "
                     "drop them or drop --paper")
         vars(args).update(PAPER)
-    if args.epss is not None and args.eps != p.get_default("eps"):
-        p.error("--eps and --epss exclude each other")
     if args.resume or args.eval_only:
-        common.check_resume(p, args, needs="eps", forbids="sigma")
+        common.check_resume(p, args, ["eps"])
     elif args.epss is None and args.seeds == 1:
         common.resolve_out(p, args, f"runs/mnist_uniform/eps{args.eps:g}_seed{args.seed}")
     if args.batch_size < 2:
@@ -129,7 +129,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def build_models(args: argparse.Namespace, device: torch.device) -> nn.ModuleDict:
     """Encoder f (Table 2), the squash Phi(BatchNorm(.)) of Theorem 3.5 and a learned critic T."""
     models = nn.ModuleDict({"encoder": common.ConvEncoder(args.dim),
-                            "head": common.UniformNoise(args.dim, args.eps),
+                            "head": common.UniformHead(args.dim),
                             "critic": common.make_critic(args.critic, args.dim,
                                                          fast=args.critic_impl == "fast")})
     return models.to(device).to(memory_format=torch.channels_last)
@@ -142,9 +142,9 @@ def infomax_loss(models: nn.ModuleDict, x: torch.Tensor, args: argparse.Namespac
     with common.autocast(x.device, args.amp):
         f, f_aug = models["encoder"](x), models["encoder"](x_aug)
         # each branch squashed over its own batch: Theorem 3.5 constrains f(X) alone
-        b = models["head"](f.float(), noisy=False)                 # Phi(BN(f(X))) in [0, 1]^d
+        b = models["head"](f.float())                              # Phi(BN(f(X))) in [0, 1]^d
         b = b + args.eps * (2 * torch.rand_like(b) - 1)            # f(X) + Z, Z ~ U[-eps, eps]^d
-        a = models["head"](f_aug.float(), noisy=False)             # f(X'), no noise
+        a = models["head"](f_aug.float())                          # f(X'), no noise
         scores = models["critic"](a, b).float()                    # S[i, j] = T(a_i, b_j)
     return common.mi_loss(args.loss, args.reg_weight, args.clip or None)(scores)
 
@@ -211,7 +211,7 @@ def evaluate(models: nn.ModuleDict, data: tuple, args: argparse.Namespace) -> di
         mis = [infomax_loss(models, x_te[i:i + bs], args)[1].item()
                for i in range(0, len(x_te) - bs + 1, bs)]
     # eval-mode embeddings: BatchNorm statistics recomputed on the clean training images
-    common.recompute_bn_stats(models, lambda x: models["head"](models["encoder"](x), noisy=False),
+    common.recompute_bn_stats(models, lambda x: models["head"](models["encoder"](x)),
                               x_tr, args.batch_size)
     z_tr, z_te = embed(models, x_tr), embed(models, x_te)
     if not (np.isfinite(z_tr).all() and np.isfinite(z_te).all()):
@@ -302,12 +302,12 @@ def train_and_evaluate(args: argparse.Namespace) -> None:
         ckpt = common.load_run_file(out / "checkpoint.pt", device)
         common.load_models(models, ckpt["models"], out / "checkpoint.pt")
         opt.load_state_dict(ckpt["optimizer"])
-        scaler.load_state_dict(ckpt.get("scaler", {}))
+        scaler.load_state_dict(ckpt["scaler"])
         torch.set_rng_state(ckpt["rng"].cpu())
-        if device.type == "cuda" and ckpt.get("cuda_rng") is not None:
+        if device.type == "cuda" and ckpt["cuda_rng"] is not None:
             torch.cuda.set_rng_state(ckpt["cuda_rng"].cpu(), device)
         start, history, curve = ckpt["step"], ckpt["history"], ckpt["curve"]
-        segments = ckpt.get("segments", [])
+        segments = ckpt["segments"]
         print(f"resuming {out} at step {start}")
     segments = segments + [[start, str(device), common.precision_name(dtype)]]
     if args.paper:

@@ -63,8 +63,8 @@ def cli():
 
 
 def comparable(metrics):
-    """metrics.json without what differs between identical runs (time, per-step history) and
-    between a resumed run and an uninterrupted one (its training segments)."""
+    """metrics.json without what differs between identical runs: time, per-step history and the
+    (step, device, precision) segments a resumed run was trained in."""
     return {k: v for k, v in metrics.items()
             if k not in ("wall_time_s", "train_history", "segments")}
 

@@ -125,9 +125,9 @@ def test_short_run_writes_figures_and_metrics(tiny_mnist, encoder_run, tmp_path)
         assert sum(unc[key]["shares"]) == pytest.approx(1)
         assert 0 <= unc[key]["entropy"] <= math.log(10) + 1e-9
     assert unc["test_embeddings"]["tv_to_test_embeddings"] == 0
-    saved = torch.load(out / "model.pt", weights_only=False)
+    saved = torch.load(out / "model.pt", weights_only=True)
     gen = cgan.Generator(8, width=8)
-    gen.load_state_dict(saved["generator"])
+    gen.load_state_dict(saved["models"]["generator"])
 
 
 def test_conditions_are_the_encoder_runs_embeddings(tiny_mnist, encoder_run):
@@ -192,7 +192,7 @@ def test_nan_loss_stops_in_one_line_and_keeps_the_last_good_checkpoint(
     assert len(err) == 1 and "step 3" in err[0] and "--lr" in err[0] and kept in err[0]
     checkpoint = tmp_path / "run" / "checkpoint.pt"
     if ckpt_every == "2":
-        assert torch.load(checkpoint, weights_only=False)["step"] == 2
+        assert torch.load(checkpoint, weights_only=True)["step"] == 2
     else:
         assert not checkpoint.exists()
     assert not (tmp_path / "run" / "metrics.json").exists()
@@ -300,7 +300,7 @@ def setup(kind, tmp_path, tiny_mnist, encoder_run):
         return cgan_run_folder(tmp_path, tiny_mnist, encoder_run, **{key: json.loads(value)})
     out = cgan_run_folder(tmp_path, tiny_mnist, encoder_run)
     if kind == "truncated checkpoint":
-        torch.save({"step": 1, "generator": torch.zeros(1000)}, out / "checkpoint.pt")
+        torch.save({"step": 1, "models": torch.zeros(1000)}, out / "checkpoint.pt")
         data = (out / "checkpoint.pt").read_bytes()
         (out / "checkpoint.pt").write_bytes(data[:len(data) // 2])
     elif kind == "checkpoint is a folder":
@@ -308,7 +308,8 @@ def setup(kind, tmp_path, tiny_mnist, encoder_run):
     elif kind == "checkpoint of other models":
         gen, disc, opt_g, opt_d = cgan.build_gan(cgan.parse_args(["--width", "4", "--bench", "1"]),
                                                  torch.device("cpu"))
-        torch.save({"step": 2, "generator": gen.state_dict(), "discriminator": disc.state_dict(),
+        torch.save({"step": 2, "models": {"generator": gen.state_dict(),
+                                          "discriminator": disc.state_dict()},
                     "opt_g": opt_g.state_dict(), "opt_d": opt_d.state_dict(),
                     "rng": torch.get_rng_state(), "history": []}, out / "checkpoint.pt")
     return out
@@ -327,13 +328,9 @@ BAD_INPUTS = [  # flags ({} is the path setup() builds), setup, exit code, text 
     (["--width", "two"], None, 2, "--width"),
     (["--dataset", "cifar10"], None, 2, "--dataset"),
     (["--device", "foo"], None, 2, "--device"),
-    (["--device", ""], None, 2, "--device"),
-    (["--device", "meta"], None, 2, "--device"),
-    (["--device", "cuda:99"], None, 2, "--device"),
-    (["--out", "{}"], "file", 2, "--out"),
     (["--out", "{}"], "file/run", 2, "--out"),
     (["--resume"], None, 2, "--resume"),
-    (["--resume", "--out", "{}"], "gauss run", 2, "not a cgan.py run"),
+    (["--resume", "--out", "{}"], "gauss run", 2, "not a run of"),
     (["--resume", "--out", "{}"], "args not JSON", 2, "not valid JSON"),
     (["--resume", "--out", "{}"], 'args lr_g="fast"', 2, "--lr-g"),
     (["--resume", "--out", "{}"], "args steps=-5", 2, "--steps"),
@@ -344,8 +341,6 @@ BAD_INPUTS = [  # flags ({} is the path setup() builds), setup, exit code, text 
     (["--resume", "--out", "{}"], "checkpoint is a folder", 2, "checkpoint.pt is damaged"),
     (["--resume", "--out", "{}"], "checkpoint of other models", 2, "does not fit"),
 ]
-if not torch.cuda.is_available():
-    BAD_INPUTS.append((["--device", "cuda"], None, 2, "--device"))
 
 
 @pytest.mark.parametrize("flags,kind,code,message", BAD_INPUTS,

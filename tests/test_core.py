@@ -13,9 +13,9 @@ from common import (
     ConvEncoder,
     DataError,
     GaussianCritic,
-    GaussianNoise,
+    GaussianHead,
     SeparableCritic,
-    UniformNoise,
+    UniformHead,
     atomic_path,
     bound_estimates,
     dv,
@@ -220,45 +220,34 @@ def test_encoder_shape_and_table2_layers():
         (1, 32, (3, 3)), (32, 64, (3, 3)), (64, 128, (3, 3))]
 
 
-def test_gaussian_noise_head_moments():
+def test_gaussian_head_normalizes_and_adds_no_noise():
     torch.manual_seed(0)
     f = 3 + 5 * torch.randn(20000, 3) ** 3  # far from standard, far from Gaussian
-    head = GaussianNoise(3, sigma=0.5).train()
-    clean = head(f, noisy=False)
-    assert torch.allclose(clean.mean(0), torch.zeros(3), atol=1e-4)
-    assert torch.allclose(clean.var(0, unbiased=False), torch.ones(3), atol=1e-3)
-    noisy = head(f)
-    assert torch.allclose(noisy.var(0), torch.full((3,), 1.25), atol=0.05)
-    assert (noisy - clean).std().item() == pytest.approx(0.5, abs=0.01)
+    head = GaussianHead(3).train()
+    z = head(f)
+    assert torch.allclose(z.mean(0), torch.zeros(3), atol=1e-4)
+    assert torch.allclose(z.var(0, unbiased=False), torch.ones(3), atol=1e-3)
+    assert torch.equal(z, head(f))  # the scripts add Z; the head draws nothing
     head.eval()
     assert torch.equal(head(f), head(f))
-    with pytest.raises(ValueError):
-        GaussianNoise(3, -0.1)
 
 
-def test_uniform_noise_head_range_and_moments():
+def test_uniform_head_squashes_into_the_unit_cube():
     torch.manual_seed(0)
-    head = UniformNoise(2, eps=0.1).train()
-    f = 2 + 3 * torch.randn(20000, 2)
-    clean = head(f, noisy=False)
-    assert clean.min() >= 0 and clean.max() <= 1
-    assert torch.allclose(clean.mean(0), torch.full((2,), 0.5), atol=0.01)
-    assert torch.allclose(clean.var(0), torch.full((2,), 1 / 12), atol=0.005)
-    noise = head(f) - clean
-    assert noise.abs().max() <= 0.1 and noise.abs().max() > 0.099
-    assert noise.var().item() == pytest.approx(0.01 / 3, rel=0.05)
-    for eps in (0.0, 0.5, -1.0):
-        with pytest.raises(ValueError):
-            UniformNoise(2, eps)
+    head = UniformHead(2).train()
+    u = head(2 + 3 * torch.randn(20000, 2))
+    assert u.min() >= 0 and u.max() <= 1
+    assert torch.allclose(u.mean(0), torch.full((2,), 0.5), atol=0.01)
+    assert torch.allclose(u.var(0), torch.full((2,), 1 / 12), atol=0.005)
 
 
 def test_recompute_bn_stats_uses_the_given_data():
     torch.manual_seed(0)
-    head = GaussianNoise(2, 0.3)
+    head = GaussianHead(2)
     for _ in range(5):
         head(torch.randn(64, 2) * 10 + 50)  # running statistics from other data
     x = torch.randn(1000, 2) * torch.tensor([2.0, 0.5]) + torch.tensor([1.0, -3.0])
-    recompute_bn_stats(head, lambda b: head(b, noisy=False), x, batch_size=100)
+    recompute_bn_stats(head, head, x, batch_size=100)
     assert torch.allclose(head.norm.running_mean, x.mean(0), atol=1e-5)
     assert torch.allclose(head.norm.running_var, x.var(0), rtol=0.02)
     assert head.norm.momentum == 0.1

@@ -28,7 +28,7 @@ def write_run(root, name, sigma=0.5, seed=0, mi=1.0, se=0.01, knn=0.5, **changes
                "dm_gap": capacity - mi, "class_information": math.log(10),
                "normality": {"dagostino_p": 0.1 + 0.1 * seed, "shapiro_p": 0.2,
                              "henze_zirkler_p": 0.3, "henze_zirkler_stat": 2.0,
-                             "subsample": 128, "n_proj": 10, "n_boot": 20},
+                             "sliced_w2": 0.05, "subsample": 128, "n_proj": 10, "n_boot": 20},
                "downstream": {"gnb_acc": 0.4, "knn_acc": knn, "mlp_acc": 0.6, "silhouette": 0.0},
                "sigma": sigma, "dim": 2, "critic": "gaussian" if sigma else "separable",
                "loss": "infonce", "steps": 2000, "batch_size": 256, "seed": seed, "data": DATA,
@@ -194,7 +194,7 @@ def test_figure1_bands_are_for_means_of_as_many_null_draws_as_seeds(tmp_path, ca
                 "test": "henze-zirkler", "level": 0.05, "p": 1e-4, "reject": True},
             "correlation": {"smallest_eigenvalues": [0.04 + 0.01 * seed, 1.96 - 0.01 * seed],
                             "collapsed": 1 - seed // 2, "effective_rank": 1.5}})
-    write_run(tmp_path / "runs", "old", 1.0)  # saved before the null levels: no band, no W2
+    write_run(tmp_path / "runs", "old", 1.0)  # no null levels, no eigenvalues (cifar_ssl.py)
     evaluate.main([str(tmp_path / "runs"), "--out", str(tmp_path / "fig")])
     printed = capsys.readouterr().out
     assert "| 0.060 ± 0.000 |" in printed and "| 0.050 ± 0.057 |" in printed  # W2, eigenvalue
@@ -205,7 +205,7 @@ def test_figure1_bands_are_for_means_of_as_many_null_draws_as_seeds(tmp_path, ca
     rows = {float(row["sigma"]): row for row in csv.DictReader(open(tmp_path / "fig.csv"))}
     assert float(rows[0.5]["sliced_w2_mean"]) == pytest.approx(0.06)
     assert float(rows[0.5]["collapsed_mean"]) == pytest.approx(2 / 3)
-    assert math.isnan(float(rows[1.0]["sliced_w2_mean"]))
+    assert float(rows[1.0]["sliced_w2_mean"]) == pytest.approx(0.05)
     assert math.isnan(float(rows[1.0]["min_eigenvalue_mean"]))
     assert (tmp_path / "fig.png").stat().st_size > 0
 
@@ -301,7 +301,7 @@ def test_embeddings_normality_of_gaussian_and_uniform_samples(tmp_path, capsys):
     json_out = tmp_path / "new" / "folder" / "report.json"  # created on the way
     file = tmp_path / "u.npz"
     np.savez(file, z_test=u)
-    evaluate.main(["--embeddings", str(file), "--uniform", "--json-out", str(json_out)])
+    evaluate.main(["--embeddings", str(file), "--uniform", "--out", str(json_out)])
     pit = json.loads(json_out.read_text())
     for key in ("dagostino_p", "shapiro_p", "henze_zirkler_p"):
         assert pit["normality"][key] > 0.3
@@ -363,7 +363,7 @@ def save_other(file, z, y):
 def test_embeddings_of_other_models(tmp_path, capsys, name, labelled):
     z, y = clusters()
     save_other(tmp_path / name, z, y)
-    evaluate.main(["--embeddings", str(tmp_path / name), "--json-out", str(tmp_path / "r.json")])
+    evaluate.main(["--embeddings", str(tmp_path / name), "--out", str(tmp_path / "r")])
     report = json.loads((tmp_path / "r.json").read_text())
     assert report["n"] == 500 and report["dim"] == 2
     assert report["normality"]["decision"]["reject"]  # three clusters are not Gaussian
@@ -414,36 +414,30 @@ def test_bad_embeddings_are_one_line(tmp_path, capsys, name, save, flags, messag
     assert exc.value.code == 2 and len(err.strip().splitlines()) == 1 and message in err, err
 
 
-@pytest.mark.parametrize("flags", [("--checkpoint", "x", "--out", "y"), ("--subsample", "3"),
-                                   ("--renormalize",), ("--embeddings", "e.npy", "--out", "a",
-                                                        "--json-out", "b")])
-def test_flags_without_meaning_are_refused(flags, capsys):
+@pytest.mark.parametrize("flags,message", [
+    (["--checkpoint", "run"], "python SCRIPT.py --out RUN_DIR --eval-only"),
+    (["--embeddings", "e.npy", "--json-out", "r.json"], "--out PREFIX"),
+    (["--renormalize"], "give run directories or --embeddings FILE"),
+    (["run", "--renormalize", "--out", "x"], "--out has no meaning"),
+    (["run", "--uniform"], "--uniform and --key go with --embeddings"),
+    (["run", "--prior", "uniform"], "--prior goes with --outliers"),
+    (["--embeddings", "e.npy", "--subsample", "3"], "--subsample"),
+])
+def test_flags_without_meaning_are_refused_by_name(flags, message, capsys):
     with pytest.raises(SystemExit) as exc:
-        evaluate.main(list(flags) if flags[0] != "--subsample" else ["--embeddings", "e.npy",
-                                                                     *flags])
-    assert exc.value.code == 2
+        evaluate.main(flags)
+    assert exc.value.code == 2 and message in capsys.readouterr().err.strip().splitlines()[-1]
 
 
-def test_checkpoint_reproduces_gaussian_run(run_script, tmp_path, capfd):
-    out = tmp_path / "run"
-    saved = run_script(mnist_gauss, out, "--steps", "2", "--sigma", "0.5", "--device", "cpu")
-    capfd.readouterr()
-    evaluate.main(["--checkpoint", str(out), "--device", "cpu"])
-    printed = capfd.readouterr().out
-    again = json.loads((out / "metrics_recomputed.json").read_text())
-    for key in ("capacity", "mi_heldout", "mi_heldout_se", "normality", "downstream"):
-        assert again[key] == saved[key]
-    assert "identical to" in printed and "MI estimate (held-out)" in printed
-
-
-def test_checkpoint_reproduces_uniform_run_and_renormalize_keeps_it(run_script, tmp_path,
-                                                                   capfd):
+def test_uniform_eval_only_and_renormalize_reproduce_the_run(run_script, tmp_path, capfd):
     out = tmp_path / "run"
     saved = run_script(mnist_uniform, out, "--steps", "2", "--eps", "0.2", "--device", "cpu")
-    evaluate.main(["--checkpoint", str(out), "--device", "cpu"])
+    before = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
+    mnist_uniform.main(["--out", str(out), "--eval-only", "--quiet"])
     again = json.loads((out / "metrics_recomputed.json").read_text())
     for key in ("mi_heldout", "normality", "uniformity", "downstream"):
         assert again[key] == saved[key]
+    assert before == {p.name: p.stat().st_mtime_ns for p in out.iterdir() if p.name in before}
     # --renormalize on a run saved before the null levels: the block comes back complete
     old = {**saved, "normality": {k: saved["normality"][k] for k in (
         "dagostino_p", "shapiro_p", "henze_zirkler_p", "henze_zirkler_stat", "subsample",
@@ -467,23 +461,6 @@ def test_renormalize_without_embeddings_is_one_line(tmp_path, capsys):
     assert "embeddings.npz does not exist" in err
 
 
-def test_checkpoint_of_broken_run_dir_is_one_line(tmp_path, capsys):
-    (tmp_path / "args.json").write_text("{broken")
-    with pytest.raises(SystemExit) as exc:
-        evaluate.main(["--checkpoint", str(tmp_path)])
-    err = capsys.readouterr().err
-    assert exc.value.code == 2 and len(err.strip().splitlines()) == 1 and "args.json" in err
-
-
-def test_help_documents_the_modes(capsys):
-    with pytest.raises(SystemExit) as exc:
-        evaluate.main(["--help"])
-    text = capsys.readouterr().out
-    assert exc.value.code == 0
-    for needle in ("Figure 1", "--table", "--embeddings", "--checkpoint", "--renormalize"):
-        assert needle in text
-
-
 def test_curve_of_eval_at_runs(run_script, tmp_path, capsys):
     for seed in (0, 1):
         metrics = run_script(mnist_gauss, tmp_path / "runs" / f"seed{seed}", "--steps", "4",
@@ -500,3 +477,133 @@ def test_curve_of_eval_at_runs(run_script, tmp_path, capsys):
     with pytest.raises(SystemExit):
         evaluate.main([str(tmp_path / "flat"), "--curve"])
     assert "has no curve: run mnist_gauss.py with --eval-at" in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------------------------
+# evaluate.py: Table 1 and the sigma sweep of cifar_ssl.py runs
+# --------------------------------------------------------------------------------------------
+
+def fake_ssl_run(root, name, method="simclr", sigma=0.0, dataset="cifar10", seed=0, top1=0.9,
+                 steps=1000, hz=0.5):
+    """A fake cifar_ssl.py run directory; sigma 0 is the original method (no head)."""
+    metrics = {"method": method, "sigma": sigma, "head": "none" if sigma == 0 else "bn",
+               "dataset": dataset, "arch": "resnet18",
+               "dim": 256, "capacity": "inf" if sigma == 0 else 128 * math.log1p(sigma ** -2),
+               "steps": steps, "epochs": 5.0, "batch_size": 256, "seed": seed,
+               "probe": {"top1": top1, "top5": 0.99, "train_top1": 0.95},
+               "online_probe": {"test_top1": top1 - 0.05},
+               "normality": {"dagostino_p": 0.2 + sigma, "shapiro_p": 0.1,
+                             "henze_zirkler_p": hz, "sliced_w2": 0.1, "subsample": 128},
+               "probe_images": {"train": 50000, "test": 10000},
+               "data": {"dataset": dataset, "n_train": 50000}}
+    (root / name).mkdir(parents=True)
+    (root / name / "metrics.json").write_text(json.dumps(metrics))
+
+
+def test_table1_next_to_the_paper(tmp_path, capsys):
+    fake_ssl_run(tmp_path, "a", "simclr", 0.3, top1=0.80)
+    fake_ssl_run(tmp_path, "b", "simclr", 0.3, top1=0.90, seed=1)
+    fake_ssl_run(tmp_path, "c", "vicreg", 0.0, "cifar100", top1=0.5)
+    fake_ssl_run(tmp_path, "d", "vicreg", 0.0, "cifar100", top1=0.2, steps=0)
+    fake_ssl_run(tmp_path, "e", "simclr", 0.1, "fashion-mnist", top1=0.7)
+    evaluate.main(["--table", str(tmp_path), "--out", str(tmp_path / "t1")])
+    text = capsys.readouterr().out
+    assert (tmp_path / "t1.md").read_text() in text
+    row = next(line for line in text.splitlines() if line.startswith("| SimCLR σ = 0.3 |"))
+    # mean 85 % +- t_{0.995, 1} 7.0711 / sqrt(2) = 63.657 * 5 = 318.28 %; paper 91.56 / 99.77
+    assert "85.00 ± 318.28 (91.56)" in row and "99.00 ± 0.00 (99.77)" in row
+    assert "– (65.72)" in row
+    row = next(line for line in text.splitlines() if line.startswith("| VICReg |"))
+    assert "– (90.63)" in row and "50.00 (65.71)" in row
+    assert len([line for line in text.splitlines() if line.startswith("| SimCLR")]) == 4
+    assert text.splitlines()[2].endswith("fashion-mnist top-1 | fashion-mnist top-5 |")
+    row = next(line for line in text.splitlines() if line.startswith("| SimCLR σ = 0.1 |"))
+    assert row.endswith("| 70.00 | 99.00 |")
+    row = next(line for line in text.splitlines() if line.startswith("| random-init encoder |"))
+    assert "20.00" in row and "(" not in row
+
+
+def test_table1_keeps_sigma0_with_the_head_apart_from_the_original_method(tmp_path, capsys):
+    fake_ssl_run(tmp_path, "original", "simclr", 0.0, top1=0.80)
+    fake_ssl_run(tmp_path, "bn", "simclr", 0.0, top1=0.70)
+    file = tmp_path / "bn" / "metrics.json"
+    file.write_text(json.dumps({**json.loads(file.read_text()), "head": "bn"}))
+    evaluate.main(["--table", str(tmp_path), "--out", str(tmp_path / "t1")])
+    lines = capsys.readouterr().out.splitlines()
+    original = lines.index(next(line for line in lines if line.startswith("| SimCLR |")))
+    assert "80.00 (90.83)" in lines[original]
+    assert lines[original + 1].startswith("| SimCLR, BatchNorm head, no noise | 70.00 |")
+    assert "(" not in lines[original + 1]
+
+
+def test_table1_refuses_mnist_runs_duplicate_seeds_and_mixed_settings(tmp_path, capsys):
+    fake_ssl_run(tmp_path / "dup", "a")
+    fake_ssl_run(tmp_path / "dup", "b")
+    with pytest.raises(SystemExit) as exc:
+        evaluate.main(["--table", str(tmp_path / "dup"), "--out", str(tmp_path / "t")])
+    assert exc.value.code == 2 and "both seed 0" in capsys.readouterr().err
+    fake_ssl_run(tmp_path / "steps", "a")
+    fake_ssl_run(tmp_path / "steps", "b", seed=1, steps=5)
+    with pytest.raises(SystemExit) as exc:
+        evaluate.main(["--table", str(tmp_path / "steps"), "--out", str(tmp_path / "t")])
+    assert exc.value.code == 2 and "differ in steps" in capsys.readouterr().err
+    write_run(tmp_path / "mnist", "run")  # an mnist_gauss.py run: metrics without "method"
+    with pytest.raises(SystemExit) as exc:
+        evaluate.main(["--table", str(tmp_path / "mnist"), "--out", str(tmp_path / "t")])
+    assert exc.value.code == 2 and "not a cifar_ssl.py run" in capsys.readouterr().err
+    assert not (tmp_path / "t.md").exists()
+
+
+def test_sigma_sweep_panel_of_cifar_runs(tmp_path, capsys):
+    for sigma in (0.1, 0.3):
+        for seed in (0, 1):
+            fake_ssl_run(tmp_path, f"s{sigma}_{seed}", sigma=sigma, seed=seed,
+                         top1=0.8 + 0.1 * seed, hz=None)
+    fake_ssl_run(tmp_path, "s0", sigma=0.0)
+    fake_ssl_run(tmp_path, "untrained", sigma=0.1, steps=0, top1=0.3)
+    evaluate.main([str(tmp_path), "--out", str(tmp_path / "fig")])
+    text = capsys.readouterr().out
+    assert (tmp_path / "fig.png").stat().st_size > 0
+    assert "linear probe top-1" in text and "projector output" in text
+    assert "record no MI estimate" in text
+    assert "| trained | 0.3 |" in text and "| untrained | 0.1 |" in text
+    rows = {(row["kind"], float(row["sigma"])): row
+            for row in csv.DictReader(open(tmp_path / "fig.csv"))}
+    assert float(rows["trained", 0.3]["top1_mean"]) == pytest.approx(0.85)
+    assert math.isnan(float(rows["trained", 0.3]["henze_zirkler_p_mean"]))
+
+
+def fake_imagenet_run(root, name, sigma, seed, top1, classes=100, steps=1000):
+    fake_ssl_run(root, name, "vicreg", sigma, "folder", seed, top1, steps)
+    file = root / name / "metrics.json"
+    metrics = json.loads(file.read_text())
+    metrics["data"].update(n_classes=classes, image_size=224)
+    file.write_text(json.dumps(metrics))
+
+
+def test_table2_mean_and_std_over_seeds_next_to_the_poster(tmp_path, capsys):
+    for seed, top1 in enumerate((0.70, 0.72, 0.74)):
+        fake_imagenet_run(tmp_path, f"in100_s0.1_{seed}", 0.1, seed, top1)
+    fake_imagenet_run(tmp_path, "in1k_s0", 0.0, 0, 0.6, classes=1000)
+    fake_imagenet_run(tmp_path, "in1k_untrained", 0.0, 0, 0.05, classes=1000, steps=0)
+    evaluate.main(["--table", str(tmp_path), "--out", str(tmp_path / "t")])
+    text = capsys.readouterr().out
+    assert (tmp_path / "t.md").read_text() in text
+    assert "Table 1" not in text and "Table 2" in text
+    lines = text.splitlines()
+    assert lines[2] == ("| σ | ImageNet-100 top-1 | ImageNet-100 top-5 | ImageNet-1k top-1 | "
+                        "ImageNet-1k top-5 |")
+    row = next(line for line in lines if line.startswith("| 0.1 |"))
+    # mean 72 %, sample std 2 %; poster 72.07 +- 0.27
+    assert "| 72.00 ± 2.00 (72.07 ± 0.27) | 99.00 ± 0.00 (91.65 ± 0.13) |" in row
+    assert row.endswith("| – (67.30 ± 0.13) | – (87.43 ± 0.02) |")
+    row = next(line for line in lines if line.startswith("| 0 |"))
+    assert "| 60.00 (67.41 ± 0.17) |" in row
+    assert next(line for line in lines if line.startswith("| 0.05 |")).count("–") == 4
+    row = next(line for line in lines if line.startswith("| random-init encoder |"))
+    assert "5.00" in row and "(" not in row
+    fake_ssl_run(tmp_path, "cifar", "simclr", 0.3)
+    evaluate.main(["--table", str(tmp_path), "--out", str(tmp_path / "t")])
+    text = capsys.readouterr().out
+    assert "Table 1" in text and "Table 2" in text
+    assert "ImageNet" not in text.split("Table 2")[0]

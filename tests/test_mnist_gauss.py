@@ -9,6 +9,26 @@ import torch
 import mnist_gauss
 
 
+def test_two_views_adds_z_to_the_clean_branch_only_each_normalized_over_its_own_batch(tmp_path):
+    args = mnist_gauss.parse_args(["--sigma", "0.5", "--dim", "3", "--no-amp",
+                                   "--out", str(tmp_path / "unused")])
+    torch.manual_seed(0)
+    models = mnist_gauss.build_models(args, torch.device("cpu")).train()
+    x = torch.rand(4096, 1, 24, 24)
+    torch.manual_seed(1)
+    a, b = mnist_gauss.two_views(models, x, args)
+    torch.manual_seed(1)
+    x_aug = x + 0.6 * torch.randn_like(x)
+    with torch.no_grad():
+        clean, augmented = (models["head"](models["encoder"](v)) for v in (x, x_aug))
+    assert torch.allclose(a, augmented, atol=1e-5)  # a = BN(f(X')) over X' alone, no noise
+    assert torch.allclose(a.var(0, unbiased=False), torch.ones(3), atol=1e-3)
+    assert torch.allclose(clean.var(0, unbiased=False), torch.ones(3), atol=1e-3)
+    z = b - clean  # b = BN(f(X)) + Z, Z ~ N(0, 0.5^2 I)
+    assert torch.allclose(z.std(0), torch.full((3,), 0.5), atol=0.02)
+    assert torch.allclose(b.var(0), torch.full((3,), 1.25), atol=0.08)
+
+
 def test_short_run_writes_metrics_and_files(run_script, tmp_path):
     metrics = run_script(mnist_gauss, tmp_path / "run", "--steps", "4", "--sigma", "0.5")
     assert metrics["capacity"] == pytest.approx(np.log(5))
@@ -94,7 +114,7 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(run_script, tmp_path,
     assert exc.value.code == 3
     err = capsys.readouterr().err
     assert "by step 4" in err and "smaller --lr" in err and "checkpoint.pt" in err
-    ckpt = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=False)
+    ckpt = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)
     assert ckpt["step"] == 2
     assert not (tmp_path / "run" / "metrics.json").exists()
 
@@ -121,7 +141,8 @@ def test_bench_prints_fast_and_reference_side_by_side(capsys):
     mnist_gauss.main(["--bench", "1", "--batch-size", "32", "--critic", "concat",
                       "--device", "cpu"])
     out = capsys.readouterr().out
-    run = re.search(r"this run: +([0-9.]+) ms/step +bf16 autocast, channels-last, fast", out)
+    run = re.search(r"this run: +([0-9.]+) ms/step +(float32|bfloat16 autocast), channels-last, "
+                    r"fast", out)
     reference = re.search(r"reference: +([0-9.]+) ms/step +float32, NCHW, reference", out)
     ratio = float(reference.group(1)) / float(run.group(1))
     speed_up = float(re.search(r"speed-up ([0-9.]+)x", out).group(1))

@@ -5,11 +5,12 @@ import re
 
 import numpy as np
 import pytest
+import torch
 from conftest import TINY_FLAGS as FLAGS
 
 import mnist_gauss
 import mnist_uniform
-from common import uniformity_report
+from common import infonce, uniformity_report
 
 
 @pytest.mark.parametrize("eps", ["0.7", "0", "0.5", "-0.1"])
@@ -18,6 +19,35 @@ def test_eps_outside_open_half_interval_is_rejected(eps, capsys):
         mnist_uniform.parse_args(["--eps", eps])
     assert exc.value.code == 2
     assert "(0, 0.5)" in capsys.readouterr().err
+
+
+class InnerProduct(torch.nn.Module):
+    """A critic T(a, b) = <a, b> that keeps the views it was given."""
+
+    def forward(self, a, b):
+        self.views = (a, b)
+        return a @ b.T
+
+
+def test_infomax_loss_adds_uniform_z_to_the_squashed_clean_branch(tmp_path):
+    args = mnist_uniform.parse_args(["--eps", "0.2", "--dim", "3", "--no-amp",
+                                     "--out", str(tmp_path / "unused")])
+    torch.manual_seed(0)
+    models = mnist_uniform.build_models(args, torch.device("cpu")).train()
+    models["critic"] = InnerProduct()
+    x = torch.rand(2048, 1, 24, 24)
+    torch.manual_seed(1)
+    loss, mi = mnist_uniform.infomax_loss(models, x, args)
+    a, b = models["critic"].views
+    assert torch.equal(loss, infonce(a @ b.T)[0]) and torch.equal(mi, infonce(a @ b.T)[1])
+    torch.manual_seed(1)
+    x_aug = x + 0.6 * torch.randn_like(x)
+    with torch.no_grad():
+        clean, augmented = (models["head"](models["encoder"](v)) for v in (x, x_aug))
+    assert torch.allclose(a, augmented, atol=1e-5) and a.min() >= 0 and a.max() <= 1
+    z = b - clean  # Z ~ U[-0.2, 0.2]^3: variance 0.2^2 / 3
+    assert z.abs().max() <= 0.2 + 1e-6 and z.abs().max() > 0.19
+    assert torch.allclose(z.var(0), torch.full((3,), 0.04 / 3), rtol=0.1)
 
 
 def test_short_uniform_run_writes_metrics(tiny_mnist, tmp_path):
@@ -33,6 +63,22 @@ def test_short_uniform_run_writes_metrics(tiny_mnist, tmp_path):
     u = np.load(out / "embeddings.npz")["z_test"]
     assert u.shape == (200, 2) and u.min() >= 0 and u.max() <= 1
     assert (out / "scatter.png").is_file()
+
+
+def test_eval_every_curve_and_resume_continue_exactly(run_script, same_metrics, tmp_path):
+    flags = ("--steps", "6", "--eps", "0.2", "--ckpt-every", "3", "--log-every", "3",
+             "--eval-every", "2")
+    full = run_script(mnist_uniform, tmp_path / "a", *flags)
+    assert [point["step"] for point in full["curve"]] == [2, 4]  # the final metrics hold step 6
+    assert all(0 <= point["knn_acc"] <= 1 for point in full["curve"])
+    # a run killed after its step-3 checkpoint: train 3 steps, then resume the 6-step run
+    part = tmp_path / "b"
+    run_script(mnist_uniform, part, *flags[2:], "--steps", "3")
+    saved = json.loads((part / "args.json").read_text())
+    (part / "args.json").write_text(json.dumps({**saved, "steps": 6}))
+    (part / "metrics.json").unlink()
+    mnist_uniform.main(["--out", str(part), "--resume", "--quiet"])
+    assert same_metrics(json.loads((part / "metrics.json").read_text()), full)
 
 
 def test_uniformity_report_separates_uniform_from_peaked():
