@@ -410,7 +410,8 @@ def curve(paths: list[str], prefix: str) -> None:
         for ax, (name, title) in zip(axes, CURVE, strict=True):
             ax.plot(steps, values[name].T, color=f"C{i}", linewidth=0.6, alpha=0.5)
             ax.plot(steps, values[name].mean(0), "o-", color=f"C{i}", label=label)
-            ax.set(xscale="log", xlabel="training steps", title=title)
+            ax.set(xscale="log", yscale="log" if name.startswith("sliced") else "linear",
+                   xlabel="training steps", title=title)
         for j, t in enumerate(steps):
             rows.append([f"{noise:g}", str(t), str(k), *(
                 mean_cell(mean_ci99(values[name][:, j]), fmt) if noise or name != "mi_over_c"
