@@ -497,7 +497,8 @@ def run(args: argparse.Namespace) -> dict | None:
         return metrics
     started, ckpt = time.time(), None
     if args.resume and (out / "checkpoint.pt").exists():  # read before anything is written
-        ckpt = common.load_run_file(out / "checkpoint.pt", device)
+        ckpt = common.load_run_file(out / "checkpoint.pt", device, (
+            "step", "models", "opt_g", "opt_d", "scaler", "rng", "history"))
     x_tr, y_tr, x_te, y_te, data = common.load_data(args.dataset, args.data_dir,
                                                     download=not args.no_download)
     if "note" in data:
@@ -527,7 +528,7 @@ def run(args: argparse.Namespace) -> dict | None:
                                 (disc, ckpt["models"]["discriminator"]),
                                 (opt_g, ckpt["opt_g"]), (opt_d, ckpt["opt_d"])):
                 part.load_state_dict(state)
-            scaler.load_state_dict(ckpt.get("scaler", {}))
+            scaler.load_state_dict(ckpt["scaler"])
             torch.set_rng_state(ckpt["rng"].cpu())
             start, history = int(ckpt["step"]), list(ckpt["history"])
         except (RuntimeError, ValueError, KeyError, TypeError, AttributeError) as err:

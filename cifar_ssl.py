@@ -670,7 +670,8 @@ class Trainer:
     def load(self, out: Path) -> tuple[int, list]:
         """Rank 0's checkpoint.pt, with this process's own RNG states; (step, history)."""
         rank, world = rank_and_world()
-        ckpt = common.load_run_file(out / "checkpoint.pt", self.device)
+        ckpt = common.load_run_file(out / "checkpoint.pt", self.device, (
+            "step", "models", "optimizer", "scaler", "rng", "cuda_rng", "history"))
         if world > 1 and len(ckpt.get("process_rng", [])) != world:
             raise common.DataError(f"{out / 'checkpoint.pt'} was not written by {world} processes; "
                                    "resume it with as many processes as it was started with")

@@ -817,7 +817,8 @@ def cpu_bf16() -> tuple[bool, str]:
     Native means AVX-512 BF16 or AMX (x86), read from the CPU's own capability flags through
     torch.cpu (CPUID): exact, free, and unaffected by a busy machine, where a start-up timing of a
     bf16 and a float32 matmul costs time and can flip under load. Elsewhere bf16 autocast is
-    emulated: about 6-9x slower than float32 for this ConvNet on an AVX2 CPU (README, Speed).
+    emulated: 8-21x slower than float32 for these scripts on an AVX2 CPU (results/README.md,
+    Precision).
     torch.ops.mkldnn._is_mkldnn_bf16_supported() is not used: it is True on every AVX-512 CPU,
     bf16 instructions or not. Caps that torch and oneDNN honour (ATEN_CPU_CAPABILITY,
     ONEDNN_MAX_CPU_ISA) count: under them oneDNN emulates bf16 as well. Non-x86 CPUs get float32.
@@ -1158,8 +1159,10 @@ def run_commands(commands: list[list[str]], jobs: int = 1) -> list[int]:
     return codes
 
 
-def load_run_file(path: str | Path, device: torch.device) -> dict[str, Any]:
-    """A checkpoint.pt or model.pt written by a script; DataError names the file if damaged."""
+def load_run_file(path: str | Path, device: torch.device,
+                  keys: Sequence[str] = ("models",)) -> dict[str, Any]:
+    """A checkpoint.pt or model.pt written by a script, holding every entry of `keys`; DataError
+    names the file if it is damaged or lacks one (another script's, or an older version's)."""
     try:
         state = torch.load(path, map_location=device, weights_only=True)
     except (OSError, RuntimeError, EOFError, ValueError, pickle.UnpicklingError) as err:
@@ -1167,6 +1170,9 @@ def load_run_file(path: str | Path, device: torch.device) -> dict[str, Any]:
                         f"({str(err).splitlines()[0][:100]})") from None
     if not isinstance(state, dict) or "models" not in state:
         raise DataError(f"{path} holds no models: not a checkpoint of this project")
+    if missing := [key for key in keys if key not in state]:
+        raise DataError(f"{path} lacks {', '.join(missing)}: written by another script or an "
+                        "older version; delete it to start the run again from step 0")
     return state
 
 

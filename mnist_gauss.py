@@ -331,7 +331,9 @@ def train_and_evaluate(args: argparse.Namespace) -> None:
         common.write_json({k: v for k, v in vars(args).items() if k not in common.RUNTIME_FLAGS},
                           out / "args.json")
     if args.resume and (out / "checkpoint.pt").exists():
-        ckpt = common.load_run_file(out / "checkpoint.pt", device)
+        ckpt = common.load_run_file(out / "checkpoint.pt", device, (
+            "step", "models", "optimizer", "scaler", "rng", "cuda_rng", "segments", "history",
+            "curve"))
         common.load_models(models, ckpt["models"], out / "checkpoint.pt")
         opt.load_state_dict(ckpt["optimizer"])
         scaler.load_state_dict(ckpt["scaler"])

@@ -101,6 +101,7 @@ RUN_CASES = [
     ("gauss", "gauss", "checkpoint_truncated", ["--resume"], 2, "checkpoint.pt is damaged"),
     ("gauss", "gauss", "checkpoint_dir", ["--resume"], 2, "checkpoint.pt is damaged"),
     ("gauss", "gauss", "checkpoint_other_dim", ["--resume"], 2, "other model settings"),
+    ("gauss", "gauss", "checkpoint_older", ["--resume"], 2, "lacks scaler, segments"),
 ]
 
 
@@ -119,7 +120,8 @@ def test_broken_run_folders_are_refused_before_anything_is_written(
         (run / "model.pt").unlink()
     elif damage == "model_truncated":
         (run / "model.pt").write_bytes((run / "model.pt").read_bytes()[:100])
-    elif damage in ("checkpoint_truncated", "checkpoint_dir", "checkpoint_other_dim"):
+    elif damage in ("checkpoint_truncated", "checkpoint_dir", "checkpoint_other_dim",
+                    "checkpoint_older"):
         (run / "metrics.json").unlink()  # an unfinished run, so --resume reads the checkpoint
         if damage == "checkpoint_truncated":
             (run / "checkpoint.pt").write_bytes((run / "checkpoint.pt").read_bytes()[:200])
@@ -128,8 +130,11 @@ def test_broken_run_folders_are_refused_before_anything_is_written(
             (run / "checkpoint.pt").mkdir()
         else:
             ckpt = torch.load(run / "checkpoint.pt", weights_only=True)
-            ckpt["models"] = {k: torch.cat([v, v]) if v.ndim and v.shape[0] == 2 else v
-                              for k, v in ckpt["models"].items()}
+            if damage == "checkpoint_older":  # written before the scaler and segments were saved
+                del ckpt["scaler"], ckpt["segments"]
+            else:
+                ckpt["models"] = {k: torch.cat([v, v]) if v.ndim and v.shape[0] == 2 else v
+                                  for k, v in ckpt["models"].items()}
             torch.save(ckpt, run / "checkpoint.pt")
     before = snapshot(tmp_path)
     lines = expect_exit(script, ["--out", str(run), "--quiet", *flags], capsys, code).splitlines()
