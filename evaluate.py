@@ -393,7 +393,11 @@ def curve(paths: list[str], prefix: str) -> None:
                    for _ in range(common.NULL_DRAWS)]
     plt = common.pyplot()
     fig, axes = plt.subplots(1, len(CURVE), figsize=(4.2 * len(CURVE), 3.6))
-    rows, bands = [], {}
+    # the runs share n and d: a sigma of k seeds gets the band of a mean of k draws
+    bands = {k: {"sliced_w2": null_bands(runs, k)["sliced_w2"],
+                 "sliced_w2_train": common.null_band(train_draws, k)}
+             for k in sorted({len(members) for members in groups.values()})}
+    rows = []
     for i, (noise, members) in enumerate(sorted(groups.items())):
         steps = sorted(set.intersection(*({p["step"] for p in run["saved"]["curve"]}
                                           for run in members)))
@@ -404,8 +408,6 @@ def curve(paths: list[str], prefix: str) -> None:
         values["mi_over_c"] = np.array([[point[t]["mi_heldout"] / capacity for t in steps]
                                         for point in points])
         k = len(members)
-        bands[k] = {"sliced_w2": null_bands(members, k)["sliced_w2"],
-                    "sliced_w2_train": common.null_band(train_draws, k)}
         label = f"σ = {noise:g}" + (" (no noise)" if noise == 0 else "")
         for ax, (name, title) in zip(axes, CURVE, strict=True):
             ax.plot(steps, values[name].T, color=f"C{i}", linewidth=0.6, alpha=0.5)
