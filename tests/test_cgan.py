@@ -310,7 +310,7 @@ def setup(kind, tmp_path, tiny_mnist, encoder_run):
                                                  torch.device("cpu"))
         torch.save({"step": 2, "models": {"generator": gen.state_dict(),
                                           "discriminator": disc.state_dict()},
-                    "opt_g": opt_g.state_dict(), "opt_d": opt_d.state_dict(),
+                    "opt_g": opt_g.state_dict(), "opt_d": opt_d.state_dict(), "scaler": {},
                     "rng": torch.get_rng_state(), "history": []}, out / "checkpoint.pt")
     return out
 
