@@ -825,12 +825,6 @@ def linear_probe(f_tr: torch.Tensor, y_tr: torch.Tensor, f_te: torch.Tensor, y_t
             "weight_decay": chosen}
 
 
-def normality(z: np.ndarray, seed: int, subsample: int, points: int) -> dict[str, Any]:
-    """Section 5's normality tests on up to `points` embeddings."""
-    z = z[np.random.default_rng(seed).permutation(len(z))[:points]]
-    return {**common.normality_report(z, seed=seed, subsample=subsample), "points": len(z)}
-
-
 def evaluate(model: SSLNet, data: tuple[torch.Tensor, ...], args: argparse.Namespace,
              mean: torch.Tensor, std: torch.Tensor, n_classes: int,
              device: torch.device) -> dict[str, Any]:
@@ -856,7 +850,8 @@ def evaluate(model: SSLNet, data: tuple[torch.Tensor, ...], args: argparse.Names
     online = (model.probe(f_te).argmax(1) == y_te).float().mean().item()
     z_te = ((p_te - p_tr.mean(0)) / p_tr.std(0).clamp(min=1e-6)).cpu().numpy()
     return {"probe": probe, "online_probe": {"test_top1": online},
-            "normality": normality(z_te, args.seed, args.subsample, args.normality_points),
+            "normality": common.normality_report(z_te, seed=args.seed, subsample=args.subsample,
+                                                 points=args.normality_points),
             "embeddings": (z_te, y_te.cpu().numpy())}
 
 

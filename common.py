@@ -717,12 +717,15 @@ def normality_decision(hz_p: float | None, w2: float, w2_draws: np.ndarray,
     return {"test": test, "level": level, "p": p, "reject": bool(p <= level)}
 
 
-def normality_report(z, seed: int = 0, subsample: int = 128,
-                     n_proj: int = 10, n_boot: int = 20) -> dict:
+def normality_report(z, seed: int = 0, subsample: int = 128, n_proj: int = 10,
+                     n_boot: int = 20, points: int | None = None) -> dict:
     """Section 5 normality tests: averaged p-values of D'Agostino-Pearson, Shapiro-Wilk and
     Henze-Zirkler (None when d >= subsample), the HZ statistic, the sliced W2 distance, the
-    correlation_spectrum, "null" (normality_null) and "decision" (normality_decision)."""
+    correlation_spectrum, "null" (normality_null) and "decision" (normality_decision); with
+    `points`, on that many rows drawn at random by `seed` (recorded as "points")."""
     z = _as_2d(z)
+    if points is not None:
+        z = z[np.random.default_rng(seed).permutation(len(z))[:points]]
     kwargs = dict(n_proj=n_proj, n_boot=n_boot, subsample=subsample, seed=seed)
     whitenable = z.shape[1] < min(subsample, len(z))
     hz_stat, hz_p = henze_zirkler(z) if whitenable else (None, None)
@@ -736,7 +739,8 @@ def normality_report(z, seed: int = 0, subsample: int = 128,
         "henze_zirkler_stat": hz_stat,
         "subsample": int(min(subsample, len(z))), "n_proj": int(n_proj), "n_boot": int(n_boot),
         "sliced_w2": w2, "correlation": correlation_spectrum(z), "null": null,
-        "decision": normality_decision(hz_p, w2, np.array(null["sliced_w2"]["values"]))}
+        "decision": normality_decision(hz_p, w2, np.array(null["sliced_w2"]["values"])),
+        **({} if points is None else {"points": len(z)})}
 
 
 def normality_lines(report: dict) -> list[str]:

@@ -1,6 +1,7 @@
 """Evaluate saved runs of mnist_gauss.py / mnist_uniform.py / cifar_ssl.py (Section 5).
+The first word names the mode; `python evaluate.py MODE -h` lists its flags.
 
-    python evaluate.py runs/sweep [RUN_DIR ...] --out figure1
+    python evaluate.py figure runs/sweep [RUN_DIR ...] --out figure1
         Figure 1: each metric against the capacity C (mean over seeds, 99% Student t interval),
         the sigma = 0 and untrained baselines, the null band of a mean of as many N(0, I)
         samples of the same n and d; writes PREFIX.png, .pdf, .md, .csv and prints the table
@@ -8,22 +9,24 @@
         detector). cifar_ssl.py runs: against sigma. mnist_gauss.py runs also give
         PREFIX_certificate.md, .csv: InfoNCE, NWJ and DV per critic and C minus the largest
         lower bound, the certificate of Lemma B.1 beyond InfoNCE's cap log B.
-    python evaluate.py --table runs/cifar_ssl [RUN_DIR ...] --out table1
+    python evaluate.py compare RUN_DIR ... --against RUN_DIR ...
+        Each measure of two groups of seeds: means, 99% t intervals, Welch's t test p-value.
+    python evaluate.py curve RUN_DIR ... --out PREFIX
+        Sliced W2, k-NN and MI / C against training steps of runs written with --eval-at.
+    python evaluate.py table runs/cifar_ssl [RUN_DIR ...] --out table1
         Table 1 (linear-probe top-1 / top-5 of cifar_ssl.py runs next to the paper's) and poster
         Table 2 (VICReg on ImageFolder trees of 100 or 1000 classes at 128 px or more, mean +-
         std over seeds); prints them and writes PREFIX.md.
-    python evaluate.py --embeddings FILE [--uniform] [--key NAME] [--out report]
+    python evaluate.py renormalize RUN_DIR [RUN_DIR ...]
+        Renews the normality block of each run's metrics.json from its embeddings.npz (a run's
+        metrics from its model.pt: python SCRIPT.py --out RUN_DIR --eval-only).
+    python evaluate.py outliers RUN_DIR ... [--out PREFIX]
+        Outlier detection from the prior against the fitted Mahalanobis rule (runs with --ood).
+    python evaluate.py embeddings FILE [--uniform] [--key NAME] [--out report]
         The Section 5 report on a run's embeddings.npz or any .npy, .npz, .pt / .pth or .csv
         (one row per sample): averaged p-values beside their null levels, the sliced W2 distance
         to N(0, I) beside its null band, a test calibrated at 5%; labels (a run's y_test, or
         labels / y / targets split 80/20) add downstream scores. --out PREFIX: PREFIX.json.
-    python evaluate.py --outliers RUN_DIR ... [--out PREFIX]
-        Outlier detection from the prior against the fitted Mahalanobis rule (runs with --ood).
-    python evaluate.py --renormalize RUN_DIR [RUN_DIR ...]
-        Renews the normality block of each run's metrics.json from its embeddings.npz (a run's
-        metrics from its model.pt: python SCRIPT.py --out RUN_DIR --eval-only).
-    python evaluate.py RUN_DIR ... --against RUN_DIR ...
-        Each measure of two groups of seeds: means, 99% t intervals, Welch's t test p-value.
 """
 from __future__ import annotations
 
@@ -33,6 +36,7 @@ import io
 import json
 import math
 import pickle
+import sys
 import warnings
 import zipfile
 from pathlib import Path
@@ -176,7 +180,7 @@ def save_texts(prefix: str, texts: dict[str, str]) -> None:
         common.fail(f"cannot write {prefix}.* ({err.strerror or err})")
 
 
-# --- Mode 1: Figure 1 from many runs -----------------------------------------------------------
+# --- figure: Figure 1 from many runs ----------------------------------------------------------
 def find_runs(paths: list[str]) -> list[Path]:
     """Run directories (those holding metrics.json) at or below each path, in sorted order."""
     found: dict[Path, None] = {}
@@ -329,7 +333,7 @@ def plot_figure1(rows: list[Row], metrics: list, symbol: str, title: str, bands:
 
 
 def aggregate(paths: list[str], prefix: str) -> None:
-    """Mode 1: Figure 1, its table (markdown and CSV) and the MI-bound check for many runs."""
+    """evaluate.py figure: Figure 1, its table (markdown, CSV) and the MI-bound check."""
     runs = [load_run(path) for path in find_runs(paths)]
     rows, ssl, settings = group_rows(runs), runs[0]["family"] == "ssl", runs[0]["settings"]
     (family, symbol, equation), metrics = FAMILIES[runs[0]["family"]], PANELS[runs[0]["family"]]
@@ -373,13 +377,13 @@ def aggregate(paths: list[str], prefix: str) -> None:
 
 CURVE = [("sliced_w2", "sliced W2 to N(0, I), test"), ("sliced_w2_train", "sliced W2, train"),
          ("knn_acc", "k-NN accuracy"), ("mi_over_c", "held-out MI / C")]
-"""The panels of --curve: entries of a curve point of mnist_gauss.py --eval-at / --eval-every."""
+"""The panels of a curve: entries of a curve point of mnist_gauss.py --eval-at / --eval-every."""
 
 
 def curve(paths: list[str], prefix: str) -> None:
-    """Mode --curve: the Figure 1 measures against training steps (log axis) for runs written
-    with --eval-at: per sigma the seeds (thin) and their mean (thick), the null band of the mean
-    of k N(0, I) samples of the test (or training) set's size, k = the seeds of each sigma."""
+    """evaluate.py curve: the Figure 1 measures against training steps (log axis) of runs
+    written with --eval-at: per sigma the seeds (thin) and their mean (thick), the null band of
+    the mean of k N(0, I) samples of the test (or training) set's size, k = seeds per sigma."""
     runs = [load_run(path) for path in find_runs(paths)]
     if missing := [str(run["path"]) for run in runs if not run["saved"].get("curve")]:
         common.fail(f"{missing[0]} has no curve: run mnist_gauss.py with --eval-at or --eval-every")
@@ -510,8 +514,8 @@ def certificate(runs: list[Run]) -> tuple[str, str]:
 
 
 def compare(paths: list[str], against: list[str]) -> None:
-    """Mode 7: every measure of two groups of runs (the seeds of two settings or critics): mean
-    ± 99% t interval per group, the difference of means and the p-value of Welch's t test."""
+    """evaluate.py compare: every measure of two groups of runs (the seeds of two settings or
+    critics): mean ± 99% t interval per group, the difference of means, Welch's t test p."""
     groups = [[load_run(path) for path in find_runs(group)] for group in (paths, against)]
     for name, group in zip("AB", groups, strict=True):
         check_group(group, ("dim", "data.n_test"), f"the runs of group {name}", f"group {name}")
@@ -526,7 +530,7 @@ def compare(paths: list[str], against: list[str]) -> None:
           + md_table(["measure", "A", "B", "A − B", "Welch p"], rows))
 
 
-# --- Mode 2: Table 1 (and poster Table 2) from cifar_ssl.py runs -----------------------------
+# --- table: Table 1 (and poster Table 2) from cifar_ssl.py runs -----------------------------
 def probe_cell(values: list[float], paper: float | tuple | None, std: bool) -> str:
     """Our mean in % (± 99% t half-width over seeds, or ± std (ddof 1) with `std`, when there
     are several), then the paper's number (or mean ± std) in parentheses; "–" where none."""
@@ -560,7 +564,8 @@ def probe_table(runs: list[Run], key_of: Any, label_of: Any, column_of: Any, col
                                       paper[row]) else None, std)
                        for c, col in enumerate(columns) for k, key in enumerate(("top1", "top5")))]
              for row, label in rows]
-    header = ["σ" if std else "", *(f"{name} top-{k}" for name in columns.values() for k in (1, 5))]
+    header = ["σ" if std else "",
+              *(f"{name} top-{k}" for name in columns.values() for k in (1, 5))]
     settings = sorted({(columns[column_of(r)], r["saved"]["arch"], round(r["saved"]["epochs"], 2),
                         r["saved"]["batch_size"], r["saved"]["probe_images"]["train"])
                        for r in runs})
@@ -582,8 +587,8 @@ def table1_label(key: tuple[str, float, bool]) -> str:
 
 
 def table1(paths: list[str], prefix: str) -> None:
-    """Mode 2: Table 1 in the paper's layout (method x sigma rows, top-1 / top-5 per data set;
-    other data sets get columns) and poster Table 2 (one row per sigma) for VICReg on an
+    """evaluate.py table: Table 1 in the paper's layout (method x sigma rows, top-1 / top-5 per
+    data set; other data sets get columns) and poster Table 2 (one row per sigma) for VICReg on an
     ImageFolder tree of 100 or 1000 classes at 128 px or more; prints them, writes PREFIX.md."""
     runs = []
     for path in find_runs(paths):
@@ -616,7 +621,7 @@ def table1(paths: list[str], prefix: str) -> None:
     print(text + f"\nsaved {prefix}.md")
 
 
-# --- Mode 3: the report on saved embeddings (a run's or another model's) ----------------------
+# --- embeddings: the report on saved embeddings (a run's or another model's) ------------------
 def read_arrays(file: Path) -> dict[str, np.ndarray]:
     """The arrays of an .npy ("" for the one array), .npz, .pt / .pth or .csv (numeric, one row
     per sample, a first row that is not numeric is a header) file."""
@@ -766,20 +771,22 @@ def report_lines(report: dict[str, Any]) -> list[str]:
     return lines
 
 
-# --- Mode 4: renew the normality block of runs from their embeddings ----------------------
+# --- renormalize: renew the normality block of runs from their embeddings ------------------
 def renormalize(paths: list[str]) -> None:
     """Recompute each run's normality block from RUN/embeddings.npz (z_test) with the settings
     and seed it recorded, and write it into RUN/metrics.json atomically, keeping the rest."""
     for run in find_runs(paths):
         metrics = common.read_json(run / "metrics.json")
-        if "method" in metrics or not {"sigma", "eps"} & metrics.keys():
-            common.fail(f"{run}: --renormalize takes runs of mnist_gauss.py / mnist_uniform.py")
+        if not {"sigma", "eps"} & metrics.keys():
+            common.fail(f"{run}: renormalize takes runs of mnist_gauss.py / mnist_uniform.py "
+                        "/ cifar_ssl.py")
         z = pick_arrays(read_arrays(run / "embeddings.npz"), run / "embeddings.npz", None, 0)[0]
         old = metrics.get("normality", {})
         try:
             new = common.normality_report(
                 common.to_gaussian(z) if "eps" in metrics else z, seed=metrics["seed"],
-                subsample=old["subsample"], n_proj=old["n_proj"], n_boot=old["n_boot"])
+                subsample=old["subsample"], n_proj=old["n_proj"], n_boot=old["n_boot"],
+                points=old.get("points"))
         except (KeyError, TypeError) as err:
             common.fail(f"{run / 'metrics.json'} lacks the seed or normality settings ({err})")
         same = all(new[k] == old.get(k) or isinstance(old.get(k), float) and math.isclose(
@@ -790,7 +797,7 @@ def renormalize(paths: list[str]) -> None:
         print("\n".join([f"{run}: averaged p-values {verdict}", *common.normality_lines(new)]))
 
 
-# --- Mode 5: outliers from the known prior against the fitted detector -------------------------
+# --- outliers: from the known prior against the fitted detector ------------------------------
 def outlier_arrays(file: Path, uniform: bool, prior: str) -> dict[str, np.ndarray]:
     """The train / test / shifted embeddings of an embeddings.npz written with --ood (one line
     and exit 2 when unusable, or when `prior` contradicts the run's `uniform` head)."""
@@ -809,9 +816,9 @@ def outlier_arrays(file: Path, uniform: bool, prior: str) -> dict[str, np.ndarra
 
 
 def outliers(paths: list[str], embeddings: str | None, prior: str, prefix: str | None) -> None:
-    """Mode 5: false-alarm and detection rates of the prior rule (chi^2_d p-value of ||z||^2,
-    after Phi^-1 for uniform DM) and of the fitted Mahalanobis rule at alpha = 0.01, 0.05, 0.10,
-    and AUROC; for run directories one table over the noise level, mean +- 99% t interval."""
+    """evaluate.py outliers: false-alarm and detection rates of the prior rule (chi^2_d p-value
+    of ||z||^2, after Phi^-1 for uniform DM) and of the fitted Mahalanobis rule at alpha = 0.01,
+    0.05, 0.10, and AUROC; runs give one table over the noise level, mean +- 99% t interval."""
     sources = ([(Path(embeddings), prior == "uniform", ("file", math.nan, math.nan))]
                if embeddings else
                [(run["path"] / "embeddings.npz", run["family"] == "eps",
@@ -866,84 +873,77 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescript
     """Show the defaults and keep the mode list of the module docstring as written."""
 
 
+# The flags of the single-command form before the modes -> the command that replaced each
+REPLACED = {"--table": "python evaluate.py table RUN_DIR ...",
+            "--curve": "python evaluate.py curve RUN_DIR ...",
+            "--renormalize": "python evaluate.py renormalize RUN_DIR ...",
+            "--outliers": "python evaluate.py outliers RUN_DIR ...",
+            "--against": "python evaluate.py compare RUN_DIR ... --against RUN_DIR ...",
+            "--json-out": "python evaluate.py embeddings FILE --out PREFIX (writes PREFIX.json)",
+            "--embeddings": "python evaluate.py embeddings FILE",
+            "--checkpoint": "python SCRIPT.py --out RUN_DIR --eval-only (the run's own script; "
+                            "it writes RUN_DIR/metrics_recomputed.json)"}
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    argv = sys.argv[1:] if argv is None else list(argv)
     p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
-    p.add_argument("runs", nargs="*", metavar="RUN_DIR",
-                   help="Figure 1, --table and --renormalize: run directories, or folders "
-                        "searched recursively for them (those holding metrics.json)")
-    p.add_argument("--table", action="store_true", help="Table 1 of cifar_ssl.py RUN_DIRs")
-    p.add_argument("--outliers", action="store_true",
-                   help="outlier detection from the prior (chi^2 of ||z||^2) against the fitted "
-                        "Mahalanobis rule, on RUN_DIRs or --embeddings FILE written with --ood")
-    p.add_argument("--prior", choices=["auto", "gaussian", "uniform"], default="auto",
-                   help="--outliers: the prior of the embeddings (auto: from the run)")
-    p.add_argument("--against", nargs="+", default=None, metavar="RUN_DIR",
-                   help="compare RUN_DIRs with these runs: Welch's t test per measure")
-    p.add_argument("--curve", action="store_true",
-                   help="the measures against training steps of RUN_DIRs written with "
-                        "mnist_gauss.py --eval-at: PREFIX.png, .pdf, .md")
-    p.add_argument("--renormalize", action="store_true",
-                   help="renew the normality block of each RUN_DIR from its embeddings.npz")
-    p.add_argument("--out", default=None, metavar="PREFIX",
-                   help="Figure 1: PREFIX.png, .pdf, .md, .csv (default figure1); --table: "
-                        "PREFIX.md (default table1); --embeddings: PREFIX.json")
-    p.add_argument("--embeddings", default=None, metavar="FILE",
-                   help="report on the embeddings in FILE: .npy, .npz, .pt, .pth or .csv")
-    p.add_argument("--key", default=None, metavar="NAME",
-                   help="--embeddings: the array of FILE that holds the embeddings")
-    p.add_argument("--uniform", action="store_true",
-                   help="--embeddings in [0, 1]^d (uniform DM, Section 3.3): Kolmogorov-Smirnov "
+    modes = p.add_subparsers(dest="mode", required=True, metavar="MODE")
+
+    def mode(name: str, text: str, files: str = "", out: str | None = None,
+             runs: str = "+") -> Any:
+        q = modes.add_parser(name, help=text, description=text,
+                             formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        if runs:
+            q.add_argument("runs", nargs=runs, metavar="RUN_DIR", help="run directories, or "
+                           "folders searched recursively for them (those holding metrics.json)")
+        if files:
+            q.add_argument("--out", default=out, metavar="PREFIX", help=f"writes {files}")
+        return q
+
+    mode("figure", "Figure 1: each measure against the capacity C",
+         "PREFIX.png, .pdf, .md, .csv, PREFIX_certificate.md, .csv", "figure1")
+    mode("compare", "two groups of seeds: Welch's t test per measure").add_argument(
+        "--against", nargs="+", required=True, metavar="RUN_DIR", help="the second group")
+    mode("curve", "the measures against training steps (runs written with --eval-at)",
+         "PREFIX.png, .pdf, .md", "curve")
+    mode("table", "Table 1 (and Table 2) from cifar_ssl.py runs", "PREFIX.md", "table1")
+    mode("renormalize", "renew the normality block of each run from its embeddings.npz")
+    o = mode("outliers", "outlier detection from the prior (chi^2 of ||z||^2) against the "
+             "fitted Mahalanobis rule, on runs written with --ood",
+             "PREFIX.md, .csv, .json (none: print only)", runs="*")
+    o.add_argument("--embeddings", metavar="FILE", help="an embeddings.npz instead of runs")
+    o.add_argument("--prior", choices=["auto", "gaussian", "uniform"], default="auto",
+                   help="the prior of the embeddings (auto: from the run)")
+    q = mode("embeddings", "the Section 5 report on saved embeddings",
+             "PREFIX.json (none: print only)", runs="")
+    q.add_argument("file", metavar="FILE", help="a run's embeddings.npz, or .npy, .npz, .pt, "
+                   ".pth or .csv (one row per sample)")
+    q.add_argument("--key", metavar="NAME", help="the array of FILE that holds the embeddings")
+    q.add_argument("--uniform", action="store_true",
+                   help="embeddings in [0, 1]^d (uniform DM, Section 3.3): Kolmogorov-Smirnov "
                         "tests against U[0, 1], normality tests after Phi^-1")
-    p.add_argument("--subsample", type=common.bounded(int, MIN_POINTS), default=128,
+    q.add_argument("--subsample", type=common.bounded(int, MIN_POINTS), default=128,
                    help="subsample size of the bootstrapped normality tests (as in the scripts)")
-    p.add_argument("--seed", type=common.seed_int, default=0,
+    q.add_argument("--seed", type=common.seed_int, default=0,
                    help="seed of the test subsamples, projections, split and MLP")
-    p.add_argument("--json-out", help=argparse.SUPPRESS)
-    p.add_argument("--checkpoint", help=argparse.SUPPRESS)
+    if argv and argv[0] not in modes.choices and argv[0] not in ("-h", "--help"):
+        old = next((flag for flag in REPLACED if flag in argv), None)
+        p.error(f"{old} is now {REPLACED[old]}" if old else "name the mode first, e.g. python "
+                f"evaluate.py figure RUN_DIR ... (modes: {', '.join(modes.choices)})")
     args = p.parse_args(argv)
-    if args.json_out is not None:
-        p.error("--json-out FILE is now --out PREFIX (writes PREFIX.json)")
-    if args.checkpoint is not None:
-        p.error("--checkpoint RUN_DIR is now python SCRIPT.py --out RUN_DIR --eval-only (the "
-                "run's own script; it writes RUN_DIR/metrics_recomputed.json)")
-    if bool(args.runs) == (args.embeddings is not None):
-        p.error("give run directories or --embeddings FILE (one mode)")
-    if args.embeddings is None and (args.uniform or args.key):
-        p.error("--uniform and --key go with --embeddings")
-    if args.table + args.renormalize + args.curve > 1 or (
-            (args.table or args.renormalize or args.curve) and not args.runs):
-        p.error("--table, --curve or --renormalize (one of them) needs run directories")
-    if args.out is not None and args.renormalize:
-        p.error("--out has no meaning here: the results go into the run directories")
-    if args.against and (not args.runs or args.table or args.renormalize or args.outliers
-                         or args.out is not None):
-        p.error("--against RUN_DIR ... compares with RUN_DIRs given before it (no other mode)")
-    if args.outliers and (args.table or args.renormalize):
-        p.error("--outliers goes with RUN_DIRs or --embeddings FILE")
-    if args.prior != "auto" and not args.outliers:
-        p.error("--prior goes with --outliers")
-    if args.outliers and args.embeddings and args.prior == "auto":
-        p.error("--outliers --embeddings FILE needs --prior gaussian or --prior uniform")
+    if args.mode == "outliers" and bool(args.runs) == (args.embeddings is not None):
+        o.error("give run directories or --embeddings FILE (one of them)")
+    if args.mode == "outliers" and args.embeddings and args.prior == "auto":
+        o.error("--embeddings FILE needs --prior gaussian or --prior uniform")
     return args
 
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    if args.outliers:
-        outliers(args.runs, args.embeddings, args.prior, args.out)
-    elif args.against:
-        compare(args.runs, args.against)
-    elif args.table:
-        table1(args.runs, args.out or "table1")
-    elif args.curve:
-        curve(args.runs, args.out or "curve")
-    elif args.renormalize:
-        renormalize(args.runs)
-    elif args.runs:
-        aggregate(args.runs, args.out or "figure1")
-    else:
-        report = embeddings_report(Path(args.embeddings), args.key, args.uniform,
-                                   args.subsample, args.seed)
+    if args.mode == "embeddings":
+        report = embeddings_report(Path(args.file), args.key, args.uniform, args.subsample,
+                                   args.seed)
         print("\n".join(report_lines(report)))
         if args.out:
             out = Path(f"{args.out.removesuffix('.json')}.json")
@@ -953,6 +953,14 @@ def main(argv: list[str] | None = None) -> None:
             except OSError as err:
                 common.fail(f"cannot write {out} ({err.strerror or err})")
             print(f"saved {out}")
+    elif args.mode == "outliers":
+        outliers(args.runs, args.embeddings, args.prior, args.out)
+    elif args.mode == "compare":
+        compare(args.runs, args.against)
+    elif args.mode == "renormalize":
+        renormalize(args.runs)
+    else:
+        {"figure": aggregate, "curve": curve, "table": table1}[args.mode](args.runs, args.out)
 
 
 if __name__ == "__main__":

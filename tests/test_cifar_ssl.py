@@ -383,13 +383,11 @@ def test_linear_probe_picks_its_weight_decay_on_a_held_out_fifth(monkeypatch):
 
 def test_normality_skips_henze_zirkler_when_dim_reaches_the_subsample():
     rng = np.random.default_rng(7)
-    low = cifar_ssl.normality(rng.standard_normal((1000, 2)), seed=0, subsample=64, points=500)
+    low = common.normality_report(rng.standard_normal((1000, 2)), subsample=64, points=500)
     assert low["points"] == 500 and low["henze_zirkler_p"] > 0.05 and low["dagostino_p"] > 0.05
-    high = cifar_ssl.normality(rng.standard_normal((1000, 100)), seed=0, subsample=64,
-                               points=500)
+    high = common.normality_report(rng.standard_normal((1000, 100)), subsample=64, points=500)
     assert high["henze_zirkler_p"] is None and high["shapiro_p"] > 0.05
-    skewed = cifar_ssl.normality(rng.exponential(size=(1000, 2)), seed=0, subsample=64,
-                                 points=500)
+    skewed = common.normality_report(rng.exponential(size=(1000, 2)), subsample=64, points=500)
     assert skewed["dagostino_p"] < 0.05
 
 

@@ -80,8 +80,8 @@ def test_welch_t_test_by_hand():
 
 
 def test_against_prints_welch_p_per_measure(sweep, capsys):
-    evaluate.main([str(sweep / f"sigma0.5_seed{s}") for s in range(3)]
-                  + ["--against", str(sweep / "sigma0_seed0"), str(sweep / "sigma0_seed1")])
+    evaluate.main(["compare", *(str(sweep / f"sigma0.5_seed{s}") for s in range(3)),
+                   "--against", str(sweep / "sigma0_seed0"), str(sweep / "sigma0_seed1")])
     knn = next(line for line in capsys.readouterr().out.splitlines() if "k-NN" in line)
     assert knn == f"| k-NN accuracy | 0.600 ± 0.573 | 0.850 ± 3.183 | -0.250 | {0.0494163:.3f} |"
 
@@ -95,7 +95,7 @@ def test_cells_keep_three_decimals_and_switch_to_scientific_at_the_extremes():
 
 def test_figure1_table_files_and_mi_check(sweep, tmp_path, capsys):
     prefix = tmp_path / "out" / "fig1"
-    evaluate.main([str(sweep), "--out", str(prefix)])
+    evaluate.main(["figure", str(sweep), "--out", str(prefix)])
     printed = capsys.readouterr().out
     for suffix in ("png", "pdf", "md", "csv"):
         assert Path(f"{prefix}.{suffix}").stat().st_size > 0
@@ -146,7 +146,7 @@ def test_certificate_is_c_minus_the_largest_valid_lower_bound(tmp_path, capsys):
                   mi_estimates=estimates(nwj_whole, dv_whole=5.0))
     write_run(root, "sigma0_seed0", 0.0, 0, mi=3.6, mi_estimates=estimates(0, theorem41=False))
     prefix = tmp_path / "fig"
-    evaluate.main([str(root), "--out", str(prefix)])
+    evaluate.main(["figure", str(root), "--out", str(prefix)])
     printed = capsys.readouterr().out
     assert "log 2000 = 7.601" in printed and "non-invariance" in printed
     assert "no estimate exceeds the bound (10 checked)" in printed  # 5 lower bounds x 2 runs
@@ -159,20 +159,20 @@ def test_certificate_is_c_minus_the_largest_valid_lower_bound(tmp_path, capsys):
     assert "C − largest lower bound" in Path(f"{prefix}_certificate.md").read_text()
     # a lower bound above C + 3 SE (2.0 > 1.609 + 0.3) is flagged: the check is a bug detector
     write_run(root, "sigma0.5_seed2", 0.5, 2, mi_estimates=estimates(2.0))
-    evaluate.main([str(root), "--out", str(prefix)])
+    evaluate.main(["figure", str(root), "--out", str(prefix)])
     printed = capsys.readouterr().out
     assert "1 of 15 estimates exceed the bound" in printed
     assert "sigma0.5_seed2: NWJ, Thm 4.1 critic = 2.000 +- 0.100 > C = 1.609" in printed
 
 
 def test_no_certificate_without_estimates(sweep, tmp_path):
-    evaluate.main([str(sweep), "--out", str(tmp_path / "fig")])
+    evaluate.main(["figure", str(sweep), "--out", str(tmp_path / "fig")])
     assert not (tmp_path / "fig_certificate.md").exists()
 
 
 def test_one_clean_run_passes_the_mi_check(tmp_path, capsys):
     write_run(tmp_path, "a", 0.5, mi=1.6, se=0.01)
-    evaluate.main([str(tmp_path / "a"), "--out", str(tmp_path / "fig")])
+    evaluate.main(["figure", str(tmp_path / "a"), "--out", str(tmp_path / "fig")])
     assert "no estimate exceeds the bound (1 checked)" in capsys.readouterr().out
 
 
@@ -195,7 +195,7 @@ def test_figure1_bands_are_for_means_of_as_many_null_draws_as_seeds(tmp_path, ca
             "correlation": {"smallest_eigenvalues": [0.04 + 0.01 * seed, 1.96 - 0.01 * seed],
                             "collapsed": 1 - seed // 2, "effective_rank": 1.5}})
     write_run(tmp_path / "runs", "old", 1.0)  # no null levels, no eigenvalues (cifar_ssl.py)
-    evaluate.main([str(tmp_path / "runs"), "--out", str(tmp_path / "fig")])
+    evaluate.main(["figure", str(tmp_path / "runs"), "--out", str(tmp_path / "fig")])
     printed = capsys.readouterr().out
     assert "| 0.060 ± 0.000 |" in printed and "| 0.050 ± 0.057 |" in printed  # W2, eigenvalue
     for k in (1, 3):  # the sigma = 1 row has one seed, the sigma = 0.5 row three
@@ -224,7 +224,7 @@ def test_uniform_runs_add_kolmogorov_smirnov_columns(tmp_path, capsys):
     for seed, ks_p in ((0, 0.4), (1, 0.6)):
         write_uniform_run(tmp_path / "runs", f"eps0.1_seed{seed}", 0.1, seed, ks_p)
     write_uniform_run(tmp_path / "runs", "eps0.2_seed0", 0.2)
-    evaluate.main([str(tmp_path / "runs"), "--out", str(tmp_path / "fig")])
+    evaluate.main(["figure", str(tmp_path / "runs"), "--out", str(tmp_path / "fig")])
     rows = {float(row["eps"]): row for row in csv.DictReader(open(tmp_path / "fig.csv"))}
     assert float(rows[0.1]["capacity"]) == pytest.approx(2 * math.log(6))  # eq. 6, d = 2
     assert float(rows[0.1]["ks_p_mean_mean"]) == pytest.approx(0.5)
@@ -255,7 +255,7 @@ def corrupt(root):
 ])
 def test_bad_run_sets_are_one_line_and_exit_2(tmp_path, capsys, make, message):
     with pytest.raises(SystemExit) as exc:
-        evaluate.main([*make(tmp_path), "--out", str(tmp_path / "fig")])
+        evaluate.main(["figure", *make(tmp_path), "--out", str(tmp_path / "fig")])
     err = capsys.readouterr().err
     assert exc.value.code == 2
     assert len(err.strip().splitlines()) == 1 and message in err
@@ -263,7 +263,8 @@ def test_bad_run_sets_are_one_line_and_exit_2(tmp_path, capsys, make, message):
 
 
 def test_command_line_missing_path_has_no_traceback(tmp_path):
-    proc = subprocess.run([sys.executable, str(REPO / "evaluate.py"), str(tmp_path / "nope")],
+    proc = subprocess.run([sys.executable, str(REPO / "evaluate.py"), "figure",
+                           str(tmp_path / "nope")],
                           capture_output=True, text=True, cwd=tmp_path, timeout=120)
     assert proc.returncode == 2
     assert len(proc.stderr.strip().splitlines()) == 1 and "Traceback" not in proc.stderr
@@ -277,7 +278,7 @@ def embeddings(tmp_path, capsys, name, flags=(), **arrays):
     else:
         np.savez(file, **arrays)
     out = tmp_path / "reports" / name
-    evaluate.main(["--embeddings", str(file), "--out", str(out), *flags])
+    evaluate.main(["embeddings", str(file), "--out", str(out), *flags])
     printed = capsys.readouterr().out
     assert f"saved {out}.json" in printed
     return json.loads(Path(f"{out}.json").read_text()), printed
@@ -301,7 +302,7 @@ def test_embeddings_normality_of_gaussian_and_uniform_samples(tmp_path, capsys):
     json_out = tmp_path / "new" / "folder" / "report.json"  # created on the way
     file = tmp_path / "u.npz"
     np.savez(file, z_test=u)
-    evaluate.main(["--embeddings", str(file), "--uniform", "--out", str(json_out)])
+    evaluate.main(["embeddings", str(file), "--uniform", "--out", str(json_out)])
     pit = json.loads(json_out.read_text())
     for key in ("dagostino_p", "shapiro_p", "henze_zirkler_p"):
         assert pit["normality"][key] > 0.3
@@ -363,7 +364,7 @@ def save_other(file, z, y):
 def test_embeddings_of_other_models(tmp_path, capsys, name, labelled):
     z, y = clusters()
     save_other(tmp_path / name, z, y)
-    evaluate.main(["--embeddings", str(tmp_path / name), "--out", str(tmp_path / "r")])
+    evaluate.main(["embeddings", str(tmp_path / name), "--out", str(tmp_path / "r")])
     report = json.loads((tmp_path / "r.json").read_text())
     assert report["n"] == 500 and report["dim"] == 2
     assert report["normality"]["decision"]["reject"]  # three clusters are not Gaussian
@@ -375,7 +376,7 @@ def test_embeddings_of_other_models(tmp_path, capsys, name, labelled):
 def test_key_picks_one_of_several_arrays(tmp_path, capsys):
     z, _ = clusters()
     np.savez(tmp_path / "two.npz", first=z, second=z[:, :1] * 0 + z[:, 1:])
-    evaluate.main(["--embeddings", str(tmp_path / "two.npz"), "--key", "first"])
+    evaluate.main(["embeddings", str(tmp_path / "two.npz"), "--key", "first"])
     assert "n = 500, d = 2" in capsys.readouterr().out
 
 
@@ -409,19 +410,21 @@ def test_bad_embeddings_are_one_line(tmp_path, capsys, name, save, flags, messag
     file = tmp_path / name
     save(file)
     with pytest.raises(SystemExit) as exc:
-        evaluate.main(["--embeddings", str(file), *flags])
+        evaluate.main(["embeddings", str(file), *flags])
     err = capsys.readouterr().err
     assert exc.value.code == 2 and len(err.strip().splitlines()) == 1 and message in err, err
 
 
 @pytest.mark.parametrize("flags,message", [
-    (["--checkpoint", "run"], "python SCRIPT.py --out RUN_DIR --eval-only"),
-    (["--embeddings", "e.npy", "--json-out", "r.json"], "--out PREFIX"),
-    (["--renormalize"], "give run directories or --embeddings FILE"),
-    (["run", "--renormalize", "--out", "x"], "--out has no meaning"),
-    (["run", "--uniform"], "--uniform and --key go with --embeddings"),
-    (["run", "--prior", "uniform"], "--prior goes with --outliers"),
-    (["--embeddings", "e.npy", "--subsample", "3"], "--subsample"),
+    (["--checkpoint", "run"], "is now python SCRIPT.py --out RUN_DIR --eval-only"),
+    (["--embeddings", "e.npy", "--json-out", "r.json"], "embeddings FILE --out PREFIX"),
+    (["run", "--table"], "--table is now python evaluate.py table RUN_DIR"),
+    (["run", "--against", "b"], "compare RUN_DIR ... --against RUN_DIR"),
+    (["run", "--out", "fig"], "name the mode first, e.g. python evaluate.py figure RUN_DIR"),
+    (["renormalize"], "the following arguments are required: RUN_DIR"),
+    (["renormalize", "run", "--out", "x"], "unrecognized arguments: --out x"),
+    (["figure", "run", "--uniform"], "unrecognized arguments: --uniform"),
+    (["embeddings", "e.npy", "--subsample", "3"], "--subsample"),
 ])
 def test_flags_without_meaning_are_refused_by_name(flags, message, capsys):
     with pytest.raises(SystemExit) as exc:
@@ -444,7 +447,7 @@ def test_uniform_eval_only_and_renormalize_reproduce_the_run(run_script, tmp_pat
         "n_proj", "n_boot")}}
     (out / "metrics.json").write_text(json.dumps(old))
     capfd.readouterr()
-    evaluate.main(["--renormalize", str(out)])
+    evaluate.main(["renormalize", str(out)])
     assert "averaged p-values reproduced" in capfd.readouterr().out
     renewed = json.loads((out / "metrics.json").read_text())
     assert renewed["normality"] == saved["normality"]
@@ -455,7 +458,7 @@ def test_uniform_eval_only_and_renormalize_reproduce_the_run(run_script, tmp_pat
 def test_renormalize_without_embeddings_is_one_line(tmp_path, capsys):
     write_run(tmp_path, "a")
     with pytest.raises(SystemExit) as exc:
-        evaluate.main(["--renormalize", str(tmp_path / "a")])
+        evaluate.main(["renormalize", str(tmp_path / "a")])
     err = capsys.readouterr().err
     assert exc.value.code == 2 and len(err.strip().splitlines()) == 1
     assert "embeddings.npz does not exist" in err
@@ -469,13 +472,13 @@ def test_curve_of_eval_at_runs(run_script, tmp_path, capsys):
         assert metrics["curve"][-1]["sliced_w2"] == metrics["normality"]["sliced_w2"]
         assert {"sliced_w2_train", "knn_acc", "mi_heldout", "decision", "correlation"} <= set(
             metrics["curve"][0])
-    evaluate.main([str(tmp_path / "runs"), "--curve", "--out", str(tmp_path / "curve")])
+    evaluate.main(["curve", str(tmp_path / "runs"), "--out", str(tmp_path / "curve")])
     text = (tmp_path / "curve.md").read_text()
     assert "| 0.5 | 2 | 2 |" in text and "| 0.5 | 4 | 2 |" in text and "mean of 2: test" in text
     assert (tmp_path / "curve.png").stat().st_size > 0
     write_run(tmp_path / "flat", "sigma0.5_seed0")
     with pytest.raises(SystemExit):
-        evaluate.main([str(tmp_path / "flat"), "--curve"])
+        evaluate.main(["curve", str(tmp_path / "flat")])
     assert "has no curve: run mnist_gauss.py with --eval-at" in capsys.readouterr().err
 
 
@@ -506,7 +509,7 @@ def test_table1_next_to_the_paper(tmp_path, capsys):
     fake_ssl_run(tmp_path, "c", "vicreg", 0.0, "cifar100", top1=0.5)
     fake_ssl_run(tmp_path, "d", "vicreg", 0.0, "cifar100", top1=0.2, steps=0)
     fake_ssl_run(tmp_path, "e", "simclr", 0.1, "fashion-mnist", top1=0.7)
-    evaluate.main(["--table", str(tmp_path), "--out", str(tmp_path / "t1")])
+    evaluate.main(["table", str(tmp_path), "--out", str(tmp_path / "t1")])
     text = capsys.readouterr().out
     assert (tmp_path / "t1.md").read_text() in text
     row = next(line for line in text.splitlines() if line.startswith("| SimCLR σ = 0.3 |"))
@@ -528,7 +531,7 @@ def test_table1_keeps_sigma0_with_the_head_apart_from_the_original_method(tmp_pa
     fake_ssl_run(tmp_path, "bn", "simclr", 0.0, top1=0.70)
     file = tmp_path / "bn" / "metrics.json"
     file.write_text(json.dumps({**json.loads(file.read_text()), "head": "bn"}))
-    evaluate.main(["--table", str(tmp_path), "--out", str(tmp_path / "t1")])
+    evaluate.main(["table", str(tmp_path), "--out", str(tmp_path / "t1")])
     lines = capsys.readouterr().out.splitlines()
     original = lines.index(next(line for line in lines if line.startswith("| SimCLR |")))
     assert "80.00 (90.83)" in lines[original]
@@ -540,16 +543,16 @@ def test_table1_refuses_mnist_runs_duplicate_seeds_and_mixed_settings(tmp_path, 
     fake_ssl_run(tmp_path / "dup", "a")
     fake_ssl_run(tmp_path / "dup", "b")
     with pytest.raises(SystemExit) as exc:
-        evaluate.main(["--table", str(tmp_path / "dup"), "--out", str(tmp_path / "t")])
+        evaluate.main(["table", str(tmp_path / "dup"), "--out", str(tmp_path / "t")])
     assert exc.value.code == 2 and "both seed 0" in capsys.readouterr().err
     fake_ssl_run(tmp_path / "steps", "a")
     fake_ssl_run(tmp_path / "steps", "b", seed=1, steps=5)
     with pytest.raises(SystemExit) as exc:
-        evaluate.main(["--table", str(tmp_path / "steps"), "--out", str(tmp_path / "t")])
+        evaluate.main(["table", str(tmp_path / "steps"), "--out", str(tmp_path / "t")])
     assert exc.value.code == 2 and "differ in steps" in capsys.readouterr().err
     write_run(tmp_path / "mnist", "run")  # an mnist_gauss.py run: metrics without "method"
     with pytest.raises(SystemExit) as exc:
-        evaluate.main(["--table", str(tmp_path / "mnist"), "--out", str(tmp_path / "t")])
+        evaluate.main(["table", str(tmp_path / "mnist"), "--out", str(tmp_path / "t")])
     assert exc.value.code == 2 and "not a cifar_ssl.py run" in capsys.readouterr().err
     assert not (tmp_path / "t.md").exists()
 
@@ -561,7 +564,7 @@ def test_sigma_sweep_panel_of_cifar_runs(tmp_path, capsys):
                          top1=0.8 + 0.1 * seed, hz=None)
     fake_ssl_run(tmp_path, "s0", sigma=0.0)
     fake_ssl_run(tmp_path, "untrained", sigma=0.1, steps=0, top1=0.3)
-    evaluate.main([str(tmp_path), "--out", str(tmp_path / "fig")])
+    evaluate.main(["figure", str(tmp_path), "--out", str(tmp_path / "fig")])
     text = capsys.readouterr().out
     assert (tmp_path / "fig.png").stat().st_size > 0
     assert "linear probe top-1" in text and "projector output" in text
@@ -586,7 +589,7 @@ def test_table2_mean_and_std_over_seeds_next_to_the_poster(tmp_path, capsys):
         fake_imagenet_run(tmp_path, f"in100_s0.1_{seed}", 0.1, seed, top1)
     fake_imagenet_run(tmp_path, "in1k_s0", 0.0, 0, 0.6, classes=1000)
     fake_imagenet_run(tmp_path, "in1k_untrained", 0.0, 0, 0.05, classes=1000, steps=0)
-    evaluate.main(["--table", str(tmp_path), "--out", str(tmp_path / "t")])
+    evaluate.main(["table", str(tmp_path), "--out", str(tmp_path / "t")])
     text = capsys.readouterr().out
     assert (tmp_path / "t.md").read_text() in text
     assert "Table 1" not in text and "Table 2" in text
@@ -603,7 +606,7 @@ def test_table2_mean_and_std_over_seeds_next_to_the_poster(tmp_path, capsys):
     row = next(line for line in lines if line.startswith("| random-init encoder |"))
     assert "5.00" in row and "(" not in row
     fake_ssl_run(tmp_path, "cifar", "simclr", 0.3)
-    evaluate.main(["--table", str(tmp_path), "--out", str(tmp_path / "t")])
+    evaluate.main(["table", str(tmp_path), "--out", str(tmp_path / "t")])
     text = capsys.readouterr().out
     assert "Table 1" in text and "Table 2" in text
     assert "ImageNet" not in text.split("Table 2")[0]

@@ -90,7 +90,7 @@ def runs_with_shifts(run_script, tmp_path_factory):
 
 
 def test_outlier_table_over_runs(runs_with_shifts, tmp_path, capsys):
-    evaluate.main(["--outliers", str(runs_with_shifts / "gauss"), "--out", str(tmp_path / "o")])
+    evaluate.main(["outliers", str(runs_with_shifts / "gauss"), "--out", str(tmp_path / "o")])
     out = capsys.readouterr().out
     assert "| trained | 0.5 | 1.609 | 2 |" in out
     assert "| inverted |" in out and "| noise |" in out
@@ -104,7 +104,7 @@ def test_outliers_of_an_embeddings_file(tmp_path, capsys):
     rng = np.random.default_rng(5)
     np.savez(tmp_path / "emb.npz", z_train=rng.standard_normal((3000, 2)),
              z_test=rng.standard_normal((1000, 2)), z_ood_far=5 + rng.standard_normal((1000, 2)))
-    evaluate.main(["--outliers", "--embeddings", str(tmp_path / "emb.npz"), "--prior",
+    evaluate.main(["outliers", "--embeddings", str(tmp_path / "emb.npz"), "--prior",
                    "gaussian"])
     row = next(line for line in capsys.readouterr().out.splitlines() if "| far |" in line)
     assert row.split("|")[6].strip().startswith(("0.99", "1.000"))  # prior detection at 5%
@@ -121,7 +121,7 @@ def test_unusable_outlier_input_is_one_line(runs_with_shifts, tmp_path, capsys, 
             "uniform_as_gaussian": [str(runs_with_shifts / "uniform"), "--prior", "gaussian"],
             "no_prior": ["--embeddings", str(tmp_path / "plain.npz")]}[case]
     with pytest.raises(SystemExit) as exc:
-        evaluate.main(["--outliers", *argv])
+        evaluate.main(["outliers", *argv])
     assert exc.value.code == 2
     last = capsys.readouterr().err.strip().splitlines()
     assert message in last[-1] and "Traceback" not in "\n".join(last)
