@@ -745,38 +745,31 @@ def normality_report(z, seed: int = 0, subsample: int = 128, n_proj: int = 10,
 
 def normality_lines(report: dict) -> list[str]:
     """normality_report as text lines, each statistic beside its null band (the central 95 % of
-    one N(0, I) sample's value); a report saved before the null levels gives values alone."""
+    one N(0, I) sample's value)."""
     names = {"dagostino_p": "D'Agostino-Pearson averaged p", "shapiro_p": "Shapiro-Wilk "
              "averaged p", "henze_zirkler_p": "Henze-Zirkler averaged p",
              "sliced_w2": "sliced W2 to N(0, I)",
              "henze-zirkler": "Henze-Zirkler on the whole sample",
              "sliced-w2-monte-carlo": "Monte Carlo test on sliced W2"}
-    null = report.get("null") or {}
+    null, spectrum, decision = report["null"], report["correlation"], report["decision"]
     lines = [f"normality: p-values averaged over {report['n_proj']} projections x "
-             f"{report['n_boot']} subsamples of {report['subsample']} points"
-             + (f"; null band: the central {100 * null['share']:g}% of the same statistic on "
-                f"{null['draws']} N(0, I) samples of the same n and d" if "share" in null else "")]
-    for key in [k for k in ("dagostino_p", "shapiro_p", "henze_zirkler_p", "sliced_w2")
-                if k in report]:
-        value, band = report[key], null.get(key) or {}
-        lines.append(f"  {names[key]:<30}"
-                     + ("n/a (d >= subsample)" if value is None else f"{value:.4f}")
-                     + ("   null band {:.4f} to {:.4f}".format(*band["band"])
-                        if "band" in band else ""))
-    if "correlation" in report:
-        spectrum, band = report["correlation"], null.get("min_eigenvalue") or {}
-        lines.append(f"  {'correlation eigenvalues':<30}smallest "
-                     + ", ".join(f"{v:.3f}" for v in spectrum["smallest_eigenvalues"])
-                     + ("   null band of the smallest {:.3f} to {:.3f}".format(*band["band"])
-                        if "band" in band else "")
-                     + f"; {spectrum['collapsed']} below {COLLAPSED:g} (collapsed directions), "
-                     f"effective rank {spectrum['effective_rank']:.2f}")
-    if "decision" in report:
-        decision = report["decision"]
-        lines.append(f"  decision at level {decision['level']:g}: "
-                     f"{names.get(decision['test'], decision['test'])}, "
-                     f"p = {decision['p']:.3g}: normality "
-                     + ("rejected" if decision["reject"] else "not rejected"))
+             f"{report['n_boot']} subsamples of {report['subsample']} points; null band: the "
+             f"central {100 * null['share']:g}% of the same statistic on {null['draws']} N(0, I) "
+             "samples of the same n and d"]
+    for key in ("dagostino_p", "shapiro_p", "henze_zirkler_p", "sliced_w2"):
+        value = report[key]
+        lines.append(f"  {names[key]:<30}" + ("n/a (d >= subsample)" if value is None else
+                                              "{:.4f}   null band {:.4f} to {:.4f}".format(
+                                                  value, *null[key]["band"])))
+    lines.append(f"  {'correlation eigenvalues':<30}smallest "
+                 + ", ".join(f"{v:.3f}" for v in spectrum["smallest_eigenvalues"])
+                 + "   null band of the smallest {:.3f} to {:.3f}".format(
+                     *null["min_eigenvalue"]["band"])
+                 + f"; {spectrum['collapsed']} below {COLLAPSED:g} (collapsed directions), "
+                 f"effective rank {spectrum['effective_rank']:.2f}")
+    lines.append(f"  decision at level {decision['level']:g}: {names[decision['test']]}, "
+                 f"p = {decision['p']:.3g}: normality "
+                 + ("rejected" if decision["reject"] else "not rejected"))
     return lines
 
 

@@ -102,7 +102,6 @@ TABLE2_DATASETS = {100: "ImageNet-100", 1000: "ImageNet-1k"}  # by the ImageFold
 METHOD_NAMES = {"simclr": "SimCLR", "vicreg": "VICReg"}
 EMBEDDING_KEYS, LABEL_KEYS = ("embeddings", "z", "features", "x"), ("labels", "y", "targets")
 MIN_POINTS = 8  # the fewest points the tests take (scipy's D'Agostino-Pearson test needs 8)
-NEWER = ("min_eigenvalue", "collapsed")  # normality entries cifar_ssl.py runs may lack: nan
 
 
 # --- Tables: rows of kind, noise, capacity, seeds and (mean, 99% t half-width) per measure ----
@@ -197,7 +196,7 @@ def find_runs(paths: list[str]) -> list[Path]:
 
 def null_bands(runs: list[Run], k: int) -> dict[str, list[float]]:
     """[low, high] per panel: common.null_band of the mean of k null draws, from the null draws
-    the runs saved (one set per seed); {} for runs saved before them (evaluate.py --renormalize)."""
+    the runs saved (one set per seed)."""
     pools: dict[str, dict[Any, list[float]]] = {}
     for run in runs:
         for name, null in run["null"].items():
@@ -208,30 +207,26 @@ def null_bands(runs: list[Run], k: int) -> dict[str, list[float]]:
 
 def load_run(path: Path) -> Run:
     """The entries of path/metrics.json that the tables need, as floats ("inf" -> inf; a test
-    that was not run, null, or an entry older runs lack -> nan)."""
+    that was not run, null -> nan)."""
     file = path / "metrics.json"
     saved = common.read_json(file)
 
-    def lookup(dotted: str, name: str = "") -> Any:  # saved["a"]["b"] for "a.b"; lists by index
+    def lookup(dotted: str) -> Any:  # saved["a"]["b"] for "a.b"; lists by index
         tree = saved
-        try:
-            for part in dotted.split("."):
-                tree = tree[int(part)] if isinstance(tree, list) else tree[part]
-        except KeyError:
-            if name not in NEWER:
-                raise
-            return None
+        for part in dotted.split("."):
+            tree = tree[int(part)] if isinstance(tree, list) else tree[part]
         return tree
     try:
         family = "ssl" if "method" in saved else "eps" if "eps" in saved else "sigma"
         noise_key = "eps" if family == "eps" else "sigma"
         shared, training = SETTINGS[family]
-        values = {name: math.nan if lookup(key, name) is None else float(lookup(key))
+        values = {name: math.nan if lookup(key) is None else float(lookup(key))
                   for name, key, _ in PANELS[family]}
-        null = saved["normality"].get("null") or {}
+        null = saved["normality"]["null"]
         return {"path": path, "family": family, "noise_key": noise_key,
                 "noise": float(saved[noise_key]), "capacity": float(saved["capacity"]),
-                "seed": saved["seed"], "mi_se": float(saved.get("mi_heldout_se", math.nan)),
+                "seed": saved["seed"],
+                "mi_se": math.nan if family == "ssl" else float(saved["mi_heldout_se"]),
                 "kind": ("untrained" if saved["steps"] == 0
                          else "no noise" if math.isinf(float(saved["capacity"])) else "trained"),
                 "values": values, "null": {name: band for name, band in null.items()
@@ -350,11 +345,10 @@ def aggregate(paths: list[str], prefix: str) -> None:
     bands = {k: null_bands(runs, k) for k in ks}
     band_rows = [[f"null band, mean of {k}", "", "", "", *(
         "{} to {}".format(*map(fmt, bands[k][name])) if name in bands[k] else ""
-        for name in titles)] for k in ks if bands[k]]
+        for name in titles)] for k in ks]
     null = (f"null band: the central {100 * common.BAND_SHARE:g}% of the same statistic's mean "
             "over k N(0, I) samples of the same n and d (k = a row's seeds; null draws resampled, "
-            "common.null_band)" if band_rows else "null band: none (these runs' metrics.json "
-            "predate it; see evaluate.py --renormalize)")
+            "common.null_band)")
     check = ("MI check: none (cifar_ssl.py runs record no MI estimate)" if ssl
              else mi_check(trained, {"held-out I": lambda run: (run["values"]["mi_heldout"],
                                                                 run["mi_se"])}, equation))

@@ -21,6 +21,14 @@ DATA = {"dataset": "mnist-test-split", "split": "seeded 8000/2000 split of the M
         "n_train": 8000, "n_test": 2000}
 
 
+NULL = {"draws": 2, "share": 0.95, **{name: {"mean": v, "sd": 0.0, "band": [v, v], "values": [v, v]}
+                                      for name, v in (("dagostino_p", 0.5), ("shapiro_p", 0.5),
+                                                      ("henze_zirkler_p", 0.5),
+                                                      ("sliced_w2", 0.03),
+                                                      ("min_eigenvalue", 0.9))}}
+DECISION = {"test": "henze-zirkler", "level": 0.05, "p": 0.3, "reject": False}
+
+
 def write_run(root, name, sigma=0.5, seed=0, mi=1.0, se=0.01, knn=0.5, **changes):
     """A fake run directory whose metrics.json has the layout of mnist_gauss.py's."""
     capacity = math.inf if sigma == 0 else math.log1p(1 / sigma ** 2)  # eq. 5 with d = 2
@@ -28,7 +36,10 @@ def write_run(root, name, sigma=0.5, seed=0, mi=1.0, se=0.01, knn=0.5, **changes
                "dm_gap": capacity - mi, "class_information": math.log(10),
                "normality": {"dagostino_p": 0.1 + 0.1 * seed, "shapiro_p": 0.2,
                              "henze_zirkler_p": 0.3, "henze_zirkler_stat": 2.0,
-                             "sliced_w2": 0.05, "subsample": 128, "n_proj": 10, "n_boot": 20},
+                             "sliced_w2": 0.05, "subsample": 128, "n_proj": 10, "n_boot": 20,
+                             "null": NULL, "decision": DECISION, "correlation": {
+                                 "smallest_eigenvalues": [0.9, 1.1], "collapsed": 0,
+                                 "effective_rank": 1.99}},
                "downstream": {"gnb_acc": 0.4, "knn_acc": knn, "mlp_acc": 0.6, "silhouette": 0.0},
                "sigma": sigma, "dim": 2, "critic": "gaussian" if sigma else "separable",
                "loss": "infonce", "steps": 2000, "batch_size": 256, "seed": seed, "data": DATA,
@@ -194,7 +205,9 @@ def test_figure1_bands_are_for_means_of_as_many_null_draws_as_seeds(tmp_path, ca
                 "test": "henze-zirkler", "level": 0.05, "p": 1e-4, "reject": True},
             "correlation": {"smallest_eigenvalues": [0.04 + 0.01 * seed, 1.96 - 0.01 * seed],
                             "collapsed": 1 - seed // 2, "effective_rank": 1.5}})
-    write_run(tmp_path / "runs", "old", 1.0)  # no null levels, no eigenvalues (cifar_ssl.py)
+    write_run(tmp_path / "runs", "sigma1", 1.0, normality={**json.loads(
+        (tmp_path / "runs" / "s0" / "metrics.json").read_text())["normality"], "sliced_w2": 0.05,
+        "correlation": {"smallest_eigenvalues": [0.7, 1.3], "collapsed": 0, "effective_rank": 2}})
     evaluate.main(["figure", str(tmp_path / "runs"), "--out", str(tmp_path / "fig")])
     printed = capsys.readouterr().out
     assert "| 0.060 ± 0.000 |" in printed and "| 0.050 ± 0.057 |" in printed  # W2, eigenvalue
@@ -206,7 +219,7 @@ def test_figure1_bands_are_for_means_of_as_many_null_draws_as_seeds(tmp_path, ca
     assert float(rows[0.5]["sliced_w2_mean"]) == pytest.approx(0.06)
     assert float(rows[0.5]["collapsed_mean"]) == pytest.approx(2 / 3)
     assert float(rows[1.0]["sliced_w2_mean"]) == pytest.approx(0.05)
-    assert math.isnan(float(rows[1.0]["min_eigenvalue_mean"]))
+    assert float(rows[1.0]["min_eigenvalue_mean"]) == pytest.approx(0.7)
     assert (tmp_path / "fig.png").stat().st_size > 0
 
 
@@ -496,7 +509,9 @@ def fake_ssl_run(root, name, method="simclr", sigma=0.0, dataset="cifar10", seed
                "probe": {"top1": top1, "top5": 0.99, "train_top1": 0.95},
                "online_probe": {"test_top1": top1 - 0.05},
                "normality": {"dagostino_p": 0.2 + sigma, "shapiro_p": 0.1,
-                             "henze_zirkler_p": hz, "sliced_w2": 0.1, "subsample": 128},
+                             "henze_zirkler_p": hz, "sliced_w2": 0.1, "subsample": 128,
+                             "null": NULL, "correlation": {"smallest_eigenvalues": [0.01],
+                                                           "collapsed": 3}},
                "probe_images": {"train": 50000, "test": 10000},
                "data": {"dataset": dataset, "n_train": 50000}}
     (root / name).mkdir(parents=True)
