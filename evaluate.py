@@ -1,37 +1,19 @@
 """Evaluate saved runs of mnist_gauss.py / mnist_uniform.py / cifar_ssl.py (Section 5).
-The first word names the mode; `python evaluate.py MODE -h` lists its flags.
+The first word names the mode; `python evaluate.py MODE -h` describes it and its flags.
 
     python evaluate.py figure runs/sweep [RUN_DIR ...] --out figure1
-        Figure 1: each metric against the capacity C (mean over seeds, 99% Student t interval),
-        the sigma = 0 and untrained baselines, the null band of a mean of as many N(0, I)
-        samples of the same n and d; writes PREFIX.png, .pdf, .md, .csv and prints the table
-        and every run whose MI estimate exceeds C by more than 3 standard errors (a bug
-        detector). cifar_ssl.py runs: against sigma. mnist_gauss.py runs also give
-        PREFIX_certificate.md, .csv: InfoNCE, NWJ and DV per critic and C minus the largest
-        lower bound, the certificate of Lemma B.1 beyond InfoNCE's cap log B.
     python evaluate.py compare RUN_DIR ... --against RUN_DIR ...
-        Each measure of two groups of seeds: means, 99% t intervals, Welch's t test p-value.
-    python evaluate.py curve RUN_DIR ... --out PREFIX
-        Sliced W2, k-NN and MI / C against training steps of runs written with --eval-at.
+    python evaluate.py curve RUN_DIR ... --out curve
     python evaluate.py table runs/cifar_ssl [RUN_DIR ...] --out table1
-        Table 1 (linear-probe top-1 / top-5 of cifar_ssl.py runs next to the paper's) and poster
-        Table 2 (VICReg on ImageFolder trees of 100 or 1000 classes at 128 px or more, mean +-
-        std over seeds); prints them and writes PREFIX.md.
     python evaluate.py renormalize RUN_DIR [RUN_DIR ...]
-        Renews the normality block of each run's metrics.json from its embeddings.npz (a run's
-        metrics from its model.pt: python SCRIPT.py --out RUN_DIR --eval-only).
     python evaluate.py outliers RUN_DIR ... [--out PREFIX]
-        Outlier detection from the prior against the fitted Mahalanobis rule (runs with --ood).
     python evaluate.py embeddings FILE [--uniform] [--key NAME] [--out report]
-        The Section 5 report on a run's embeddings.npz or any .npy, .npz, .pt / .pth or .csv
-        (one row per sample): averaged p-values beside their null levels, the sliced W2 distance
-        to N(0, I) beside its null band, a test calibrated at 5%; labels (a run's y_test, or
-        labels / y / targets split 80/20) add downstream scores. --out PREFIX: PREFIX.json.
 """
 from __future__ import annotations
 
 import argparse
 import csv
+import inspect
 import io
 import json
 import math
@@ -327,9 +309,13 @@ def plot_figure1(rows: list[Row], metrics: list, symbol: str, title: str, bands:
     return fig
 
 
-def aggregate(paths: list[str], prefix: str) -> None:
-    """evaluate.py figure: Figure 1, its table (markdown, CSV) and the MI-bound check."""
-    runs = [load_run(path) for path in find_runs(paths)]
+def figure(args: argparse.Namespace) -> None:
+    """Figure 1: each measure against the capacity C (cifar_ssl.py runs: against sigma), mean
+    over seeds with the 99% Student t interval, the sigma = 0 and untrained baselines, the null
+    band of a mean of as many N(0, I) samples of the same n and d; writes PREFIX.png, .pdf, .md,
+    .csv, prints the table and every run whose MI estimate exceeds C by more than 3 standard
+    errors (a bug detector). mnist_gauss.py runs also give PREFIX_certificate.md, .csv."""
+    runs, prefix = [load_run(path) for path in find_runs(args.runs)], args.out
     rows, ssl, settings = group_rows(runs), runs[0]["family"] == "ssl", runs[0]["settings"]
     (family, symbol, equation), metrics = FAMILIES[runs[0]["family"]], PANELS[runs[0]["family"]]
     trained = [run for run in runs if run["kind"] == "trained"]
@@ -374,11 +360,12 @@ CURVE = [("sliced_w2", "sliced W2 to N(0, I), test"), ("sliced_w2_train", "slice
 """The panels of a curve: entries of a curve point of mnist_gauss.py --eval-at / --eval-every."""
 
 
-def curve(paths: list[str], prefix: str) -> None:
-    """evaluate.py curve: the Figure 1 measures against training steps (log axis) of runs
-    written with --eval-at: per sigma the seeds (thin) and their mean (thick), the null band of
-    the mean of k N(0, I) samples of the test (or training) set's size, k = seeds per sigma."""
-    runs = [load_run(path) for path in find_runs(paths)]
+def curve(args: argparse.Namespace) -> None:
+    """Sliced W2 (test and train), k-NN and MI / C against training steps (log axis) of runs
+    written with mnist_gauss.py --eval-at: per sigma the seeds (thin) and their mean (thick),
+    the null band of the mean of k N(0, I) samples of the test (or training) set's size, k =
+    seeds per sigma; writes PREFIX.png, .pdf, .md."""
+    runs, prefix = [load_run(path) for path in find_runs(args.runs)], args.out
     if missing := [str(run["path"]) for run in runs if not run["saved"].get("curve")]:
         common.fail(f"{missing[0]} has no curve: run mnist_gauss.py with --eval-at or --eval-every")
     check_group(runs, SETTINGS["sigma"][0] + ("critic", "loss", "batch_size"), "runs of a curve")
@@ -507,10 +494,10 @@ def certificate(runs: list[Run]) -> tuple[str, str]:
     return text, csv_text(rows, list(columns), "sigma")
 
 
-def compare(paths: list[str], against: list[str]) -> None:
-    """evaluate.py compare: every measure of two groups of runs (the seeds of two settings or
-    critics): mean ± 99% t interval per group, the difference of means, Welch's t test p."""
-    groups = [[load_run(path) for path in find_runs(group)] for group in (paths, against)]
+def compare(args: argparse.Namespace) -> None:
+    """Every measure of two groups of runs (the seeds of two settings or critics): mean ± 99%
+    t interval per group, the difference of means and the two-sided p-value of Welch's t test."""
+    groups = [[load_run(path) for path in find_runs(group)] for group in (args.runs, args.against)]
     for name, group in zip("AB", groups, strict=True):
         check_group(group, ("dim", "data.n_test"), f"the runs of group {name}", f"group {name}")
     rows = []
@@ -580,12 +567,13 @@ def table1_label(key: tuple[str, float, bool]) -> str:
         ", BatchNorm head, no noise" if with_head and not sigma else "")
 
 
-def table1(paths: list[str], prefix: str) -> None:
-    """evaluate.py table: Table 1 in the paper's layout (method x sigma rows, top-1 / top-5 per
-    data set; other data sets get columns) and poster Table 2 (one row per sigma) for VICReg on an
-    ImageFolder tree of 100 or 1000 classes at 128 px or more; prints them, writes PREFIX.md."""
-    runs = []
-    for path in find_runs(paths):
+def table(args: argparse.Namespace) -> None:
+    """Table 1 in the paper's layout (linear-probe top-1 / top-5 of cifar_ssl.py runs next to
+    the paper's, method x sigma rows, a column pair per data set) and poster Table 2 (one row
+    per sigma, mean ± std over seeds) for VICReg on an ImageFolder tree of 100 or 1000 classes
+    at 128 px or more; prints them, writes PREFIX.md."""
+    runs, prefix = [], args.out
+    for path in find_runs(args.runs):
         if "method" not in common.read_json(path / "metrics.json"):
             common.fail(f"{path} is not a cifar_ssl.py run (its metrics.json has no method)")
         runs.append(load_run(path))
@@ -765,11 +753,29 @@ def report_lines(report: dict[str, Any]) -> list[str]:
     return lines
 
 
+def embeddings(args: argparse.Namespace) -> None:
+    """The Section 5 report on a run's embeddings.npz or any .npy, .npz, .pt / .pth or .csv
+    (one row per sample): averaged p-values beside their null levels, the sliced W2 distance to
+    N(0, I) beside its null band, a test calibrated at 5%; labels (a run's y_test, or labels /
+    y / targets split 80/20) add downstream scores; --out PREFIX writes PREFIX.json."""
+    report = embeddings_report(Path(args.file), args.key, args.uniform, args.subsample, args.seed)
+    print("\n".join(report_lines(report)))
+    if args.out:
+        out = Path(f"{args.out.removesuffix('.json')}.json")
+        try:
+            out.parent.mkdir(parents=True, exist_ok=True)
+            common.write_json(report, out)
+        except OSError as err:
+            common.fail(f"cannot write {out} ({err.strerror or err})")
+        print(f"saved {out}")
+
+
 # --- renormalize: renew the normality block of runs from their embeddings ------------------
-def renormalize(paths: list[str]) -> None:
+def renormalize(args: argparse.Namespace) -> None:
     """Recompute each run's normality block from RUN/embeddings.npz (z_test) with the settings
-    and seed it recorded, and write it into RUN/metrics.json atomically, keeping the rest."""
-    for run in find_runs(paths):
+    and seed it recorded, and write it into RUN/metrics.json atomically, keeping the rest (a
+    run's metrics from its model.pt: python SCRIPT.py --out RUN_DIR --eval-only)."""
+    for run in find_runs(args.runs):
         metrics = common.read_json(run / "metrics.json")
         if not {"sigma", "eps"} & metrics.keys():
             common.fail(f"{run}: renormalize takes runs of mnist_gauss.py / mnist_uniform.py "
@@ -809,15 +815,17 @@ def outlier_arrays(file: Path, uniform: bool, prior: str) -> dict[str, np.ndarra
             "z_test": check_embeddings(arrays["z_test"], f"{file}:z_test"), **shifted}
 
 
-def outliers(paths: list[str], embeddings: str | None, prior: str, prefix: str | None) -> None:
-    """evaluate.py outliers: false-alarm and detection rates of the prior rule (chi^2_d p-value
-    of ||z||^2, after Phi^-1 for uniform DM) and of the fitted Mahalanobis rule at alpha = 0.01,
-    0.05, 0.10, and AUROC; runs give one table over the noise level, mean +- 99% t interval."""
+def outliers(args: argparse.Namespace) -> None:
+    """Outlier detection on runs written with --ood (or an embeddings file): false-alarm and
+    detection rates of the prior rule (chi^2_d p-value of ||z||^2, after Phi^-1 for uniform DM)
+    and of the fitted Mahalanobis rule at alpha = 0.01, 0.05, 0.10, and AUROC; runs give one
+    table over the noise level, mean +- 99% t interval; --out PREFIX writes .md, .csv, .json."""
+    embeddings, prior, prefix = args.embeddings, args.prior, args.out
     sources = ([(Path(embeddings), prior == "uniform", ("file", math.nan, math.nan))]
                if embeddings else
                [(run["path"] / "embeddings.npz", run["family"] == "eps",
                  (run["kind"], run["noise"], run["capacity"]))
-                for run in map(load_run, find_runs(paths))])
+                for run in map(load_run, find_runs(args.runs))])
     groups: dict[tuple[str, float, float], list[dict[str, Any]]] = {}
     for file, uniform, key in sources:
         arrays = outlier_arrays(file, uniform, prior)
@@ -879,40 +887,40 @@ REPLACED = {"--table": "python evaluate.py table RUN_DIR ...",
                             "it writes RUN_DIR/metrics_recomputed.json)"}
 
 
+MODES = {"figure": (figure, "Figure 1: each measure against the capacity C"),
+         "compare": (compare, "two groups of seeds: Welch's t test per measure"),
+         "curve": (curve, "the measures against training steps (runs written with --eval-at)"),
+         "table": (table, "Table 1 (and poster Table 2) from cifar_ssl.py runs"),
+         "renormalize": (renormalize, "renew the normality block of runs from embeddings.npz"),
+         "outliers": (outliers, "outliers from the prior against the fitted Mahalanobis rule"),
+         "embeddings": (embeddings, "the Section 5 report on saved embeddings")}
+OUT_DEFAULTS = {"figure": "figure1", "curve": "curve", "table": "table1", "outliers": None,
+                "embeddings": None}  # the modes that write files
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     argv = sys.argv[1:] if argv is None else list(argv)
     p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     modes = p.add_subparsers(dest="mode", required=True, metavar="MODE")
-
-    def mode(name: str, text: str, files: str = "", out: str | None = None,
-             runs: str = "+") -> Any:
-        q = modes.add_parser(name, help=text, description=text,
-                             formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-        if runs:
-            q.add_argument("runs", nargs=runs, metavar="RUN_DIR", help="run directories, or "
-                           "folders searched recursively for them (those holding metrics.json)")
-        if files:
-            q.add_argument("--out", default=out, metavar="PREFIX", help=f"writes {files}")
-        return q
-
-    mode("figure", "Figure 1: each measure against the capacity C",
-         "PREFIX.png, .pdf, .md, .csv, PREFIX_certificate.md, .csv", "figure1")
-    mode("compare", "two groups of seeds: Welch's t test per measure").add_argument(
-        "--against", nargs="+", required=True, metavar="RUN_DIR", help="the second group")
-    mode("curve", "the measures against training steps (runs written with --eval-at)",
-         "PREFIX.png, .pdf, .md", "curve")
-    mode("table", "Table 1 (and Table 2) from cifar_ssl.py runs", "PREFIX.md", "table1")
-    mode("renormalize", "renew the normality block of each run from its embeddings.npz")
-    o = mode("outliers", "outlier detection from the prior (chi^2 of ||z||^2) against the "
-             "fitted Mahalanobis rule, on runs written with --ood",
-             "PREFIX.md, .csv, .json (none: print only)", runs="*")
+    parsers = {}
+    for name, (function, text) in MODES.items():  # the description: the function's docstring
+        q = parsers[name] = modes.add_parser(name, help=text, formatter_class=HelpFormatter,
+                                             description=inspect.cleandoc(function.__doc__))
+        if name != "embeddings":
+            q.add_argument("runs", nargs="*" if name == "outliers" else "+", metavar="RUN_DIR",
+                           help="run directories, or folders searched recursively for them "
+                                "(those holding metrics.json)")
+        if name in OUT_DEFAULTS:
+            q.add_argument("--out", metavar="PREFIX", default=OUT_DEFAULTS[name],
+                           help="the prefix of the files written (None: print only)")
+    parsers["compare"].add_argument("--against", nargs="+", required=True, metavar="RUN_DIR",
+                                    help="the second group")
+    o = parsers["outliers"]
     o.add_argument("--embeddings", metavar="FILE", help="an embeddings.npz instead of runs")
     o.add_argument("--prior", choices=["auto", "gaussian", "uniform"], default="auto",
                    help="the prior of the embeddings (auto: from the run)")
-    q = mode("embeddings", "the Section 5 report on saved embeddings",
-             "PREFIX.json (none: print only)", runs="")
-    q.add_argument("file", metavar="FILE", help="a run's embeddings.npz, or .npy, .npz, .pt, "
-                   ".pth or .csv (one row per sample)")
+    q = parsers["embeddings"]
+    q.add_argument("file", metavar="FILE", help="the embeddings")
     q.add_argument("--key", metavar="NAME", help="the array of FILE that holds the embeddings")
     q.add_argument("--uniform", action="store_true",
                    help="embeddings in [0, 1]^d (uniform DM, Section 3.3): Kolmogorov-Smirnov "
@@ -921,10 +929,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="subsample size of the bootstrapped normality tests (as in the scripts)")
     q.add_argument("--seed", type=common.seed_int, default=0,
                    help="seed of the test subsamples, projections, split and MLP")
-    if argv and argv[0] not in modes.choices and argv[0] not in ("-h", "--help"):
+    if argv and argv[0] not in MODES and argv[0] not in ("-h", "--help"):
         old = next((flag for flag in REPLACED if flag in argv), None)
         p.error(f"{old} is now {REPLACED[old]}" if old else "name the mode first, e.g. python "
-                f"evaluate.py figure RUN_DIR ... (modes: {', '.join(modes.choices)})")
+                f"evaluate.py figure RUN_DIR ... (modes: {', '.join(MODES)})")
     args = p.parse_args(argv)
     if args.mode == "outliers" and bool(args.runs) == (args.embeddings is not None):
         o.error("give run directories or --embeddings FILE (one of them)")
@@ -935,26 +943,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    if args.mode == "embeddings":
-        report = embeddings_report(Path(args.file), args.key, args.uniform, args.subsample,
-                                   args.seed)
-        print("\n".join(report_lines(report)))
-        if args.out:
-            out = Path(f"{args.out.removesuffix('.json')}.json")
-            try:
-                out.parent.mkdir(parents=True, exist_ok=True)
-                common.write_json(report, out)
-            except OSError as err:
-                common.fail(f"cannot write {out} ({err.strerror or err})")
-            print(f"saved {out}")
-    elif args.mode == "outliers":
-        outliers(args.runs, args.embeddings, args.prior, args.out)
-    elif args.mode == "compare":
-        compare(args.runs, args.against)
-    elif args.mode == "renormalize":
-        renormalize(args.runs)
-    else:
-        {"figure": aggregate, "curve": curve, "table": table1}[args.mode](args.runs, args.out)
+    MODES[args.mode][0](args)
 
 
 if __name__ == "__main__":
