@@ -990,7 +990,7 @@ def run(args: argparse.Namespace, device: torch.device) -> dict[str, Any] | None
         print(report(metrics) + f"\nsaved to {out / 'metrics_recomputed.json'}")
         return metrics
     with common.atomic_path(out / "embeddings.npz") as tmp, open(tmp, "wb") as fh:
-        np.savez(fh, z_test=z_te, y_test=y_te_np)
+        np.savez_compressed(fh, z_test=z_te, y_test=y_te_np)
     common.atomic_save({"models": model.state_dict(), "args": vars(args)}, out / "model.pt")
     if info["n_classes"] <= 10:
         title = f"{label(args.method, args.sigma, args.head)}, {args.dataset} test"
