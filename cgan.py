@@ -53,7 +53,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    "(6000 x 128 images: 96 passes over the 8k-image MNIST split)")
     p.add_argument("--epochs", type=common.positive_int, default=None,
                    help="train the GAN for this many passes over the training set instead")
-    p.add_argument("--batch-size", type=common.positive_int, default=128, help="GAN batch size")
+    p.add_argument("--batch-size", type=common.bounded(int, 2), default=128, help="GAN batch size")
     p.add_argument("--lr-g", type=common.positive_float, default=2e-4,
                    help="Adam learning rate of the generator (DCGAN, Radford et al.)")
     p.add_argument("--lr-d", type=common.positive_float, default=2e-4,
@@ -100,8 +100,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         common.check_resume(p, args, OWN_KEYS)
     else:
         common.resolve_out(p, args, f"runs/cgan/seed{args.seed}")
-    if args.batch_size < 2:  # after --resume has filled in the stored settings
-        p.error("--batch-size must be >= 2: the generator's BatchNorm needs two images")
     return args
 
 

@@ -1,10 +1,9 @@
 """Gaussian distribution matching on MNIST with Noise-Injected Deep InfoMax (Section 5).
 
-Train the Table 2 ConvNet f to maximize I(f(X'); f(X) + Z): X' = X + N(0, 0.6^2) pixel noise,
-f(X) normalized by BatchNorm and Z ~ N(0, sigma^2 I) (Theorem 3.4). The embeddings f(X) then
-approach N(0, I). The run ends with the capacity C (eq. 5), the held-out MI estimate, the DM gap
-C - I_hat (a bound on D_KL(f(X) + Z || N(0, (1 + sigma^2) I)), Lemma B.1), normality tests,
-downstream accuracies and a Figure 2 scatter, all saved in --out.
+Train the Table 2 ConvNet f to maximize I(f(X'); f(X) + Z), X' = X + N(0, 0.6^2) pixel noise,
+f(X) normalized by BatchNorm, Z ~ N(0, sigma^2 I): f(X) then approaches N(0, I) (Theorem 3.4).
+Saved in --out: the capacity C (eq. 5), the held-out MI, the DM gap C - I_hat >= D_KL(f(X) + Z
+|| N(0, (1 + sigma^2) I)) (Lemma B.1), normality tests, downstream accuracies, a Figure 2 scatter.
 
     python mnist_gauss.py --sigma 0.6                        # minutes on a laptop CPU
     python mnist_gauss.py --sigma 0.6 --paper                # Table 2 / Appendix C settings
@@ -28,10 +27,8 @@ from tqdm import tqdm
 import common
 
 PAPER = {"batch_size": 1024, "epochs": 2000, "steps": None, "critic": "concat", "loss": "infonce",
-         "lr": 1e-3, "aug_sigma": 0.6}
-"""Appendix C and Table 2: batch 1024, 2000 epochs, Adam 1e-3, concat critic, InfoNCE, noise 0.6."""
-ONE_BATCH = 2000
-"""Most test images in the one-batch MI estimates (the B x B scores of every critic)."""
+         "lr": 1e-3, "aug_sigma": 0.6}  # Appendix C and Table 2
+ONE_BATCH = 2000  # most test images in the one-batch MI estimates (B x B scores of every critic)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -40,8 +37,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--sigma", type=common.nonnegative_float, default=0.3,
                    help="std of the injected noise Z ~ N(0, sigma^2 I) (Theorem 3.4); 0: plain "
                         "DIM; 0.3 gives C = 2.49 nats, just above the class information log 10")
-    p.add_argument("--dim", type=common.positive_int, default=2,
-                   help="embedding dimension (Figure 1: 2)")
+    p.add_argument("--dim", type=common.positive_int, default=2, help="embedding dim (Figure 1: 2)")
     p.add_argument("--aug-sigma", type=common.nonnegative_float, default=0.6,
                    help="std of the pixel noise X -> X' (Appendix C: 0.6)")
     p.add_argument("--critic", default="separable",
@@ -60,15 +56,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--clip", type=common.nonnegative_float, default=10.0,
                    help="renwj: T clipped to [-clip, clip] in the NWJ terms (Choi & Lee, Table 1: "
                         "10); 0: no clipping")
-    p.add_argument("--batch-size", type=common.positive_int, default=256, help="paper: 1024")
+    p.add_argument("--batch-size", type=common.bounded(int, 2), default=256, help="paper: 1024")
     p.add_argument("--lr", type=common.positive_float, default=1e-3,
                    help="Adam learning rate (Appendix C: 1e-3)")
     p.add_argument("--steps", type=common.bounded(int, 0), default=2000,
                    help="optimizer steps (paper: 2000 epochs of 60k images = 116,000 steps)")
     p.add_argument("--epochs", type=common.positive_int, default=None,
                    help="train for this many passes over the training set instead of --steps")
-    p.add_argument("--seed", type=common.seed_int, default=0,
-                   help="fixes data order, noise and init")
+    p.add_argument("--seed", type=common.seed_int, default=0, help="fixes data order, noise, init")
     p.add_argument("--sigmas", type=common.nonnegative_float, nargs="+", default=None,
                    help="sweep: one run per sigma (times --seeds) in sub-directories of --out")
     p.add_argument("--seeds", type=common.bounded(int, 1, 1000), default=1,
@@ -84,26 +79,21 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--data-dir", default=None, help="folder with the IDX files (optionally .gz)")
     p.add_argument("--no-download", action="store_true", help="never try to download data")
     p.add_argument("--ood", nargs="+", choices=common.OOD_SETS, default=[],
-                   help="also embed these out-of-distribution test sets (as many images as the "
-                        "test split) into embeddings.npz as z_ood_<name>, for evaluate.py "
-                        "--outliers; inverted and noise need no download")
+                   help="also embed these shifted test sets (test-split size) into embeddings.npz "
+                        "as z_ood_<name> for evaluate.py --outliers; inverted, noise: no download")
     p.add_argument("--out", default=None, help="run directory, or a sweep's parent directory; "
                                                "default: a new directory under runs/mnist_gauss/")
     p.add_argument("--resume", action="store_true", help="continue the run in --out")
-    p.add_argument("--eval-only", action="store_true",
-                   help="re-evaluate the finished run in --out from its model.pt")
+    p.add_argument("--eval-only", action="store_true", help="re-evaluate --out from its model.pt")
     p.add_argument("--subsample", type=common.bounded(int, 20), default=128,
                    help="subsample size of the bootstrapped normality tests (sets their power)")
     p.add_argument("--eval-every", type=common.bounded(int, 0), default=0,
                    help="evaluate every N steps into the metrics.json curve (0: off)")
     p.add_argument("--eval-at", type=common.positive_int, nargs="+", default=[], metavar="STEP",
-                   help="also evaluate at these steps (log-spaced points: 1000 2000 4000 ...); "
-                        "each curve point holds sliced W2 (test and train), the normality "
-                        "tests, MI and k-NN")
-    p.add_argument("--log-every", type=common.positive_int, default=10,
-                   help="progress update interval")
-    p.add_argument("--ckpt-every", type=common.positive_int, default=500,
-                   help="checkpoint interval")
+                   help="also evaluate at these steps (log-spaced: 1000 2000 4000 ...); a curve "
+                        "point holds sliced W2 (test and train), normality tests, MI and k-NN")
+    p.add_argument("--log-every", type=common.positive_int, default=10, help="progress interval")
+    p.add_argument("--ckpt-every", type=common.positive_int, default=500, help="checkpoint every N")
     p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None,
                    help="autocast for encoder and learned critics: default auto, bf16 on CUDA "
                         "(fp16 + scaler without bf16) and on CPUs with native bf16 (AMX, "
@@ -120,20 +110,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         if getattr(args, one) != p.get_default(one) and getattr(args, other) is not None:
             p.error(f"--{one} and --{other} exclude each other")
     if args.paper:
-        given = [k for k in PAPER if getattr(args, k) != p.get_default(k)]
-        if given:
-            p.error(f"--paper sets {', '.join('--' + k.replace('_', '-') for k in given)}; "
-                    "drop them or drop --paper")
+        if given := [k.replace("_", "-") for k in PAPER if getattr(args, k) != p.get_default(k)]:
+            p.error(f"--paper sets --{', --'.join(given)}; drop them or drop --paper")
         vars(args).update(PAPER)
     if args.resume or args.eval_only:
         common.check_resume(p, args, ["sigma"])
     elif args.sigmas is None and args.seeds == 1:
         common.resolve_out(p, args, f"runs/mnist_gauss/sigma{args.sigma:g}_seed{args.seed}")
     if args.critic == "gaussian" and 0 in (args.sigmas or [args.sigma]):
-        p.error("--critic gaussian (Theorem 4.1) divides by sigma^2: use --sigma > 0 or a learned "
-                "critic (--critic separable / concat / bilinear)")
-    if args.batch_size < 2:
-        p.error("--batch-size must be >= 2: BatchNorm and the critic's negatives need 2 samples")
+        p.error("--critic gaussian (Theorem 4.1) needs --sigma > 0; else use a learned critic")
     return args
 
 
@@ -171,12 +156,12 @@ def infomax_loss(models: nn.ModuleDict, x: torch.Tensor, args: argparse.Namespac
 
 def bench(args: argparse.Namespace, device: torch.device) -> None:
     """--bench N: ms per step of this run next to the reference path, and projected run times."""
-    def ms_per_step(run: argparse.Namespace, layout: torch.memory_format) -> float:
+    def ms_per_step(layout: torch.memory_format = torch.channels_last, **flags: object) -> float:
+        run = argparse.Namespace(**{**vars(args), **flags})
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
             models = build_models(run, device).to(memory_format=layout)
             opt = torch.optim.Adam(models.parameters(), lr=run.lr)
-            x = torch.rand(run.batch_size, 1, 24, 24, device=device).contiguous(
-                memory_format=layout)
+            x = torch.rand(run.batch_size, 1, 24, 24, device=device).to(memory_format=layout)
 
             def step() -> None:
                 opt.zero_grad(set_to_none=True)
@@ -185,24 +170,19 @@ def bench(args: argparse.Namespace, device: torch.device) -> None:
             return 1e3 * common.time_per_step(step, args.bench, device)
 
     dtype, why = common.precision(device, args.amp)
-    auto = common.precision(device)[0]
-    other = argparse.Namespace(**{**vars(args), "amp": dtype == torch.float32})
-    reference = argparse.Namespace(**{**vars(args), "critic_impl": "reference", "amp": False})
-    paper = argparse.Namespace(**{**vars(args), **PAPER})
-    ms = ms_per_step(args, torch.channels_last)
+    other = dtype == torch.float32  # --amp of the other precision
+    ms = ms_per_step()
     print(f"{device.type}, batch {args.batch_size}, critic {args.critic}, loss {args.loss}, "
           f"{args.bench} steps each\n  this run:  {ms:8.1f} ms/step   "
           f"{common.precision_name(dtype)}, channels-last, {args.critic_impl} ({why})", flush=True)
-    ms_other = ms_per_step(other, torch.channels_last)
-    print(f"  other:     {ms_other:8.1f} ms/step   "
-          f"{common.precision_name(common.precision(device, other.amp)[0])}, channels-last; "
-          f"the default (auto) picks {common.precision_name(auto)}", flush=True)
-    ms_ref = ms_per_step(reference, torch.contiguous_format)
+    print(f"  other:     {ms_per_step(amp=other):8.1f} ms/step   "
+          f"{common.precision_name(common.precision(device, other)[0])}, channels-last; the "
+          f"default (auto) picks {common.precision_name(common.precision(device)[0])}", flush=True)
+    ms_ref = ms_per_step(torch.contiguous_format, critic_impl="reference", amp=False)
     print(f"  reference: {ms_ref:8.1f} ms/step   float32, NCHW, reference (all pairs "
           f"materialised for concat)\n  speed-up {ms_ref / ms:.1f}x; "
           f"{args.batch_size / ms * 1e3:.0f} pairs/s", flush=True)
-    ms_paper = ms if all(getattr(args, k) == v for k, v in PAPER.items() if k != "steps") \
-        else ms_per_step(paper, torch.channels_last)
+    ms_paper = ms if args.paper else ms_per_step(**PAPER)
     steps = args.steps if args.epochs is None else args.epochs * (60_000 // args.batch_size)
     paper_steps = PAPER["epochs"] * (60_000 // PAPER["batch_size"])
     print(f"  projected: this run ({steps} steps) {ms * steps / 6e4:.1f} min; --paper "
@@ -222,44 +202,34 @@ def embed(models: nn.ModuleDict, x: torch.Tensor) -> np.ndarray:
 def evaluate(models: nn.ModuleDict, data: tuple, args: argparse.Namespace,
              estimates: bool = True) -> dict:
     """Section 5 protocol: held-out MI against C = d/2 log(1 + 1/sigma^2) (eq. 5) and the DM gap
-    (Lemma B.1), normality of the clean test embeddings, downstream accuracies and silhouette.
-
-    mi_estimates: InfoNCE, NWJ and DV (eqs. 2-3) with the trained critic and, for sigma > 0, the
-    Theorem 4.1 critic, on the test batches and on one batch of n_test test images (the whole
-    split, at most ONE_BATCH), where InfoNCE's cap log B is higher and NWJ / DV can reach C
-    beyond it (README, Higher dimension). estimates=False (the --eval-every curve) skips them.
-    """
+    (Lemma B.1), normality of the clean test embeddings, downstream accuracies and silhouette; with
+    `estimates`, InfoNCE, NWJ and DV (eqs. 2-3) of the trained and (sigma > 0) Theorem 4.1 critics
+    on the test batches and on one batch of n_test <= ONE_BATCH test images, where InfoNCE's cap
+    log B is higher and NWJ / DV can reach C beyond it (README, Higher dimension)."""
     x_tr, y_tr, x_te, y_te = data
     models.train()  # the held-out MI uses the training objective, each branch its own batch
-    bs = min(args.batch_size, len(x_te))
-    loss = common.mi_loss(args.loss, args.reg_weight, args.clip or None)
+    bs, n_test = min(args.batch_size, len(x_te)), min(len(x_te), ONE_BATCH)
     critics = {"trained": models["critic"]}
     if estimates and args.sigma > 0:
         critics["theorem41"] = common.GaussianCritic(args.sigma)
     with torch.random.fork_rng(devices=[x_te.device] if x_te.device.type == "cuda" else []):
         torch.manual_seed(args.seed + 1)
-        views = [two_views(models, x_te[i:i + bs], args)
-                 for i in range(0, len(x_te) - bs + 1, bs)]
-        n_batches, n_test = len(views), min(len(x_te), ONE_BATCH)
-        if estimates:
-            views.append(two_views(models, x_te[:n_test], args))  # one batch of n_test images
-    scores = {}
-    for name, critic in critics.items():
-        with common.autocast(x_te.device, args.amp):
-            scores[name] = [critic(a, b).float() for a, b in views]
-    mis = [loss(s)[1].item() for s in scores["trained"][:n_batches]]
+        batches = [x_te[i:i + bs] for i in range(0, len(x_te) - bs + 1, bs)]
+        views = [two_views(models, x, args) for x in batches + [x_te[:n_test]] * estimates]
+    with common.autocast(x_te.device, args.amp):
+        scores = {name: [t(a, b).float() for a, b in views] for name, t in critics.items()}
+    loss = common.mi_loss(args.loss, args.reg_weight, args.clip or None)
+    mis = [loss(s)[1].item() for s in scores["trained"][:len(batches)]]
     # eval-mode embeddings: BatchNorm statistics recomputed on the clean training images
     common.recompute_bn_stats(models, lambda x: models["head"](models["encoder"](x)),
                               x_tr, args.batch_size)
     z_tr, z_te = embed(models, x_tr), embed(models, x_te)
     if not (np.isfinite(z_tr).all() and np.isfinite(z_te).all()):
         common.fail("the embeddings are not finite: training diverged; try a smaller --lr", code=3)
-    capacity = common.gaussian_capacity(args.dim, args.sigma)
-    mi = float(np.mean(mis))
-    return {"sigma": args.sigma, "capacity": capacity, "mi_heldout": mi,
-            "mi_heldout_se": float(np.std(mis, ddof=1) / math.sqrt(len(mis)))
-            if len(mis) > 1 else math.nan, "dm_gap": capacity - mi,
-            "class_information": common.LOG10,
+    mi, capacity = float(np.mean(mis)), common.gaussian_capacity(args.dim, args.sigma)
+    se = float(np.std(mis, ddof=1) / math.sqrt(len(mis))) if len(mis) > 1 else math.nan
+    return {"sigma": args.sigma, "capacity": capacity, "mi_heldout": mi, "mi_heldout_se": se,
+            "dm_gap": capacity - mi, "class_information": common.LOG10,
             **({"mi_estimates": {"batch": bs, "n_test": n_test, **{
                 name: common.bound_estimates_table(s[:-1], s[-1]) for name, s in scores.items()}}}
                if estimates else {}),
@@ -270,13 +240,11 @@ def evaluate(models: nn.ModuleDict, data: tuple, args: argparse.Namespace,
 
 
 def curve_point(step: int, m: dict) -> dict:
-    """One point of the convergence curve: what Figure 1 shows, without the null levels (the
-    same at every point: the final metrics hold them) and with sliced W2 of the training
-    embeddings, whose own null is that of N(0, I) samples of the training set's size."""
-    normality = {k: v for k, v in m["normality"].items()
-                 if not k.startswith(("null", "sliced_w2_"))}
+    """One point of the convergence curve: what Figure 1 shows without the null levels (the final
+    metrics hold them), plus sliced W2 of the training embeddings (null: N(0, I) of that size)."""
+    tests = {k: v for k, v in m["normality"].items() if not k.startswith(("null", "sliced_w2_"))}
     return {"step": step, "mi_heldout": m["mi_heldout"], "knn_acc": m["downstream"]["knn_acc"],
-            "sliced_w2_train": common.sliced_w2(m["embeddings"][0]), **normality}
+            "sliced_w2_train": common.sliced_w2(m["embeddings"][0]), **tests}
 
 
 def summary(m: dict) -> str:
@@ -321,27 +289,24 @@ def train_and_evaluate(args: argparse.Namespace) -> None:
     models = build_models(args, device)
     opt = torch.optim.Adam(models.parameters(), lr=args.lr)
     scaler = common.grad_scaler(device, args.amp)  # float16 only; a pass-through otherwise
-    start, history, curve, segments = 0, [], [], []
-    if args.eval_only:
+    start, history, curve, segments = (args.steps if args.eval_only else 0), [], [], []
+    if args.eval_only:  # nothing left to train
         state = common.load_run_file(out / "model.pt", device)["models"]
         common.load_models(models, state, out / "model.pt")
-        start = args.steps
     else:
         out.mkdir(parents=True, exist_ok=True)
         common.write_json({k: v for k, v in vars(args).items() if k not in common.RUNTIME_FLAGS},
                           out / "args.json")
     if args.resume and (out / "checkpoint.pt").exists():
         ckpt = common.load_run_file(out / "checkpoint.pt", device, (
-            "step", "models", "optimizer", "scaler", "rng", "cuda_rng", "segments", "history",
-            "curve"))
+            "step", "optimizer", "scaler", "rng", "cuda_rng", "segments", "history", "curve"))
         common.load_models(models, ckpt["models"], out / "checkpoint.pt")
         opt.load_state_dict(ckpt["optimizer"])
         scaler.load_state_dict(ckpt["scaler"])
         torch.set_rng_state(ckpt["rng"].cpu())
         if device.type == "cuda" and ckpt["cuda_rng"] is not None:
             torch.cuda.set_rng_state(ckpt["cuda_rng"].cpu(), device)
-        start, history, curve = ckpt["step"], ckpt["history"], ckpt["curve"]
-        segments = ckpt["segments"]
+        start, history, curve, segments = map(ckpt.get, ("step", "history", "curve", "segments"))
         print(f"resuming {out} at step {start}")
     segments = segments + [[start, str(device), common.precision_name(dtype)]]
     if args.paper:
@@ -349,21 +314,19 @@ def train_and_evaluate(args: argparse.Namespace) -> None:
               + ", ".join(f"{k}={getattr(args, k)}" for k in PAPER) + f" -> {args.steps} steps")
 
     # training: Adam on the InfoMax objective; log, evaluate and checkpoint every N steps
-    train = models if not args.compile else nn.ModuleDict(
-        {"encoder": torch.compile(models["encoder"]), "head": models["head"],
-         "critic": torch.compile(models["critic"])})
-    per_epoch = len(x_tr) // args.batch_size
+    train = nn.ModuleDict({name: torch.compile(m) if args.compile and name != "head" else m
+                           for name, m in models.items()})
+    per_epoch, bs = len(x_tr) // args.batch_size, args.batch_size
     bar = tqdm(range(start, args.steps), initial=start, total=args.steps, disable=args.quiet,
                desc=f"sigma={args.sigma:g} seed={args.seed}", dynamic_ncols=True,
                mininterval=common.progress_interval())
-    losses, mis, saved = [], [], (out / "checkpoint.pt").is_file()
+    losses, mis = [], []
     for step in bar:
         epoch, k = divmod(step, per_epoch)
         if k == 0 or step == start:
             order = common.epoch_order(len(x_tr), args.seed, epoch, x_tr.device)
         models.train()
-        loss, mi = infomax_loss(train, x_tr[order[k * args.batch_size:(k + 1) * args.batch_size]],
-                                args)
+        loss, mi = infomax_loss(train, x_tr[order[k * bs:(k + 1) * bs]], args)
         opt.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
         scaler.step(opt)
@@ -375,8 +338,8 @@ def train_and_evaluate(args: argparse.Namespace) -> None:
             mean_loss, mean_mi = torch.stack(losses).mean().item(), torch.stack(mis).mean().item()
             losses, mis = [], []
             if not (math.isfinite(mean_loss) and math.isfinite(mean_mi)):
-                kept = (f"the last good checkpoint is kept in {out / 'checkpoint.pt'}" if saved
-                        else "no checkpoint was written yet")
+                kept = (f"the last good checkpoint is kept in {out / 'checkpoint.pt'}"
+                        if (out / "checkpoint.pt").is_file() else "no checkpoint was written yet")
                 common.fail(f"the loss became {mean_loss} by step {done}: training diverged; try a "
                             f"smaller --lr (now {args.lr:g}); {kept}", code=3)
             history.append([done, mean_loss, mean_mi])
@@ -392,7 +355,6 @@ def train_and_evaluate(args: argparse.Namespace) -> None:
                                 "rng": torch.get_rng_state(), "cuda_rng": cuda_rng,
                                 "segments": segments, "history": history, "curve": curve},
                                out / "checkpoint.pt")
-            saved = True
 
     metrics = evaluate(models, data, args)
     if curve or args.eval_at:  # the curve ends at the final evaluation
@@ -406,13 +368,13 @@ def train_and_evaluate(args: argparse.Namespace) -> None:
     if args.eval_only:  # the run's own files stay as they are
         common.write_json(metrics, out / "metrics_recomputed.json")
         return print(summary(metrics) + f"\nsaved to {out / 'metrics_recomputed.json'}")
-    y_tr_np, y_te_np = data[1].cpu().numpy(), data[3].cpu().numpy()
     z_ood = {f"z_ood_{name.replace('-', '_')}": embed(models, x) for name, x in shifted.items()}
     with common.atomic_path(out / "embeddings.npz") as tmp, open(tmp, "wb") as fh:
-        np.savez(fh, z_train=z_tr, y_train=y_tr_np, z_test=z_te, y_test=y_te_np, **z_ood)
+        np.savez_compressed(fh, z_train=z_tr, y_train=y_tr.numpy(), z_test=z_te,
+                            y_test=y_te.numpy(), **z_ood)
     common.atomic_save({"models": models.state_dict(), "args": vars(args)}, out / "model.pt")
     title = f"sigma = {args.sigma:g}, C = {metrics['capacity']:.2f} nats"
-    common.save_figure(common.scatter_embeddings(z_te, y_te_np, title), out / "scatter.png")
+    common.save_figure(common.scatter_embeddings(z_te, y_te.numpy(), title), out / "scatter.png")
     common.write_json(metrics, out / "metrics.json")
     print(summary(metrics) + f"\nsaved to {out}")
 

@@ -27,9 +27,10 @@ def write_fake_encoder_run(out, data_dir, seed=0):
         "sigma": 0.1, "capacity": 2.31, "mi_heldout": 1.5, "dim": 2, "critic": "separable",
         "steps": 3, "downstream": {"knn_acc": 0.5}, "normality": {"henze_zirkler_p": 0.4},
         "data": data, "wall_time_s": 1.0}))
-    np.savez(out / "embeddings.npz",
-             z_train=rng.standard_normal((len(y_tr), 2)).astype(np.float32), y_train=y_tr.numpy(),
-             z_test=rng.standard_normal((len(y_te), 2)).astype(np.float32), y_test=y_te.numpy())
+    np.savez_compressed(  # as mnist_gauss.py writes it
+        out / "embeddings.npz",
+        z_train=rng.standard_normal((len(y_tr), 2)).astype(np.float32), y_train=y_tr.numpy(),
+        z_test=rng.standard_normal((len(y_te), 2)).astype(np.float32), y_test=y_te.numpy())
     torch.save({"models": {}}, out / "model.pt")
     return out
 

@@ -1,6 +1,7 @@
 """End-to-end tests of mnist_gauss.py on a tiny data set in MNIST's IDX format."""
 import json
 import re
+import zipfile
 
 import numpy as np
 import pytest
@@ -44,6 +45,9 @@ def test_short_run_writes_metrics_and_files(run_script, tmp_path):
         assert (tmp_path / "run" / name).is_file()
     emb = np.load(tmp_path / "run" / "embeddings.npz")
     assert emb["z_test"].shape == (200, 2)
+    assert emb["z_test"].dtype == np.float32 and emb["y_test"].dtype == np.int64
+    with zipfile.ZipFile(tmp_path / "run" / "embeddings.npz") as npz:  # np.savez_compressed
+        assert {entry.compress_type for entry in npz.infolist()} == {zipfile.ZIP_DEFLATED}
     # eval-mode embeddings are normalized with statistics recomputed on the training images
     assert np.allclose(emb["z_train"].mean(0), 0, atol=0.05)
     assert np.allclose(emb["z_train"].std(0), 1, atol=0.05)

@@ -2,6 +2,7 @@
 import json
 import math
 import re
+import zipfile
 
 import numpy as np
 import pytest
@@ -62,6 +63,8 @@ def test_short_uniform_run_writes_metrics(tiny_mnist, tmp_path):
     assert 0 <= metrics["normality"]["henze_zirkler_p"] <= 1
     u = np.load(out / "embeddings.npz")["z_test"]
     assert u.shape == (200, 2) and u.min() >= 0 and u.max() <= 1
+    with zipfile.ZipFile(out / "embeddings.npz") as npz:  # np.savez_compressed
+        assert {entry.compress_type for entry in npz.infolist()} == {zipfile.ZIP_DEFLATED}
     assert (out / "scatter.png").is_file()
 
 
