@@ -80,7 +80,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--no-download", action="store_true", help="never try to download data")
     p.add_argument("--ood", nargs="+", choices=common.OOD_SETS, default=[],
                    help="also embed these shifted test sets (test-split size) into embeddings.npz "
-                        "as z_ood_<name> for evaluate.py --outliers; inverted, noise: no download")
+                        "as z_ood_<name> for evaluate.py outliers; inverted, noise: no download")
     p.add_argument("--out", default=None, help="run directory, or a sweep's parent directory; "
                                                "default: a new directory under runs/mnist_gauss/")
     p.add_argument("--resume", action="store_true", help="continue the run in --out")
