@@ -366,8 +366,11 @@ def curve(args: argparse.Namespace) -> None:
     the null band of the mean of k N(0, I) samples of the test (or training) set's size, k =
     seeds per sigma; writes PREFIX.png, .pdf, .md."""
     runs, prefix = [load_run(path) for path in find_runs(args.runs)], args.out
-    if missing := [str(run["path"]) for run in runs if not run["saved"].get("curve")]:
-        common.fail(f"{missing[0]} has no curve: run mnist_gauss.py with --eval-at or --eval-every")
+    needs = {name for name, _ in CURVE[:3]} | {"mi_heldout"}
+    if missing := [str(run["path"]) for run in runs if not run["saved"].get("curve") or any(
+            needs - point.keys() for point in run["saved"]["curve"])]:
+        common.fail(f"{missing[0]} has no curve of sliced W2, k-NN and MI: run mnist_gauss.py "
+                    "with --eval-at or --eval-every")
     check_group(runs, SETTINGS["sigma"][0] + ("critic", "loss", "batch_size"), "runs of a curve")
     groups: dict[float, list[Run]] = {}
     for run in runs:
@@ -387,7 +390,7 @@ def curve(args: argparse.Namespace) -> None:
         steps = sorted(set.intersection(*({p["step"] for p in run["saved"]["curve"]}
                                           for run in members)))
         points = [{p["step"]: p for p in run["saved"]["curve"]} for run in members]
-        values = {name: np.array([[point[t].get(name, math.nan) for t in steps]
+        values = {name: np.array([[point[t][name] for t in steps]
                                   for point in points], dtype=np.float64) for name, _ in CURVE[:3]}
         capacity = members[0]["capacity"] if noise else math.nan  # sigma = 0: C = inf, no line
         values["mi_over_c"] = np.array([[point[t]["mi_heldout"] / capacity for t in steps]

@@ -490,9 +490,12 @@ def test_curve_of_eval_at_runs(run_script, tmp_path, capsys):
     assert "| 0.5 | 2 | 2 |" in text and "| 0.5 | 4 | 2 |" in text and "mean of 2: test" in text
     assert (tmp_path / "curve.png").stat().st_size > 0
     write_run(tmp_path / "flat", "sigma0.5_seed0")
-    with pytest.raises(SystemExit):
-        evaluate.main(["curve", str(tmp_path / "flat")])
-    assert "has no curve: run mnist_gauss.py with --eval-at" in capsys.readouterr().err
+    write_run(tmp_path / "mi_only", "sigma0.5_seed0", curve=[{"step": 2, "mi_heldout": 1.0}])
+    for flat in ("flat", "mi_only"):
+        with pytest.raises(SystemExit):
+            evaluate.main(["curve", str(tmp_path / flat)])
+        assert "has no curve of sliced W2, k-NN and MI: run mnist_gauss.py with --eval-at" in (
+            capsys.readouterr().err)
 
 
 # --------------------------------------------------------------------------------------------
