@@ -745,12 +745,15 @@ def normality_report(z, seed: int = 0, subsample: int = 128, n_proj: int = 10,
 
 def normality_lines(report: dict) -> list[str]:
     """normality_report as text lines, each statistic beside its null band (the central 95 % of
-    one N(0, I) sample's value)."""
+    one N(0, I) sample's value); DataError for a report of an older version."""
     names = {"dagostino_p": "D'Agostino-Pearson averaged p", "shapiro_p": "Shapiro-Wilk "
              "averaged p", "henze_zirkler_p": "Henze-Zirkler averaged p",
              "sliced_w2": "sliced W2 to N(0, I)",
              "henze-zirkler": "Henze-Zirkler on the whole sample",
              "sliced-w2-monte-carlo": "Monte Carlo test on sliced W2"}
+    if missing := {"null", "correlation", "decision"} - report.keys():
+        raise DataError(f"a normality block without {', '.join(sorted(missing))}, written by an "
+                        "older version: renew it with python evaluate.py renormalize RUN_DIR")
     null, spectrum, decision = report["null"], report["correlation"], report["decision"]
     lines = [f"normality: p-values averaged over {report['n_proj']} projections x "
              f"{report['n_boot']} subsamples of {report['subsample']} points; null band: the "

@@ -102,6 +102,7 @@ RUN_CASES = [
     ("gauss", "gauss", "checkpoint_dir", ["--resume"], 2, "checkpoint.pt is damaged"),
     ("gauss", "gauss", "checkpoint_other_dim", ["--resume"], 2, "other model settings"),
     ("gauss", "gauss", "checkpoint_older", ["--resume"], 2, "lacks scaler, segments"),
+    ("uniform", "uniform", "metrics_older", ["--resume"], 2, "evaluate.py renormalize RUN_DIR"),
 ]
 
 
@@ -118,6 +119,10 @@ def test_broken_run_folders_are_refused_before_anything_is_written(
         (run / "args.json").write_text("{not json")
     elif damage == "no_model":
         (run / "model.pt").unlink()
+    elif damage == "metrics_older":  # a finished run whose normality block predates the null
+        metrics = json.loads((run / "metrics.json").read_text())
+        del metrics["normality"]["null"], metrics["normality"]["correlation"]
+        (run / "metrics.json").write_text(json.dumps(metrics))
     elif damage == "model_truncated":
         (run / "model.pt").write_bytes((run / "model.pt").read_bytes()[:100])
     elif damage in ("checkpoint_truncated", "checkpoint_dir", "checkpoint_other_dim",
