@@ -212,7 +212,7 @@ def load_run(path: Path) -> Run:
                 "kind": ("untrained" if saved["steps"] == 0
                          else "no noise" if math.isinf(float(saved["capacity"])) else "trained"),
                 "values": values, "null": {name: band for name, band in null.items()
-                                           if isinstance(band, dict) and "values" in band},
+                                           if isinstance(band, dict)},
                 "settings": {key: lookup(key) for key in shared + training},
                 "saved": saved}
     except KeyError as err:
@@ -823,9 +823,9 @@ def outliers(args: argparse.Namespace) -> None:
     detection rates of the prior rule (chi^2_d p-value of ||z||^2, after Phi^-1 for uniform DM)
     and of the fitted Mahalanobis rule at alpha = 0.01, 0.05, 0.10, and AUROC; runs give one
     table over the noise level, mean +- 99% t interval; --out PREFIX writes .md, .csv, .json."""
-    embeddings, prior, prefix = args.embeddings, args.prior, args.out
-    sources = ([(Path(embeddings), prior == "uniform", ("file", math.nan, math.nan))]
-               if embeddings else
+    prior, prefix = args.prior, args.out
+    sources = ([(Path(args.embeddings), prior == "uniform", ("file", math.nan, math.nan))]
+               if args.embeddings else
                [(run["path"] / "embeddings.npz", run["family"] == "eps",
                  (run["kind"], run["noise"], run["capacity"]))
                 for run in map(load_run, find_runs(args.runs))])
