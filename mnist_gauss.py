@@ -271,6 +271,8 @@ def train_and_evaluate(args: argparse.Namespace) -> None:
     dtype, why = common.precision(device, args.amp)
     print(f"{common.precision_name(dtype)}: {why}")
     started, out = time.time(), Path(args.out)
+    if args.resume and (out / "metrics.json").is_file():
+        return print(f"{out} is finished:\n" + summary(common.read_json(out / "metrics.json")))
     x_tr, y_tr, x_te, y_te, data_info = common.load_data(args.dataset, args.data_dir,
                                                          download=not args.no_download)
     if "note" in data_info:
@@ -283,8 +285,6 @@ def train_and_evaluate(args: argparse.Namespace) -> None:
         common.fail(f"--batch-size {args.batch_size} exceeds the {len(x_tr)} training images")
     if args.epochs is not None:
         args.steps = args.epochs * (len(x_tr) // args.batch_size)
-    if args.resume and (out / "metrics.json").is_file():
-        return print(f"{out} is finished:\n" + summary(common.read_json(out / "metrics.json")))
 
     models = build_models(args, device)
     opt = torch.optim.Adam(models.parameters(), lr=args.lr)
