@@ -1,6 +1,4 @@
-"""Pieces of the method of Butakov et al., "Efficient Distribution Matching of Representations via
-Noise-Injected Deep InfoMax" (the paper), shared by the scripts: MNIST data, the Table 2 encoder,
-the heads, critics, MI bounds, capacities, normality tests, downstream metrics, the SSL losses.
+"""The pieces of Noise-Injected Deep InfoMax (Butakov et al., "the paper") that the scripts share.
 Docstrings cite the paper, Choi & Lee (UAI 2022: ReDV, ReNWJ) and Tschannen et al. (ICLR 2020:
 critics). Each definition can be copied alone; nothing here parses flags, exits or reads runs."""
 from __future__ import annotations
@@ -19,11 +17,8 @@ import numpy as np
 import scipy.stats
 import torch
 import torch.nn.functional as F
+from sklearn import metrics, naive_bayes, neighbors, neural_network
 from sklearn.exceptions import ConvergenceWarning
-from sklearn.metrics import silhouette_score
-from sklearn.naive_bayes import GaussianNB
-from sklearn.neighbors import KNeighborsClassifier
-from sklearn.neural_network import MLPClassifier
 from torch import nn
 
 LOG10 = math.log(10.0)
@@ -34,7 +29,6 @@ FASHION_MNIST_DEBIAN = Path("/usr/share/datasets/fashion-mnist")
 
 
 # --- Data: MNIST-style IDX files -------------------------------------------------------------
-
 class DataError(ValueError):
     """A missing, damaged or unusable data file; the scripts print it as one line, exit code 2."""
 
@@ -44,31 +38,26 @@ def read_idx(path: str | Path) -> torch.Tensor:
     try:
         with (gzip.open if str(path).endswith(".gz") else open)(path, "rb") as fh:
             data = fh.read()
-    except (OSError, EOFError, zlib.error) as err:
-        raise DataError(f"{path} is damaged ({err})") from None
-    zero, dtype, ndim = struct.unpack(">HBB", data[:4]) if len(data) >= 4 else (1, 0, 0)
-    if zero != 0 or dtype != 0x08 or not 1 <= ndim <= 4 or len(data) < 4 + 4 * ndim:
-        raise DataError(f"{path} is not an unsigned-byte IDX file (bad header)")
-    shape = struct.unpack(f">{ndim}I", data[4:4 + 4 * ndim])
-    array = np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim)
-    if array.size != math.prod(shape):
-        raise DataError(f"{path} is truncated: {array.size} of {math.prod(shape)} values")
-    return torch.from_numpy(array.reshape(shape).copy())
+        zero, dtype, ndim = struct.unpack(">HBB", data[:4])
+        shape = struct.unpack(f">{ndim}I", data[4:4 + 4 * ndim])
+        if zero != 0 or dtype != 0x08:
+            raise ValueError("not an unsigned-byte IDX file")
+        array = np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim).reshape(shape)
+    except (OSError, EOFError, zlib.error, struct.error, ValueError) as err:
+        raise DataError(f"{path} is damaged or not an IDX file ({err})") from None
+    return torch.from_numpy(array.copy())
 
 
 def load_mnist(root: str | Path, train: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """Images (N, 1, 28, 28) in [0, 1] and int64 labels of one split of MNIST or Fashion-MNIST,
-    read from the IDX files (optionally .gz) in `root` or torchvision's root/<Dataset>/raw."""
+    read from the IDX files (optionally .gz) in `root`."""
     root, tensors = Path(root), []
     for kind in ("images-idx3", "labels-idx1"):
         name = f"{'train' if train else 't10k'}-{kind}-ubyte"
-        path = next((folder / file for folder in (root, root / "MNIST" / "raw",
-                                                  root / "FashionMNIST" / "raw")
-                     for file in (name, f"{name}.gz") if (folder / file).is_file()), None)
+        path = next((root / f for f in (name, f"{name}.gz") if (root / f).is_file()), None)
         if path is None:
-            hint = " (apt-get install dataset-fashion-mnist)" if root == FASHION_MNIST_DEBIAN else ""
-            raise DataError(f"{root} lacks {name}[.gz]{hint}; point --data-dir at a folder with "
-                            "the four IDX files (train and t10k, images and labels)")
+            raise DataError(f"{root} lacks {name}[.gz]; point --data-dir at a folder with the "
+                            "four IDX files (Fashion-MNIST: apt-get install dataset-fashion-mnist)")
         tensors.append(read_idx(path))
     images, labels = tensors
     if images.ndim != 3 or labels.ndim != 1 or len(images) != len(labels):
@@ -97,7 +86,9 @@ def load_data(dataset: str, data_dir: str | None = None, split_seed: int = 0,
     "fashion-mnist": Debian's copy; "mnist-test-split": a seeded 8k / 2k split of the 10k MNIST
     test images, the substitute of older runs. `data_dir` replaces the default folder."""
     root = Path(data_dir or (FASHION_MNIST_DEBIAN if dataset == "fashion-mnist" else SHIPPED_MNIST))
-    info: dict[str, Any] = {"dataset": dataset, "source": str(root.resolve())}
+    where = root.resolve()  # recorded relative to the repository when inside it
+    info: dict[str, Any] = {"dataset": dataset, "source": str(
+        where.relative_to(REPO) if where.is_relative_to(REPO) else where)}
     if dataset == "mnist-test-split":
         x, y = load_mnist(root, train=False)
         tr, te = seeded_split(len(x), int(0.8 * len(x)), split_seed)
@@ -111,12 +102,12 @@ def load_data(dataset: str, data_dir: str | None = None, split_seed: int = 0,
     if min(len(x_tr), len(x_te)) < 20 or min(len(y_tr.unique()), len(y_te.unique())) < 2:
         raise DataError(f"{root}: {len(x_tr)} training and {len(x_te)} test images; the "
                         "evaluation needs at least 20 images and 2 labels in each split")
-    if crop is not None and min(x_tr.shape[-2:]) < crop:
+    if crop is None:
+        return x_tr, y_tr, x_te, y_te, info
+    if min(x_tr.shape[-2:]) < crop:
         raise DataError(f"{root}: images of {x_tr.shape[-2]} x {x_tr.shape[-1]} pixels, smaller "
                         f"than the {crop} x {crop} input of the Table 2 ConvNet")
-    if crop is not None:
-        x_tr, x_te = center_crop(x_tr, crop), center_crop(x_te, crop)
-    return x_tr, y_tr, x_te, y_te, info
+    return center_crop(x_tr, crop), y_tr, center_crop(x_te, crop), y_te, info
 
 
 OOD_SETS = ("fashion-mnist", "inverted", "noise")
@@ -144,7 +135,6 @@ def epoch_order(n: int, seed: int, epoch: int, device: torch.device) -> torch.Te
 
 
 # --- Encoder (Table 2) and the heads of Theorems 3.4 and 3.5 ---------------------------------
-
 class ConvEncoder(nn.Module):
     """Table 2 ConvNet on 1x24x24 images: 3 x [Conv3x3, MaxPool2, BN, LeakyReLU], 2 dense layers."""
 
@@ -175,8 +165,7 @@ class GaussianHead(nn.Module):
 
 
 class UniformHead(GaussianHead):
-    """Phi(BatchNorm1d(affine=False)(f)): f(X) in [0, 1]^d, the support Theorem 3.5 assumes for
-    f(X) + Z, Z ~ U[-eps, eps]^d (eq. 6). The script adds Z itself."""
+    """Phi(BatchNorm1d(affine=False)(f)) in [0, 1]^d, the support Theorem 3.5 assumes (eq. 6)."""
 
     def forward(self, f: torch.Tensor) -> torch.Tensor:
         return torch.special.ndtr(self.norm(f))
@@ -188,11 +177,10 @@ def recompute_bn_stats(model: nn.Module, forward: Callable[[torch.Tensor], Any],
     """Replace every BatchNorm's running statistics by their average over batches of `x` (the
     clean training images, after training), as the evaluation embeddings need."""
     norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-    momenta = [m.momentum for m in norms]
+    momenta, was_training = [m.momentum for m in norms], model.training
     for m in norms:
         m.reset_running_stats()
         m.momentum = None  # a cumulative average over the batches of this pass
-    was_training = model.training
     model.train()
     for i in range(0, len(x), batch_size):
         forward(x[i:i + batch_size])
@@ -202,7 +190,6 @@ def recompute_bn_stats(model: nn.Module, forward: Callable[[torch.Tensor], Any],
 
 
 # --- Critics: (a, b) -> S, S[i, j] = T(a_i, b_j), a = f(X') rows, b = f(X) + Z columns -----
-
 def _hidden(p: torch.Tensor, q: torch.Tensor, w2: torch.Tensor, b2: torch.Tensor,
             h1: torch.Tensor, h2: torch.Tensor) -> None:
     """Both hidden layers of the concat critic for rows p against all columns q, into h1, h2."""
@@ -314,12 +301,10 @@ class BilinearCritic(nn.Module):
 
 class GaussianCritic(nn.Module):
     """Theorem 4.1 critic ||y||^2 / (2(1 + sigma^2)) - ||y - x||^2 / (2 sigma^2), x = f(X'),
-    y = f(X) + Z, plus d/2 log(1 + 1/sigma^2): the exact PMI (Appendix A). Always float32."""
+    y = f(X) + Z, plus d/2 log(1 + 1/sigma^2): the exact PMI (Appendix A). sigma > 0; float32."""
 
     def __init__(self, sigma: float):
         super().__init__()
-        if sigma <= 0:
-            raise ValueError("the Theorem 4.1 critic divides by sigma^2: it needs sigma > 0")
         self.sigma = sigma
 
     def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -334,10 +319,8 @@ class GaussianCritic(nn.Module):
 
 def make_critic(name: str, dim: int, sigma: float = 0.0, fast: bool = True) -> nn.Module:
     """The critic `name` for d-dimensional embeddings (sigma: Theorem 4.1's; fast: concat's)."""
-    if name == "gaussian":
-        return GaussianCritic(sigma)
-    if name == "concat":
-        return ConcatCritic(dim, fast=fast)
+    if name in ("gaussian", "concat"):
+        return GaussianCritic(sigma) if name == "gaussian" else ConcatCritic(dim, fast=fast)
     return {"separable": SeparableCritic, "bilinear": BilinearCritic}[name](dim)
 
 
@@ -407,10 +390,9 @@ def mi_loss(name: str, reg_weight: float = 0.1,
 
 
 def bound_estimates(scores: torch.Tensor) -> dict[str, tuple[float, float]]:
-    """{name: (value, se)} of InfoNCE, NWJ and DV (eqs. 2-3) on one score matrix, in float64:
-    means of per-row terms (DV linearized) with sd / sqrt(B), approximate as rows share columns.
-    InfoNCE cannot exceed log B; NWJ and DV can, but their E_Q e^T term has a variance of about
-    e^(2I) near the PMI critic ((1 + 1/sigma^2)^d = e^(2C) on the ideal channel of eq. 5)."""
+    """{name: (value, se)} of InfoNCE, NWJ and DV (eqs. 2-3) on one score matrix, in float64: means
+    of per-row terms (DV linearized), se = sd / sqrt(B). InfoNCE cannot exceed log B; NWJ and DV
+    can, at a variance of about e^(2I) near the PMI critic (e^(2C) on the channel of eq. 5)."""
     s = scores.detach().double()
     n = s.shape[0]
     off = s.masked_fill(torch.eye(n, dtype=torch.bool, device=s.device), -math.inf)
@@ -426,8 +408,7 @@ def bound_estimates(scores: torch.Tensor) -> dict[str, tuple[float, float]]:
 def bound_estimates_table(batches: Sequence[torch.Tensor], whole: torch.Tensor) -> dict:
     """{estimator: {"batch": [mean, se over batches], "whole": [value, row se]}} of
     bound_estimates over disjoint batches and over one whole batch."""
-    rows = [bound_estimates(s) for s in batches]
-    table = {}
+    rows, table = [bound_estimates(s) for s in batches], {}
     for name, whole_value in bound_estimates(whole).items():
         values = [r[name][0] for r in rows]
         se = np.std(values, ddof=1) / math.sqrt(len(values)) if len(values) > 1 else math.nan
@@ -436,7 +417,6 @@ def bound_estimates_table(batches: Sequence[torch.Tensor], whole: torch.Tensor) 
 
 
 # --- Capacities ------------------------------------------------------------------------------
-
 def gaussian_capacity(d: int, sigma: float) -> float:
     """C = d/2 log(1 + 1/sigma^2), eq. (5): the maximum of I(f(X'); f(X) + Z); inf at sigma = 0."""
     return math.inf if sigma == 0 else 0.5 * d * math.log1p(1.0 / sigma ** 2)
@@ -448,7 +428,6 @@ def uniform_capacity(d: int, eps: float) -> float:
 
 
 # --- Normality tests and their null levels (Section 5) ---------------------------------------
-
 NULL_DRAWS = 39
 """N(0, I) samples behind every null level: with 39, the Monte Carlo test at 5 % is exact."""
 LEVEL, BAND_SHARE, COLLAPSED = 0.05, 0.95, 0.05
@@ -460,6 +439,13 @@ _NULL_CACHE: dict[tuple[int, ...], dict] = {}
 def _as_2d(z) -> np.ndarray:
     z = np.asarray(z, dtype=np.float64)
     return z[:, None] if z.ndim == 1 else z
+
+
+def _standardize(z: np.ndarray) -> np.ndarray:
+    """Columns centred and scaled to sd 1 (a constant column stays 0, not NaN)."""
+    z = z - z.mean(axis=0)
+    sd = z.std(axis=0)
+    return z / np.where(sd > 0, sd, 1.0)
 
 
 def _subsample(rng: np.random.Generator, n: int, size: int) -> np.ndarray:
@@ -501,7 +487,8 @@ def henze_zirkler(z) -> tuple[float, float]:
                  * np.exp(-b2 / (2.0 * (1.0 + b2)) * d_i).sum() + n * a ** (-d / 2))
     mean = 1.0 - a ** (-d / 2) * (1.0 + d * b2 / a + d * (d + 2) * b4 / (2.0 * a ** 2))
     var = (2.0 * (1.0 + 4.0 * b2) ** (-d / 2)
-           + 2.0 * a ** (-d) * (1.0 + 2.0 * d * b4 / a ** 2 + 3.0 * d * (d + 2) * b8 / (4.0 * a ** 4))
+           + 2.0 * a ** (-d) * (1.0 + 2.0 * d * b4 / a ** 2
+                                + 3.0 * d * (d + 2) * b8 / (4.0 * a ** 4))
            - 4.0 * w ** (-d / 2) * (1.0 + 3.0 * d * b4 / (2.0 * w)
                                     + d * (d + 2) * b8 / (2.0 * w ** 2)))
     log_mean = np.log(mean ** 2 / np.sqrt(var + mean ** 2))
@@ -525,10 +512,7 @@ def sliced_w2(z, n_dirs: int = 200, seed: int = 0) -> float:
     if not np.isfinite(z).all():
         raise ValueError("the sample holds NaN or infinite values")
     scale = np.abs(z).max()
-    z = z / scale if 0 < scale < np.inf else z  # keeps 1e-300 or 1e200 data from under/overflow
-    z = z - z.mean(axis=0)
-    sd = z.std(axis=0)
-    z = z / np.where(sd > 0, sd, 1.0)
+    z = _standardize(z / scale if 0 < scale < np.inf else z)  # 1e-300 or 1e200 data: no overflow
     quantiles = scipy.stats.norm.ppf((np.arange(1, len(z) + 1) - 0.5) / len(z))
     projections = _directions(np.random.default_rng(seed), z.shape[1], n_dirs).T @ z.T
     projections = np.sort(projections.astype(np.float32), axis=1)  # float32 sorts faster
@@ -536,13 +520,9 @@ def sliced_w2(z, n_dirs: int = 200, seed: int = 0) -> float:
 
 
 def correlation_spectrum(z, keep: int = 5) -> dict:
-    """Eigenvalues of the sample correlation matrix (they sum to d): the `keep` smallest, how many
-    fall below COLLAPSED (collapsed directions, which Var f_i = 1 of Theorem 3.4 does not
-    prevent), and the effective rank exp(H(lambda / d))."""
-    z = _as_2d(z)
-    z = z - z.mean(axis=0)
-    sd = z.std(axis=0)
-    z = z / np.where(sd > 0, sd, 1.0)  # a constant column: a zero eigenvalue, not NaN
+    """Eigenvalues of the correlation matrix (they sum to d): the `keep` smallest, the count below
+    COLLAPSED (Var f_i = 1 of Theorem 3.4 allows them), the effective rank exp(H(lambda / d))."""
+    z = _standardize(_as_2d(z))
     eig = np.clip(np.linalg.eigvalsh(z.T @ z / len(z)), 0.0, None)
     p = eig[eig > 0] / eig.sum()
     return {"smallest_eigenvalues": [float(v) for v in eig[:keep]],
@@ -567,17 +547,15 @@ def normality_null(n: int, d: int, subsample: int = 128, n_proj: int = 10, n_boo
     key = (n, d, subsample, n_proj, n_boot, seed, draws)
     if key not in _NULL_CACHE:
         rng = np.random.default_rng((seed, 16))
-        stats: dict[str, list] = {name: [] for name in ("dagostino_p", "shapiro_p",
-                                                        "henze_zirkler_p", "sliced_w2",
-                                                        "min_eigenvalue")}
+        stats: dict[str, list] = {name: [] for name in (
+            "dagostino_p", "shapiro_p", "henze_zirkler_p", "sliced_w2", "min_eigenvalue")}
         for _ in range(draws):
             z = rng.standard_normal((n, d))
             directions = _directions(rng, d, n_proj)
-            subsamples = np.stack([_subsample(rng, n, subsample)
-                                   for _ in range(n_proj * n_boot)]).reshape(n_proj, n_boot, -1)
-            for name, p in zip(("dagostino_p", "shapiro_p"),
-                               projected_pvalues(z, directions, subsamples)):
-                stats[name].append(p)
+            subsamples = np.stack([_subsample(rng, n, subsample) for _ in range(n_proj * n_boot)])
+            p_values = projected_pvalues(z, directions, subsamples.reshape(n_proj, n_boot, -1))
+            stats["dagostino_p"].append(p_values[0])
+            stats["shapiro_p"].append(p_values[1])
             if d < min(subsample, n):
                 stats["henze_zirkler_p"].append(henze_zirkler_pvalue(
                     z, n_boot=n_boot, subsample=subsample, seed=int(rng.integers(2 ** 32))))
@@ -590,24 +568,12 @@ def normality_null(n: int, d: int, subsample: int = 128, n_proj: int = 10, n_boo
                for name, v in _NULL_CACHE[key].items()}}
 
 
-def normality_decision(hz_p: float | None, w2: float, w2_draws: np.ndarray,
-                       level: float = LEVEL) -> dict:
-    """Normality test at `level`: Henze-Zirkler on the whole sample when hz_p is given, else a
-    Monte Carlo test on sliced W2, p = (1 + #{null draws >= w2}) / (draws + 1)."""
-    if hz_p is not None:
-        test, p = "henze-zirkler", float(hz_p)
-    else:
-        test = "sliced-w2-monte-carlo"
-        p = float((1 + np.sum(w2_draws >= w2)) / (len(w2_draws) + 1))
-    return {"test": test, "level": level, "p": p, "reject": bool(p <= level)}
-
-
 def normality_report(z, seed: int = 0, subsample: int = 128, n_proj: int = 10,
                      n_boot: int = 20, points: int | None = None) -> dict:
     """Section 5 normality tests: averaged p-values of D'Agostino-Pearson and Shapiro-Wilk on
     n_proj random projections x n_boot subsamples, of Henze-Zirkler (None when d >= subsample),
-    the HZ statistic, sliced W2, the correlation spectrum, "null" (normality_null) and "decision"
-    (normality_decision); with `points`, on that many rows drawn at random by `seed`."""
+    sliced W2, the correlation spectrum, "null" (normality_null) and the LEVEL "decision"; with
+    `points`, on that many rows drawn at random by `seed`."""
     z = _as_2d(z)
     if points is not None:
         z = z[np.random.default_rng(seed).permutation(len(z))[:points]]
@@ -622,6 +588,10 @@ def normality_report(z, seed: int = 0, subsample: int = 128, n_proj: int = 10,
     hz_stat, hz_p = henze_zirkler(z) if whitenable else (None, None)
     null = normality_null(n, d, subsample, n_proj, n_boot, seed)
     w2 = sliced_w2(z, seed=seed)
+    # the LEVEL test: Henze-Zirkler on the whole sample, else (d too large) a Monte Carlo test
+    # on sliced W2, p = (1 + #{null draws >= w2}) / (draws + 1)
+    test, p = ("henze-zirkler", float(hz_p)) if whitenable else ("sliced-w2-monte-carlo", float(
+        (1 + np.sum(np.array(null["sliced_w2"]["values"]) >= w2)) / (null["draws"] + 1)))
     return {
         "dagostino_p": dagostino, "shapiro_p": shapiro,
         "henze_zirkler_p": henze_zirkler_pvalue(
@@ -629,98 +599,90 @@ def normality_report(z, seed: int = 0, subsample: int = 128, n_proj: int = 10,
         "henze_zirkler_stat": hz_stat,
         "subsample": int(min(subsample, n)), "n_proj": int(n_proj), "n_boot": int(n_boot),
         "sliced_w2": w2, "correlation": correlation_spectrum(z), "null": null,
-        "decision": normality_decision(hz_p, w2, np.array(null["sliced_w2"]["values"])),
+        "decision": {"test": test, "level": LEVEL, "p": p, "reject": bool(p <= LEVEL)},
         **({} if points is None else {"points": n})}
 
 
 def normality_lines(report: dict) -> list[str]:
     """normality_report as text lines, each statistic beside its null band (the central 95 % of
     the same statistic on one N(0, I) sample of the same n and d)."""
-    names = {"dagostino_p": "D'Agostino-Pearson averaged p", "shapiro_p": "Shapiro-Wilk "
-             "averaged p", "henze_zirkler_p": "Henze-Zirkler averaged p",
-             "sliced_w2": "sliced W2 to N(0, I)",
-             "henze-zirkler": "Henze-Zirkler on the whole sample",
-             "sliced-w2-monte-carlo": "Monte Carlo test on sliced W2"}
     null, spectrum, decision = report["null"], report["correlation"], report["decision"]
     lines = [f"normality: p-values averaged over {report['n_proj']} projections x "
              f"{report['n_boot']} subsamples of {report['subsample']} points; null band: the "
              f"central {100 * null['share']:g}% of the same statistic on {null['draws']} N(0, I) "
              "samples of the same n and d"]
-    for key in ("dagostino_p", "shapiro_p", "henze_zirkler_p", "sliced_w2"):
-        value = report[key]
-        lines.append(f"  {names[key]:<30}" + ("n/a (d >= subsample)" if value is None else
-                                              "{:.4f}   null band {:.4f} to {:.4f}".format(
-                                                  value, *null[key]["band"])))
-    lines.append(f"  {'correlation eigenvalues':<30}smallest "
-                 + ", ".join(f"{v:.3f}" for v in spectrum["smallest_eigenvalues"])
-                 + "   null band of the smallest {:.3f} to {:.3f}".format(
-                     *null["min_eigenvalue"]["band"])
-                 + f"; {spectrum['collapsed']} below {COLLAPSED:g} (collapsed directions), "
-                 f"effective rank {spectrum['effective_rank']:.2f}")
-    lines.append(f"  decision at level {decision['level']:g}: {names[decision['test']]}, "
-                 f"p = {decision['p']:.3g}: normality "
-                 + ("rejected" if decision["reject"] else "not rejected"))
-    return lines
+    for key, name in (("dagostino_p", "D'Agostino-Pearson averaged p"),
+                      ("shapiro_p", "Shapiro-Wilk averaged p"),
+                      ("henze_zirkler_p", "Henze-Zirkler averaged p"),
+                      ("sliced_w2", "sliced W2 to N(0, I)")):
+        lines.append(f"  {name:<30}" + ("n/a (d >= subsample)" if report[key] is None else
+                                         "{:.4f}   null band {:.4f} to {:.4f}".format(
+                                             report[key], *null[key]["band"])))
+    test = {"henze-zirkler": "Henze-Zirkler on the whole sample",
+            "sliced-w2-monte-carlo": "Monte Carlo test on sliced W2"}[decision["test"]]
+    return lines + [
+        f"  {'correlation eigenvalues':<30}smallest "
+        + ", ".join(f"{v:.3f}" for v in spectrum["smallest_eigenvalues"])
+        + "   null band of the smallest {:.3f} to {:.3f}".format(*null["min_eigenvalue"]["band"])
+        + f"; {spectrum['collapsed']} below {COLLAPSED:g} (collapsed directions), "
+        f"effective rank {spectrum['effective_rank']:.2f}",
+        f"  decision at level {decision['level']:g}: {test}, p = {decision['p']:.3g}: normality "
+        + ("rejected" if decision["reject"] else "not rejected")]
 
 
 def to_gaussian(u, eps: float = 1e-6) -> np.ndarray:
-    """Phi^-1 of [0, 1]^d embeddings clipped to [eps, 1 - eps]: uniformity becomes normality
-    (Section 3.3), so the tests above apply to uniform DM."""
+    """Phi^-1 of [0, 1]^d embeddings clipped to [eps, 1 - eps]: uniformity becomes normality."""
     return scipy.stats.norm.ppf(np.clip(np.asarray(u, dtype=np.float64), eps, 1.0 - eps))
 
 
 def uniformity_report(u: np.ndarray) -> dict:
     """Kolmogorov-Smirnov test of each coordinate against U[0, 1]: mean p-value, largest D."""
-    tests = [scipy.stats.kstest(u[:, i], "uniform") for i in range(u.shape[1])]
+    tests = [scipy.stats.kstest(column, "uniform") for column in np.asarray(u).T]
     return {"ks_p_mean": float(np.mean([t.pvalue for t in tests])),
             "ks_stat_max": float(max(t.statistic for t in tests)),
             "ks_p": [float(t.pvalue) for t in tests]}
 
 
 # --- Downstream metrics and Figure 2 (Section 5) ---------------------------------------------
-
 def downstream_report(z_tr, y_tr, z_te, y_te, seed: int = 0) -> dict:
     """Test accuracy of Gaussian naive Bayes, 5-NN and a shallow MLP trained on the train
     embeddings, and the silhouette of the test embeddings by label (Section 5)."""
     z_tr, z_te, y_tr, y_te = _as_2d(z_tr), _as_2d(z_te), np.asarray(y_tr), np.asarray(y_te)
-    classifiers = {"gnb_acc": GaussianNB(), "knn_acc": KNeighborsClassifier(n_neighbors=5),
-                   "mlp_acc": MLPClassifier(hidden_layer_sizes=(64,), max_iter=500,
-                                            random_state=seed)}
     report = {}
-    for name, clf in classifiers.items():
+    for name, clf in (("gnb_acc", naive_bayes.GaussianNB()),
+                      ("knn_acc", neighbors.KNeighborsClassifier(n_neighbors=5)),
+                      ("mlp_acc", neural_network.MLPClassifier(
+                          hidden_layer_sizes=(64,), max_iter=500, random_state=seed))):
         with warnings.catch_warnings():  # a non-converged MLP is still a valid probe
             warnings.simplefilter("ignore", ConvergenceWarning)
-            clf.fit(z_tr, y_tr)
-        report[name] = float(clf.score(z_te, y_te))
-    sample_size = 5000 if len(z_te) > 5000 else None  # silhouette is O(n^2)
-    report["silhouette"] = float(silhouette_score(z_te, y_te, sample_size=sample_size,
-                                                  random_state=seed))
+            report[name] = float(clf.fit(z_tr, y_tr).score(z_te, y_te))
+    report["silhouette"] = float(metrics.silhouette_score(  # O(n^2): at most 5000 points
+        z_te, y_te, sample_size=5000 if len(z_te) > 5000 else None, random_state=seed))
     return report
 
 
 def scatter_embeddings(z: np.ndarray, y: np.ndarray, title: str) -> Any:
     """Figure 2: test embeddings coloured by label (d > 2: the first two principal axes; d = 1:
-    the embedding against the jittered label); a matplotlib figure on the file-only backend."""
+    against the jittered label), a matplotlib figure on the file-only Agg backend."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    z, labels = np.asarray(z, dtype=np.float64), ("$z_1$", "$z_2$")
+    z, axes = np.asarray(z, dtype=np.float64), ("$z_1$", "$z_2$")
     if z.shape[1] == 1:
         jitter = np.random.default_rng(0).uniform(-0.3, 0.3, len(z))
-        z, labels = np.column_stack([z[:, 0], np.asarray(y) + jitter]), ("$z_1$", "label (jittered)")
+        z, axes = np.column_stack([z[:, 0], np.asarray(y) + jitter]), ("$z_1$", "label (jittered)")
     elif z.shape[1] > 2:
-        centered = z - z.mean(0)
-        z, labels = centered @ np.linalg.svd(centered, full_matrices=False)[2][:2].T, ("PC 1", "PC 2")
+        z = z - z.mean(0)
+        z, axes = z @ np.linalg.svd(z, full_matrices=False)[2][:2].T, ("PC 1", "PC 2")
     fig, ax = plt.subplots(figsize=(5.5, 5))
     points = ax.scatter(z[:, 0], z[:, 1], c=y, cmap="tab10", s=3, alpha=0.7, vmin=-0.5, vmax=9.5)
     fig.colorbar(points, ax=ax, ticks=range(10), label="label")
-    ax.set(title=title, xlabel=labels[0], ylabel=labels[1],
-           aspect="auto" if labels[1].startswith("label") else "equal")
+    ax.set(title=title, xlabel=axes[0], ylabel=axes[1],
+           aspect="auto" if axes[1].startswith("label") else "equal")
     return fig
 
 
 # --- Self-supervised losses of Table 1 ---------------------------------------------------------
-
 def nt_xent(z1: torch.Tensor, z2: torch.Tensor, temperature: float = 0.2) -> torch.Tensor:
     """NT-Xent, the SimCLR loss (Chen et al. 2020, eq. 1), over all 2N anchors; z1[k], z2[k]
     are two views of image k. InfoNCE (Section 4) with 2N - 1 candidates; t = 0.2 (App. C)."""
