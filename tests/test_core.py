@@ -1,12 +1,15 @@
 """Tests of the losses, critics, noise heads, capacity bounds and data loading in common.py."""
+import gzip
+import hashlib
 import math
+import re
+import struct
 
 import numpy as np
 import pytest
 import torch
 from scipy.stats import multivariate_normal
 
-import common
 from common import (
     BilinearCritic,
     ConcatCritic,
@@ -15,8 +18,8 @@ from common import (
     GaussianCritic,
     GaussianHead,
     SeparableCritic,
+    SHIPPED_MNIST,
     UniformHead,
-    atomic_path,
     bound_estimates,
     dv,
     gaussian_capacity,
@@ -121,8 +124,6 @@ def test_gaussian_critic_is_the_pmi_of_the_gaussian_channel():
     t_star = (x @ y.T - ((x ** 2).sum(1)[:, None] + (y ** 2).sum(1)[None] / (1 + sigma ** 2)) / 2)
     assert torch.allclose(scores.float(), t_star / sigma ** 2 + gaussian_capacity(d, sigma),
                           atol=1e-4)
-    with pytest.raises(ValueError):
-        GaussianCritic(0.0)
 
 
 @pytest.mark.parametrize("sigma,d", [(1.0, 2), (0.5, 2), (0.6, 4)])
@@ -220,22 +221,35 @@ def test_encoder_shape_and_table2_layers():
         (1, 32, (3, 3)), (32, 64, (3, 3)), (64, 128, (3, 3))]
 
 
-def test_gaussian_head_normalizes_and_adds_no_noise():
+def test_gaussian_head_normalizes_by_the_batch_in_training_and_by_running_stats_in_eval():
     torch.manual_seed(0)
     f = 3 + 5 * torch.randn(20000, 3) ** 3  # far from standard, far from Gaussian
     head = GaussianHead(3).train()
     z = head(f)
+    eps = head.norm.eps
+    by_hand = (f - f.mean(0)) / torch.sqrt(f.var(0, unbiased=False) + eps)
+    torch.testing.assert_close(z, by_hand, rtol=1e-4, atol=1e-4)
     assert torch.allclose(z.mean(0), torch.zeros(3), atol=1e-4)
     assert torch.allclose(z.var(0, unbiased=False), torch.ones(3), atol=1e-3)
     assert torch.equal(z, head(f))  # the scripts add Z; the head draws nothing
+    # eval: the running statistics, not the batch's; a shifted batch stays shifted
     head.eval()
-    assert torch.equal(head(f), head(f))
+    other = f[:500] + 40
+    out = head(other)
+    expected = (other - head.norm.running_mean) / torch.sqrt(head.norm.running_var + eps)
+    torch.testing.assert_close(out, expected)
+    assert (out.mean(0) > 1).all()
+    assert not list(head.parameters())  # affine=False: nothing to learn (Theorem 3.4)
 
 
 def test_uniform_head_squashes_into_the_unit_cube():
     torch.manual_seed(0)
     head = UniformHead(2).train()
-    u = head(2 + 3 * torch.randn(20000, 2))
+    f = 2 + 3 * torch.randn(20000, 2)
+    u = head(f)
+    assert isinstance(head, GaussianHead)
+    normalized = (f - f.mean(0)) / torch.sqrt(f.var(0, unbiased=False) + head.norm.eps)
+    torch.testing.assert_close(u, torch.special.ndtr(normalized), rtol=1e-4, atol=1e-5)
     assert u.min() >= 0 and u.max() <= 1
     assert torch.allclose(u.mean(0), torch.full((2,), 0.5), atol=0.01)
     assert torch.allclose(u.var(0), torch.full((2,), 1 / 12), atol=0.005)
@@ -263,30 +277,108 @@ def test_idx_round_trip_and_missing_files(tmp_path, write_idx):
     assert np.array_equal(read_idx(tmp_path / "t10k-images-idx3-ubyte.gz").numpy(), images)
     x, y = load_mnist(tmp_path, train=False)
     assert x.shape == (5, 1, 28, 28) and x.max() <= 1 and y.tolist() == [0, 1, 2, 3, 4]
-    with pytest.raises(DataError, match="train-images-idx3-ubyte.*--data-dir"):
+    with pytest.raises(DataError, match="train-images-idx3-ubyte"):
         load_mnist(tmp_path, train=True)
 
 
-def test_fallback_to_the_shipped_test_split(tmp_path, monkeypatch):
-    monkeypatch.setattr(common, "REPO", tmp_path)  # no full MNIST under tmp_path/data
-    x_tr, y_tr, x_te, y_te, info = load_data("mnist", None, download=False)
-    assert (len(x_tr), len(x_te)) == (8000, 2000)
-    assert x_tr.shape[1:] == (1, 24, 24)
-    assert "test split" in info["note"] and info["split_seed"] == 0
-    assert set(y_te.tolist()) == set(range(10))
+def _idx_bytes(array, dtype=0x08, zero=0):
+    array = np.asarray(array, dtype=np.uint8)
+    return (struct.pack(">HBB", zero, dtype, array.ndim)
+            + struct.pack(f">{array.ndim}I", *array.shape) + array.tobytes())
+
+
+@pytest.mark.parametrize("damage", ["truncated data", "extra data", "float dtype", "bad magic",
+                                    "short header", "truncated gzip", "not gzip", "empty"])
+def test_damaged_idx_file_raises_data_error_naming_it(tmp_path, damage):
+    good = _idx_bytes(np.arange(60).reshape(3, 4, 5))
+    content = {"truncated data": good[:-7], "extra data": good + b"\0",
+               "float dtype": _idx_bytes(np.zeros((3, 4)), dtype=0x0D),
+               "bad magic": _idx_bytes(np.zeros((3, 4)), zero=0x1F8B),
+               "short header": good[:6], "empty": b""}.get(damage, good)
+    gz = damage in ("truncated gzip", "not gzip")
+    path = tmp_path / ("images.gz" if gz else "images")
+    if damage == "truncated gzip":
+        content = gzip.compress(good)[:-12]
+    path.write_bytes(content)
+    with pytest.raises(DataError, match=re.escape(str(path))):
+        read_idx(path)
+
+
+def test_load_mnist_names_the_damaged_file_and_refuses_unequal_counts(tmp_path, write_idx):
+    write_idx(tmp_path / "t10k-images-idx3-ubyte.gz", np.zeros((5, 28, 28)))
+    (tmp_path / "t10k-labels-idx1-ubyte").write_bytes(_idx_bytes(np.arange(5))[:-2])
+    with pytest.raises(DataError, match="t10k-labels-idx1-ubyte"):
+        load_mnist(tmp_path, train=False)
+    (tmp_path / "t10k-labels-idx1-ubyte").unlink()
+    write_idx(tmp_path / "t10k-labels-idx1-ubyte.gz", np.arange(4))
+    with pytest.raises(DataError, match=re.escape(str(tmp_path))):
+        load_mnist(tmp_path, train=False)
+
+
+def test_shipped_mnist_files_match_the_published_md5():
+    """All four official files, uncompressed, against data/mnist/MD5SUMS (the published MD5)."""
+    expected = dict(line.split()[::-1] for line in
+                    (SHIPPED_MNIST / "MD5SUMS").read_text().splitlines() if line.strip())
+    assert sorted(expected) == sorted(f"{split}-{kind}-ubyte" for split in ("train", "t10k")
+                                      for kind in ("images-idx3", "labels-idx1"))
+    for name, md5 in expected.items():
+        with gzip.open(SHIPPED_MNIST / f"{name}.gz", "rb") as fh:
+            assert hashlib.md5(fh.read()).hexdigest() == md5, name
+
+
+def test_load_data_reads_the_official_60k_10k_split():
+    x_tr, y_tr, x_te, y_te, info = load_data("mnist")
+    assert x_tr.shape == (60000, 1, 24, 24) and x_te.shape == (10000, 1, 24, 24)
+    assert (len(y_tr), len(y_te)) == (60000, 10000) and y_tr.dtype == torch.int64
+    assert info["n_train"] == 60000 and info["n_test"] == 10000
+    assert info["dataset"] == "mnist" and info["source"] == "data/mnist"
+    assert "split_seed" not in info
+    assert set(y_tr.tolist()) == set(y_te.tolist()) == set(range(10))
+    assert 0 <= x_tr.min() and x_tr.max() <= 1
+
+
+def test_mnist_test_split_is_the_seeded_split_of_the_committed_runs():
+    x_tr, y_tr, x_te, y_te, info = load_data("mnist-test-split")
+    assert (len(x_tr), len(x_te)) == (8000, 2000) and x_tr.shape[1:] == (1, 24, 24)
+    assert info["split_seed"] == 0 and (info["n_train"], info["n_test"]) == (8000, 2000)
+    # the split of the committed runs (seeded_split of the 10k test images, seed 0)
+    assert y_tr[:12].tolist() == [1, 7, 7, 5, 9, 1, 8, 6, 7, 8, 0, 1]
+    assert torch.bincount(y_te).tolist() == [210, 215, 212, 204, 202, 174, 191, 183, 195, 214]
+    other = load_data("mnist-test-split", split_seed=1)
+    assert other[4]["split_seed"] == 1 and not torch.equal(other[1], y_tr)
+    assert torch.equal(torch.bincount(other[1]) + torch.bincount(other[3]),
+                       torch.bincount(y_tr) + torch.bincount(y_te))
+
+
+def _write_split(root, write_idx, train_size, test_size, n=30):
+    for split, size in (("train", train_size), ("t10k", test_size)):
+        write_idx(root / f"{split}-images-idx3-ubyte.gz", np.full((n, size, size), 128))
+        write_idx(root / f"{split}-labels-idx1-ubyte.gz", np.arange(n) % 10)
+
+
+def test_load_data_refuses_images_smaller_than_the_crop(tmp_path, write_idx):
+    _write_split(tmp_path, write_idx, 8, 8)
+    with pytest.raises(DataError, match=re.escape(str(tmp_path))):
+        load_data("mnist", str(tmp_path))
+    assert load_data("mnist", str(tmp_path), crop=None)[0].shape == (30, 1, 8, 8)
+    assert load_data("mnist", str(tmp_path), crop=8)[2].shape == (30, 1, 8, 8)
+
+
+@pytest.mark.xfail(strict=True, reason="load_data checks only the training images against the "
+                   "crop: 8 x 8 test images beside 28 x 28 training images come back uncropped")
+def test_load_data_refuses_test_images_smaller_than_the_crop(tmp_path, write_idx):
+    _write_split(tmp_path, write_idx, 28, 8)
     with pytest.raises(DataError):
-        load_data("mnist", str(tmp_path), download=False)
+        load_data("mnist", str(tmp_path))
 
 
-def test_atomic_path_keeps_the_old_file_when_writing_fails(tmp_path):
-    target = tmp_path / "metrics.json"
-    target.write_text("old")
-    with pytest.raises(RuntimeError):
-        with atomic_path(target) as tmp:
-            open(tmp, "w").write("half")
-            raise RuntimeError("killed")
-    assert target.read_text() == "old"
-    assert [p.name for p in tmp_path.iterdir()] == ["metrics.json"]
-    with atomic_path(target) as tmp:
-        open(tmp, "w").write("new")
-    assert target.read_text() == "new"
+def test_load_data_refuses_too_few_images_or_labels_and_a_missing_folder(tmp_path, write_idx):
+    _write_split(tmp_path, write_idx, 28, 28, n=19)
+    with pytest.raises(DataError, match=re.escape(str(tmp_path))):
+        load_data("mnist", str(tmp_path))
+    _write_split(tmp_path, write_idx, 28, 28)
+    write_idx(tmp_path / "train-labels-idx1-ubyte.gz", np.zeros(30))  # one label only
+    with pytest.raises(DataError, match=re.escape(str(tmp_path))):
+        load_data("mnist", str(tmp_path))
+    with pytest.raises(DataError, match="train-images-idx3-ubyte"):
+        load_data("mnist", str(tmp_path / "nowhere"))

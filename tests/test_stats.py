@@ -3,6 +3,7 @@ import json
 
 import numpy as np
 import pytest
+import scipy.stats
 
 from common import (
     COLLAPSED,
@@ -10,7 +11,6 @@ from common import (
     downstream_report,
     henze_zirkler,
     henze_zirkler_pvalue,
-    normality_decision,
     normality_lines,
     normality_null,
     normality_report,
@@ -28,6 +28,20 @@ LEVEL_TOL = 3 * np.sqrt(ALPHA * (1 - ALPHA) / N_REPLICATES)
 
 def _gaussian(n, d, seed):
     return np.random.default_rng(seed).standard_normal((n, d))
+
+
+def _projected(z, n_proj=10, n_boot=20, subsample=128, seed=0):
+    """projected_pvalues on n_proj random unit directions x n_boot random subsamples, drawn in
+    normality_report's order (a direction, then its subsamples; all points when n <= subsample)."""
+    n, d = z.shape
+    rng = np.random.default_rng(seed)
+    directions, subsamples = [], []
+    for _ in range(n_proj):
+        u = rng.standard_normal(d)
+        directions.append(u / np.linalg.norm(u))
+        subsamples.append([np.arange(n) if subsample >= n else
+                           rng.choice(n, size=subsample, replace=False) for _ in range(n_boot)])
+    return projected_pvalues(z, np.stack(directions, 1), np.array(subsamples))
 
 
 def _two_gaussians(n, seed):
@@ -58,20 +72,30 @@ def _hz_by_loops(z):
             + n * (1 + 2 * b2) ** (-d / 2))
 
 
-@pytest.mark.parametrize("name", ["dagostino", "shapiro", "henze_zirkler"])
+@pytest.mark.parametrize("name", ["projected", "henze_zirkler"])
 def test_level_under_gaussian_null(name):
     pvalues = []
     for seed in range(N_REPLICATES):
         z = _gaussian(100, 2, 1000 + seed)
         if name == "henze_zirkler":
-            pvalues.append(henze_zirkler(z)[1])
-        else:
-            pvalues.append(projected_pvalues(z, test=name, n_proj=1,
-                                             n_boot=1, seed=seed))
-    pvalues = np.array(pvalues)
-    assert abs(np.mean(pvalues < ALPHA) - ALPHA) < LEVEL_TOL
-    # Under the null p-values are roughly uniform.
-    assert 0.4 < pvalues.mean() < 0.6
+            pvalues.append([henze_zirkler(z)[1]])
+        else:  # D'Agostino-Pearson and Shapiro-Wilk on one projection of all 100 points
+            pvalues.append(_projected(z, n_proj=1, n_boot=1, seed=seed))
+    for column in np.array(pvalues).T:
+        assert abs(np.mean(column < ALPHA) - ALPHA) < LEVEL_TOL
+        # Under the null p-values are roughly uniform.
+        assert 0.4 < column.mean() < 0.6
+
+
+def test_projected_pvalues_average_one_test_per_direction_and_subsample():
+    rng = np.random.default_rng(20)
+    z = rng.standard_t(5, size=(60, 3))
+    directions = rng.standard_normal((3, 2))
+    subsamples = np.array([[rng.permutation(60)[:20] for _ in range(3)] for _ in range(2)])
+    by_loop = [[test(z[rows] @ directions[:, j]).pvalue for j in range(2) for rows in subsamples[j]]
+               for test in (scipy.stats.normaltest, scipy.stats.shapiro)]
+    assert projected_pvalues(z, directions, subsamples) == pytest.approx(
+        [np.mean(p) for p in by_loop], rel=1e-10)
 
 
 def test_henze_zirkler_null_mean_matches_theory():
@@ -85,9 +109,11 @@ def test_henze_zirkler_null_mean_matches_theory():
 
 
 def test_averaged_pvalues_large_on_gaussian_sample():
-    report = normality_report(_gaussian(2000, 4, 0), seed=0)
+    z = _gaussian(2000, 4, 0)
+    report = normality_report(z, seed=0)
     for key in ("dagostino_p", "shapiro_p", "henze_zirkler_p"):
         assert report[key] > 0.3, key
+    assert (report["dagostino_p"], report["shapiro_p"]) == _projected(z, seed=0)
 
 
 @pytest.mark.parametrize("sample", ["uniform", "mixture"])
@@ -103,9 +129,7 @@ def test_power_against_non_gaussian(sample):
     # Random directions can be nearly orthogonal to the non-Gaussian one, so
     # the univariate tests need larger samples for the same power.
     z = draw(1000)
-    for test in ("dagostino", "shapiro"):
-        assert projected_pvalues(z, test=test, n_boot=5, subsample=1000,
-                                 seed=0) < 1e-2
+    assert max(_projected(z, n_boot=5, subsample=1000)) < 1e-2
 
 
 def test_henze_zirkler_matches_direct_formula():
@@ -145,18 +169,19 @@ def test_henze_zirkler_is_skipped_when_the_dimension_reaches_the_subsample():
     report = normality_report(_gaussian(300, 40, 8), subsample=32, n_proj=2, n_boot=2)
     assert report["henze_zirkler_p"] is None and report["henze_zirkler_stat"] is None
     assert 0 < report["dagostino_p"] <= 1 and 0 < report["shapiro_p"] <= 1
-    # no Henze-Zirkler: the decision is the Monte Carlo test on the sliced W2 distance
     assert report["null"]["henze_zirkler_p"] is None
-    assert report["decision"]["test"] == "sliced-w2-monte-carlo"
-    assert report["decision"]["p"] * 40 == pytest.approx(round(report["decision"]["p"] * 40))
     assert normality_report(_gaussian(300, 4, 8), subsample=32)["henze_zirkler_p"] > 0
 
 
 def test_pvalues_deterministic_given_seed():
     z = _two_gaussians(300, 7)
-    assert projected_pvalues(z, seed=1) == projected_pvalues(z, seed=1)
-    assert projected_pvalues(z, seed=1) != projected_pvalues(z, seed=2)
+    one, again, other = (normality_report(z, seed=seed, n_proj=2, n_boot=3)
+                         for seed in (1, 1, 2))
+    assert one == again
+    for key in ("dagostino_p", "shapiro_p", "henze_zirkler_p", "sliced_w2"):
+        assert one[key] != other[key], key
     assert henze_zirkler_pvalue(z, seed=1) == henze_zirkler_pvalue(z, seed=1)
+    assert henze_zirkler_pvalue(z, seed=1) != henze_zirkler_pvalue(z, seed=2)
 
 
 def test_to_gaussian_makes_uniform_sample_normal_and_keeps_order():
@@ -223,17 +248,6 @@ def test_downstream_silhouette_subsamples_large_test_set():
     assert report["silhouette"] > 0.6
 
 
-@pytest.mark.parametrize("kwargs", [dict(test="kolmogorov"), dict(test="")])
-def test_unknown_test_name_raises(kwargs):
-    with pytest.raises(ValueError):
-        projected_pvalues(_gaussian(50, 2, 0), **kwargs)
-
-
-def test_too_few_points_raises():
-    with pytest.raises(ValueError):
-        projected_pvalues(_gaussian(7, 2, 0))
-
-
 # --------------------------------------------------------------------------------------------
 # The scale of the averaged p-values: null levels, a distance to N(0, I), a calibrated decision
 # --------------------------------------------------------------------------------------------
@@ -254,15 +268,12 @@ def test_null_levels_hold_the_averages_of_gaussian_samples():
     assert null["draws"] >= 20 and len(null["sliced_w2"]["values"]) == null["draws"]
     for key in ("dagostino_p", "shapiro_p", "henze_zirkler_p"):
         assert 0.4 < null[key]["mean"] < 0.6 and 0 < null[key]["sd"] < 0.15
-    for seed in range(5):
-        z = _gaussian(400, 2, 100 + seed)
-        values = {"dagostino_p": projected_pvalues(z, "dagostino", seed=seed, **settings),
-                  "shapiro_p": projected_pvalues(z, "shapiro", seed=seed, **settings),
-                  "henze_zirkler_p": henze_zirkler_pvalue(z, n_boot=10, subsample=64, seed=seed)}
-        for key, value in values.items():
-            band = null[key]
-            assert abs(value - band["mean"]) < 3 * band["sd"], (key, seed)
-        assert sliced_w2(z) < 2 * null["sliced_w2"]["band"][1]
+    for seed in range(5):  # the report's statistics on other N(0, I) samples: on the null's scale
+        report = normality_report(_gaussian(400, 2, 100 + seed), seed=0, **settings)
+        assert report["null"] == null
+        for key in ("dagostino_p", "shapiro_p", "henze_zirkler_p"):
+            assert abs(report[key] - null[key]["mean"]) < 3 * null[key]["sd"], (key, seed)
+        assert report["sliced_w2"] < 2 * null["sliced_w2"]["band"][1]
     # cached and deterministic; another seed draws other reference samples
     assert normality_null(400, 2, **settings, seed=0) == null
     assert normality_null(400, 2, **settings, seed=1) != null
@@ -311,8 +322,9 @@ def test_normality_report_is_deterministic_and_carries_its_scale():
         np.column_stack([z, z[:, :1] + 0.01 * _gaussian(500, 1, 12)]), n_proj=2, n_boot=2)))
 
 
-def _decisions(samples):
-    return np.array([normality_decision(henze_zirkler(z)[1], np.nan, np.array([]))["reject"]
+def _decisions(samples, **settings):
+    """normality_report's decision on each sample (Henze-Zirkler when d < subsample)."""
+    return np.array([normality_report(z, n_proj=1, n_boot=1, **settings)["decision"]["reject"]
                      for z in samples])
 
 
@@ -331,12 +343,34 @@ def test_decision_rejects_five_percent_of_gaussian_samples_at_n_2000():
     assert power >= 0.9
 
 
+def _multivariate_t(n, d, df, seed):
+    """Every projection is t(df)-distributed: heavy tails a high-dimensional test must see."""
+    rng = np.random.default_rng(seed)
+    return rng.standard_normal((n, d)) / np.sqrt(rng.chisquare(df, (n, 1)) / df)
+
+
 def test_monte_carlo_decision_counts_the_null_draws():
-    draws = np.arange(39) / 39
-    assert normality_decision(None, 2.0, draws) == {
-        "test": "sliced-w2-monte-carlo", "level": 0.05, "p": 1 / 40, "reject": True}
-    assert normality_decision(None, 0.5, draws)["p"] == pytest.approx(20 / 40)
-    assert not normality_decision(None, 0.5, draws)["reject"]
+    """d >= subsample: the decision is the Monte Carlo test on sliced W2 against the null draws,
+    p = (1 + #{draws >= W2}) / (draws + 1), exact at LEVEL with 39 draws."""
+    settings = dict(subsample=32, n_proj=1, n_boot=1)
+    for z in (_gaussian(200, 40, 21), _multivariate_t(200, 40, 5, 22)):
+        report = normality_report(z, **settings)
+        draws = np.array(report["null"]["sliced_w2"]["values"])
+        p = (1 + np.sum(draws >= report["sliced_w2"])) / (len(draws) + 1)
+        assert report["decision"] == {"test": "sliced-w2-monte-carlo", "level": 0.05, "p": p,
+                                      "reject": p <= 0.05}
+    assert _decisions([_multivariate_t(200, 40, 5, seed) for seed in range(5)],
+                      subsample=32).all()
+
+
+@pytest.mark.slow
+def test_monte_carlo_decision_rejects_five_percent_of_gaussian_samples():
+    # each sample is tested against its own null draws (seed = sample): exact level 2 / 40
+    reports = [normality_report(_gaussian(64, 8, seed), seed=seed, subsample=8, n_proj=1,
+                                n_boot=1)["decision"] for seed in range(200)]
+    assert {r["test"] for r in reports} == {"sliced-w2-monte-carlo"}
+    assert 0.005 <= np.mean([r["reject"] for r in reports]) <= 0.095
+    assert 0.45 <= np.mean([r["p"] for r in reports]) <= 0.58
 
 
 @pytest.mark.parametrize("kind", ["t8", "uniform", "bimodal"])
