@@ -104,8 +104,8 @@ def load_data(dataset: str, data_dir: str | None = None, split_seed: int = 0,
                         "evaluation needs at least 20 images and 2 labels in each split")
     if crop is None:
         return x_tr, y_tr, x_te, y_te, info
-    if min(x_tr.shape[-2:]) < crop:
-        raise DataError(f"{root}: images of {x_tr.shape[-2]} x {x_tr.shape[-1]} pixels, smaller "
+    if min(*x_tr.shape[-2:], *x_te.shape[-2:]) < crop:
+        raise DataError(f"{root}: images of {x_te.shape[-2]} x {x_te.shape[-1]} pixels, smaller "
                         f"than the {crop} x {crop} input of the Table 2 ConvNet")
     return center_crop(x_tr, crop), y_tr, center_crop(x_te, crop), y_te, info
 

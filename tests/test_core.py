@@ -364,8 +364,6 @@ def test_load_data_refuses_images_smaller_than_the_crop(tmp_path, write_idx):
     assert load_data("mnist", str(tmp_path), crop=8)[2].shape == (30, 1, 8, 8)
 
 
-@pytest.mark.xfail(strict=True, reason="load_data checks only the training images against the "
-                   "crop: 8 x 8 test images beside 28 x 28 training images come back uncropped")
 def test_load_data_refuses_test_images_smaller_than_the_crop(tmp_path, write_idx):
     _write_split(tmp_path, write_idx, 28, 8)
     with pytest.raises(DataError):
