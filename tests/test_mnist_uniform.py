@@ -1,25 +1,16 @@
-"""Tests of mnist_uniform.py (Section 3.2) and of the sweeps of both MNIST scripts."""
+"""Tests of mnist_uniform.py (Section 3.2), and of the curve format both MNIST scripts share."""
 import json
 import math
-import re
 import zipfile
 
 import numpy as np
 import pytest
 import torch
-from conftest import TINY_FLAGS as FLAGS
 
+import common
 import mnist_gauss
 import mnist_uniform
 from common import infonce, uniformity_report
-
-
-@pytest.mark.parametrize("eps", ["0.7", "0", "0.5", "-0.1"])
-def test_eps_outside_open_half_interval_is_rejected(eps, capsys):
-    with pytest.raises(SystemExit) as exc:
-        mnist_uniform.parse_args(["--eps", eps])
-    assert exc.value.code == 2
-    assert "(0, 0.5)" in capsys.readouterr().err
 
 
 class InnerProduct(torch.nn.Module):
@@ -31,8 +22,8 @@ class InnerProduct(torch.nn.Module):
 
 
 def test_infomax_loss_adds_uniform_z_to_the_squashed_clean_branch(tmp_path):
-    args = mnist_uniform.parse_args(["--eps", "0.2", "--dim", "3", "--no-amp",
-                                     "--out", str(tmp_path / "unused")])
+    args = mnist_uniform.parse_args(["--eps", "0.2", "--dim", "3", "--out", str(tmp_path / "new")])
+    args.dtype = torch.float32
     torch.manual_seed(0)
     models = mnist_uniform.build_models(args, torch.device("cpu")).train()
     models["critic"] = InnerProduct()
@@ -51,11 +42,9 @@ def test_infomax_loss_adds_uniform_z_to_the_squashed_clean_branch(tmp_path):
     assert torch.allclose(z.var(0), torch.full((3,), 0.04 / 3), rtol=0.1)
 
 
-def test_short_uniform_run_writes_metrics(tiny_mnist, tmp_path):
+def test_short_uniform_run_writes_metrics(run_script, tmp_path):
     out = tmp_path / "run"
-    mnist_uniform.main(["--data-dir", str(tiny_mnist), "--out", str(out), "--steps", "3",
-                        "--eps", "0.2", *FLAGS])
-    metrics = json.loads((out / "metrics.json").read_text())
+    metrics = run_script(mnist_uniform, out, "--steps", "3", "--eps", "0.2")
     assert metrics["capacity"] == pytest.approx(2 * math.log(1 + 1 / 0.4))
     assert metrics["mi_at_uniform"] == pytest.approx(2 * (0.2 - math.log(0.4)))
     assert metrics["mi_at_uniform"] < metrics["capacity"]
@@ -68,11 +57,11 @@ def test_short_uniform_run_writes_metrics(tiny_mnist, tmp_path):
     assert (out / "scatter.png").is_file()
 
 
-def test_eval_every_curve_and_resume_continue_exactly(run_script, same_metrics, tmp_path):
+def test_eval_at_curve_and_resume_continue_exactly(run_script, same_metrics, tmp_path):
     flags = ("--steps", "6", "--eps", "0.2", "--ckpt-every", "3", "--log-every", "3",
-             "--eval-every", "2")
+             "--eval-at", "2", "4")
     full = run_script(mnist_uniform, tmp_path / "a", *flags)
-    assert [point["step"] for point in full["curve"]] == [2, 4]  # the final metrics hold step 6
+    assert [point["step"] for point in full["curve"]] == [2, 4, 6]  # 6: the final evaluation
     assert all(0 <= point["knn_acc"] <= 1 for point in full["curve"])
     # a run killed after its step-3 checkpoint: train 3 steps, then resume the 6-step run
     part = tmp_path / "b"
@@ -84,69 +73,30 @@ def test_eval_every_curve_and_resume_continue_exactly(run_script, same_metrics, 
     assert same_metrics(json.loads((part / "metrics.json").read_text()), full)
 
 
+def test_both_scripts_write_curve_points_of_one_format(run_script, tmp_path):
+    """evaluate.py curve reads either script's runs: the same entries in every point, those of
+    the final normality block but its null levels (uniform: of Phi^-1 of the embeddings)."""
+    points = {}
+    for script in (mnist_gauss, mnist_uniform):
+        metrics = run_script(script, tmp_path / script.__name__, "--steps", "2", "--eval-at", "1")
+        assert [point["step"] for point in metrics["curve"]] == [1, 2]
+        final = metrics["curve"][-1]
+        assert {k: final[k] for k in metrics["normality"] if k != "null"} == {
+            k: v for k, v in metrics["normality"].items() if k != "null"}
+        assert final["mi_heldout"] == metrics["mi_heldout"]
+        assert final["knn_acc"] == metrics["downstream"]["knn_acc"]
+        z_train = np.load(tmp_path / script.__name__ / "embeddings.npz")["z_train"]
+        normal = common.to_gaussian(z_train) if script is mnist_uniform else z_train
+        assert final["sliced_w2_train"] == pytest.approx(common.sliced_w2(normal), rel=1e-5)
+        points[script] = final
+    assert points[mnist_gauss].keys() == points[mnist_uniform].keys()
+    assert {"step", "mi_heldout", "knn_acc", "sliced_w2", "sliced_w2_train"} <= set(
+        points[mnist_uniform])
+    assert "null" not in points[mnist_uniform]
+
+
 def test_uniformity_report_separates_uniform_from_peaked():
     rng = np.random.default_rng(0)
     assert uniformity_report(rng.uniform(size=(2000, 2)))["ks_p_mean"] > 0.05
     peaked = uniformity_report(rng.beta(2, 2, size=(2000, 2)))
     assert peaked["ks_p_mean"] < 1e-6 and peaked["ks_stat_max"] > 0.05
-
-
-def test_sweep_runs_every_combination_and_skips_finished_runs(tiny_mnist, tmp_path):
-    parent = tmp_path / "sweep"
-    argv = ["--data-dir", str(tiny_mnist), "--out", str(parent), "--steps", "2",
-            "--epss", "0.1", "0.3", "--seeds", "2", "--seed", "5", "--jobs", "1", *FLAGS]
-    mnist_uniform.main(argv)
-    names = sorted(p.name for p in parent.iterdir())
-    assert names == ["eps0.1_seed5", "eps0.1_seed6", "eps0.3_seed5", "eps0.3_seed6"]
-    saved = json.loads((parent / "eps0.3_seed6" / "args.json").read_text())
-    assert (saved["eps"], saved["seed"], saved["seeds"], saved["epss"]) == (0.3, 6, 1, None)
-    stamps = {n: (parent / n / "metrics.json").stat().st_mtime_ns for n in names}
-    mnist_uniform.main(argv)  # the same command again: every run is finished
-    assert stamps == {n: (parent / n / "metrics.json").stat().st_mtime_ns for n in names}
-    with pytest.raises(SystemExit) as exc:  # other settings into the same parent: nothing runs
-        mnist_uniform.main([*argv, "--lr", "0.01", "--epss", "0.45", "0.1"])
-    assert exc.value.code == 2
-    assert not (parent / "eps0.45_seed5").exists()
-
-
-def test_gaussian_sweep_with_seeds_only(tiny_mnist, tmp_path, capsys):
-    parent = tmp_path / "sweep"
-    mnist_gauss.main(["--data-dir", str(tiny_mnist), "--out", str(parent), "--steps", "2",
-                      "--sigma", "0.4", "--seeds", "2", "--jobs", "1", *FLAGS])
-    assert sorted(p.name for p in parent.iterdir()) == ["sigma0.4_seed0", "sigma0.4_seed1"]
-    a, b = (json.loads((parent / n / "metrics.json").read_text())
-            for n in ("sigma0.4_seed0", "sigma0.4_seed1"))
-    assert a["mi_heldout"] != b["mi_heldout"]
-    with pytest.raises(SystemExit):
-        mnist_gauss.parse_args(["--sigmas", "0.5", "0", "--critic", "gaussian"])
-    assert "Theorem 4.1" in capsys.readouterr().err
-
-
-def test_parallel_sweep_reproduces_the_sequential_one(tiny_mnist, same_metrics, tmp_path,
-                                                       capsys, monkeypatch):
-    argv = ["--data-dir", str(tiny_mnist), "--steps", "3", "--sigmas", "0.2", "0.5", *FLAGS]
-    with monkeypatch.context() as m:
-        m.setenv("OMP_NUM_THREADS", "1")  # what each of the two workers gets on 2 cores
-        mnist_gauss.main([*argv, "--out", str(tmp_path / "sequential"), "--jobs", "1"])
-    mnist_gauss.main([*argv, "--out", str(tmp_path / "parallel"), "--jobs", "2"])
-    assert re.search(r"\[2/2\] .*sigma0\.[25]_seed0 --resume .* finished", capsys.readouterr().out)
-    for name in ("sigma0.2_seed0", "sigma0.5_seed0"):
-        a, b = (json.loads((tmp_path / mode / name / "metrics.json").read_text())
-                for mode in ("sequential", "parallel"))
-        assert same_metrics(a, b)
-
-
-def test_sweep_values_sharing_a_folder_are_refused_before_any_run(tmp_path, capsys):
-    with pytest.raises(SystemExit) as exc:
-        mnist_gauss.main(["--sigmas", "0.1", "0.1000001", "--out", str(tmp_path / "s")])
-    assert exc.value.code == 2
-    assert "share the run directory" in capsys.readouterr().err
-    assert not (tmp_path / "s").exists()
-
-
-def test_failed_runs_of_a_parallel_sweep_set_the_exit_code(tiny_mnist, tmp_path, capsys):
-    with pytest.raises(SystemExit) as exc:
-        mnist_gauss.main(["--data-dir", str(tiny_mnist), "--steps", "3", "--sigmas", "0.2", "0.5",
-                          "--lr", "1e30", "--jobs", "2", "--out", str(tmp_path), *FLAGS])
-    assert exc.value.code == 3
-    assert "2 of 2 runs failed" in capsys.readouterr().err

@@ -1,71 +1,49 @@
-"""The default precision follows the CPU's bfloat16 support (common.cpu_bf16 / precision)."""
+"""The precision a run computes in, chosen once (mnist_gauss.precision; the other training scripts
+hold the same lines): forced by --amp / --no-amp, else bfloat16 only where it runs natively."""
 import json
 
 import pytest
 import torch
 
-import common
 import mnist_gauss
 
-CPU = torch.device("cpu")
-
-
-def matmul_dtype(amp=None):
-    """The dtype a matmul computes in under common.autocast(CPU, amp)."""
-    with common.autocast(CPU, amp):
-        return (torch.ones(2, 2) @ torch.ones(2, 2)).dtype
+CPU, CUDA, MPS = torch.device("cpu"), torch.device("cuda"), torch.device("mps")
 
 
 @pytest.fixture
-def cpu_flags(monkeypatch):
-    """Stub the CPU's capability flags and ISA caps; cpu_bf16's cache is cleared around it."""
-    def stub(amx=False, avx512_bf16=False, capability="AVX512", machine="x86_64", onednn=None):
-        common.cpu_bf16.cache_clear()
+def machine(monkeypatch):
+    """Stub the CPU's bfloat16 units, the kernels torch runs and the GPU's bfloat16 support."""
+    def stub(amx=False, avx512_bf16=False, kernels="AVX512", gpu_bf16=True):
         monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx)
         monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16)
-        monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: capability)
-        monkeypatch.setattr(common.platform, "machine", lambda: machine)
-        monkeypatch.delenv("DNNL_MAX_CPU_ISA", raising=False)
-        if onednn is None:
-            monkeypatch.delenv("ONEDNN_MAX_CPU_ISA", raising=False)
-        else:
-            monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", onednn)
-    yield stub
-    common.cpu_bf16.cache_clear()
+        monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: kernels)
+        monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: gpu_bf16)
+    return stub
 
 
-@pytest.mark.parametrize("flags, dtype, reason", [
-    (dict(amx=True, avx512_bf16=True), torch.bfloat16, "AMX"),
-    (dict(avx512_bf16=True), torch.bfloat16, "AVX-512 BF16"),
-    (dict(capability="AVX2"), torch.float32, "no native bfloat16"),
-    (dict(), torch.float32, "no native bfloat16"),  # AVX-512 without BF16 (Skylake, Ice Lake)
-    (dict(avx512_bf16=True, capability="AVX2"), torch.float32, "AVX2 kernels"),
-    (dict(amx=True, onednn="AVX2"), torch.float32, "ONEDNN_MAX_CPU_ISA=AVX2"),
-    (dict(amx=True, onednn="avx512_core_amx"), torch.bfloat16, "AMX"),
-    (dict(machine="aarch64"), torch.float32, "only on x86"),
+@pytest.mark.parametrize("device,units,amp,dtype,why", [
+    (CPU, dict(amx=True), None, torch.bfloat16, "native"),
+    (CPU, dict(avx512_bf16=True, kernels="AMX"), None, torch.bfloat16, "native"),
+    (CPU, dict(), None, torch.float32, "no native bfloat16"),  # AVX-512 without BF16, AVX2
+    (CPU, dict(amx=True, kernels="AVX2"), None, torch.float32, "AVX2"),  # ATEN_CPU_CAPABILITY
+    (CPU, dict(), True, torch.bfloat16, "--amp"),
+    (CPU, dict(amx=True), False, torch.float32, "--no-amp"),
+    (CUDA, dict(), None, torch.bfloat16, "CUDA"),
+    (CUDA, dict(gpu_bf16=False), None, torch.float16, "float16"),  # with a gradient scaler
+    (CUDA, dict(gpu_bf16=False), True, torch.float16, "--amp"),
+    (MPS, dict(amx=True), None, torch.float32, "--amp"),
 ])
-def test_auto_precision_follows_the_cpu(cpu_flags, flags, dtype, reason):
-    cpu_flags(**flags)
-    chosen, why = common.precision(CPU)
-    assert chosen == dtype and reason in why
-    assert matmul_dtype() == dtype
+def test_precision_follows_the_flags_and_the_machine(machine, device, units, amp, dtype, why):
+    machine(**units)
+    chosen, reason = mnist_gauss.precision(device, amp)
+    assert chosen == dtype and why in reason
 
 
-def test_amp_flags_override_the_detection(cpu_flags):
-    cpu_flags(capability="AVX2")
-    assert common.precision(CPU, True)[0] == torch.bfloat16
-    assert matmul_dtype(True) == torch.bfloat16
-    cpu_flags(amx=True)
-    assert common.precision(CPU, False) == (torch.float32, "--no-amp")
-    assert matmul_dtype(False) == torch.float32
-    assert not common.grad_scaler(CPU, True).is_enabled()  # only float16 needs a scaler
-
-
-def test_run_names_and_records_its_precision(cpu_flags, run_script, tmp_path, capsys):
-    cpu_flags(capability="AVX2")
+def test_a_run_prints_and_records_its_precision(machine, run_script, tmp_path, capsys):
+    machine(kernels="AVX2")
     metrics = run_script(mnist_gauss, tmp_path / "run", "--steps", "2", "--sigma", "0.5")
-    assert capsys.readouterr().out.startswith("float32: this CPU has no native bfloat16")
-    assert metrics["precision"] == {"dtype": "float32",
-                                    "why": "this CPU has no native bfloat16 (no AVX-512 BF16, "
-                                           "no AMX)"}
+    first = capsys.readouterr().out.splitlines()[0]
+    assert first == "float32: this CPU has no native bfloat16 (no AVX-512 BF16, no AMX)"
+    assert metrics["precision"] == {"dtype": "float32", "why": first.split(": ", 1)[1]}
+    assert metrics["segments"] == [[0, "cpu", "float32"]]
     assert json.loads((tmp_path / "run" / "args.json").read_text())["amp"] is None  # auto
