@@ -254,9 +254,8 @@ class ConcatCritic(nn.Module):
         self.fast, self.rows = fast, rows
 
     def reference(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-        pairs = torch.cat([a[:, None, :].expand(-1, len(b), -1),
-                           b[None, :, :].expand(len(a), -1, -1)], dim=-1)
-        return self.net(pairs).squeeze(-1)
+        return self.net(torch.cat([a[:, None, :].expand(-1, len(b), -1),
+                                   b[None, :, :].expand(len(a), -1, -1)], dim=-1)).squeeze(-1)
 
     def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         if not self.fast:
@@ -437,8 +436,7 @@ _NULL_CACHE: dict[tuple[int, ...], dict] = {}
 
 
 def _as_2d(z) -> np.ndarray:
-    z = np.asarray(z, dtype=np.float64)
-    return z[:, None] if z.ndim == 1 else z
+    return np.asarray(z, dtype=np.float64).reshape(len(z), -1)
 
 
 def _standardize(z: np.ndarray) -> np.ndarray:
@@ -499,8 +497,7 @@ def henze_zirkler(z) -> tuple[float, float]:
 
 def henze_zirkler_pvalue(z, n_boot: int = 20, subsample: int = 128, seed: int = 0) -> float:
     """Henze-Zirkler p-value averaged over n_boot random subsamples (Section 5)."""
-    z = _as_2d(z)
-    rng = np.random.default_rng(seed)
+    z, rng = _as_2d(z), np.random.default_rng(seed)
     return float(np.mean([henze_zirkler(z[_subsample(rng, len(z), subsample)])[1]
                           for _ in range(n_boot)]))
 
