@@ -1,15 +1,19 @@
 """Tests of cgan.py (Appendix D) on tiny IDX data (conftest's tiny_mnist), conditioned by a fake
 finished encoder run (and, once, by an encoder that cgan.py trains with mnist_gauss.py as a
 subprocess)."""
+import argparse
+import inspect
 import json
 import math
 import shutil
+import subprocess
 
 import numpy as np
 import pytest
 import torch
 
 import cgan
+import mnist_gauss
 from common import SHIPPED_MNIST, center_crop, load_data, load_mnist
 
 FAST = ("--batch-size", "32", "--latent-dim", "8", "--width", "8", "--clf-epochs", "1",
@@ -31,7 +35,6 @@ def write_fake_encoder_run(out, data_dir, seed=0):
         out / "embeddings.npz",
         z_train=rng.standard_normal((len(y_tr), 2)).astype(np.float32), y_train=y_tr.numpy(),
         z_test=rng.standard_normal((len(y_te), 2)).astype(np.float32), y_test=y_te.numpy())
-    torch.save({"models": {}}, out / "model.pt")
     return out
 
 
@@ -47,6 +50,21 @@ def run(tiny_mnist, out, *flags):
 
 def comparable(metrics):
     return {k: v for k, v in metrics.items() if k != "wall_time_s"}
+
+
+def test_range_type_bounds_and_nan():
+    count, rate = cgan.number(int, 1, 5), cgan.number(float, 0, 1, strict=True)
+    assert count("1") == 1 and count("5") == 5 and rate("0.5") == 0.5
+    for parse, text in ((count, "0"), (count, "6"), (rate, "0"), (rate, "1"), (rate, "nan"),
+                        (rate, "1e30")):
+        with pytest.raises(argparse.ArgumentTypeError):
+            parse(text)
+    with pytest.raises(ValueError):  # argparse reports it as "invalid int value"
+        count("two")
+
+
+def test_precision_is_the_same_function_as_mnist_gauss():
+    assert inspect.getsource(cgan.precision) == inspect.getsource(mnist_gauss.precision)
 
 
 def test_generator_and_discriminator_shapes_and_conditioning():
@@ -80,8 +98,7 @@ def digits():
 def test_consistency_is_one_for_source_images_and_chance_for_others(digits):
     x, y, lookup = digits
     cond = torch.randn(len(x), 2)
-    assert cgan.conditional_consistency(lambda c, rows: x[rows], lookup, cond, y,
-                                        batch_size=64) == 1.0
+    assert cgan.conditional_consistency(lambda c, rows: x[rows], lookup, cond, y) == 1.0
     noise = torch.Generator().manual_seed(0)
     random_images = cgan.conditional_consistency(
         lambda c, rows: torch.rand(len(c), 1, 24, 24, generator=noise), lookup, cond, y)
@@ -112,7 +129,10 @@ def test_short_run_writes_figures_and_metrics(tiny_mnist, encoder_run, tmp_path)
     for name in ("args.json", "checkpoint.pt", "model.pt", "metrics.json", "conditional.png",
                  "unconditional.png", "mismatched.png", "classes.png"):
         assert (out / name).is_file()
+    assert not [p.name for p in out.iterdir() if p.name.startswith(".")]  # no temporary left
     assert not (out / "encoder").exists()
+    saved = json.loads((out / "args.json").read_text())
+    assert saved["sigma"] is None and saved["encoder_steps"] is None  # not used, not recorded
     assert metrics["steps"] == 4 and len(metrics["train_history"]) == 2
     assert metrics["encoder"]["sigma"] == 0.1 and metrics["encoder"]["dim"] == 2
     assert metrics["encoder"]["knn_acc"] == 0.5 and metrics["encoder"]["steps"] == 3
@@ -127,13 +147,12 @@ def test_short_run_writes_figures_and_metrics(tiny_mnist, encoder_run, tmp_path)
         assert 0 <= unc[key]["entropy"] <= math.log(10) + 1e-9
     assert unc["test_embeddings"]["tv_to_test_embeddings"] == 0
     saved = torch.load(out / "model.pt", weights_only=True)
-    gen = cgan.Generator(8, width=8)
-    gen.load_state_dict(saved["models"]["generator"])
+    cgan.Generator(8, width=8).load_state_dict(saved["models"]["generator"])
 
 
 def test_conditions_are_the_encoder_runs_embeddings(tiny_mnist, encoder_run):
-    _, y_tr, _, y_te, data = load_data("mnist", str(tiny_mnist))
-    record, c_tr, c_te = cgan.read_encoder_run(encoder_run, data, y_tr, y_te)
+    _, y_tr, _, y_te, _ = load_data("mnist", str(tiny_mnist))
+    record, c_tr, c_te = cgan.read_encoder_run(encoder_run, y_tr, y_te)
     saved = np.load(encoder_run / "embeddings.npz")
     assert c_tr.dtype == torch.float32 and np.array_equal(c_tr.numpy(), saved["z_train"])
     assert np.array_equal(c_te.numpy(), saved["z_test"])
@@ -141,19 +160,35 @@ def test_conditions_are_the_encoder_runs_embeddings(tiny_mnist, encoder_run):
 
 
 def test_without_encoder_trains_one_by_subprocess_and_resume_reuses_it(tiny_mnist, tmp_path,
-                                                                       capfd):
+                                                                       capsys):
     out = tmp_path / "run"
-    first = run(tiny_mnist, out, "--steps", "2", "--encoder-steps", "2")
-    printed = capfd.readouterr().out
-    assert "mnist_gauss.py" in printed and "--sigma 0.1 --dim 2" in printed
+    first = run(tiny_mnist, out, "--steps", "2", "--encoder-steps", "2", "--no-amp")
     encoder = json.loads((out / "encoder" / "args.json").read_text())
     assert (encoder["sigma"], encoder["dim"], encoder["steps"]) == (0.1, 2, 2)
+    assert (encoder["seed"], encoder["amp"], encoder["data_dir"]) == (0, False, str(tiny_mnist))
     assert first["encoder"]["run"] == str(out / "encoder")
+    assert first["precision"] == {"dtype": "float32", "why": "--no-amp"}
     weights = (out / "encoder" / "model.pt").read_bytes()
     (out / "metrics.json").unlink()
     cgan.main(["--out", str(out), "--resume", "--quiet"])
     assert (out / "encoder" / "model.pt").read_bytes() == weights
     assert comparable(json.loads((out / "metrics.json").read_text())) == comparable(first)
+    capsys.readouterr()
+    cgan.main(["--out", str(out), "--resume", "--quiet"])  # finished: nothing is redone
+    assert str(out / "metrics.json") in capsys.readouterr().out
+    assert (out / "encoder" / "model.pt").read_bytes() == weights
+
+
+@pytest.mark.parametrize("code", [2, 3])  # 3: the encoder diverged
+def test_a_failed_encoder_run_ends_in_one_line_with_its_exit_code(tiny_mnist, tmp_path,
+                                                                  monkeypatch, capsys, code):
+    monkeypatch.setattr(cgan.subprocess, "run",
+                        lambda cmd, check: subprocess.CompletedProcess(cmd, code))
+    with pytest.raises(SystemExit) as exc:
+        run(tiny_mnist, tmp_path / "run", "--steps", "2")
+    assert exc.value.code == code
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and str(tmp_path / "run" / "encoder") in err[0]
 
 
 def test_same_seed_same_metrics_and_resume_continues_exactly(tiny_mnist, encoder_run,
@@ -173,10 +208,9 @@ def test_same_seed_same_metrics_and_resume_continues_exactly(tiny_mnist, encoder
     assert comparable(json.loads((part / "metrics.json").read_text())) == comparable(full)
 
 
-@pytest.mark.parametrize("ckpt_every,kept", [("2", "the last good checkpoint (step 2)"),
-                                             ("10", "no checkpoint was written yet")])
+@pytest.mark.parametrize("ckpt_every", ["2", "10"])
 def test_nan_loss_stops_in_one_line_and_keeps_the_last_good_checkpoint(
-        tiny_mnist, encoder_run, tmp_path, monkeypatch, capsys, ckpt_every, kept):
+        tiny_mnist, encoder_run, tmp_path, monkeypatch, capsys, ckpt_every):
     calls = []
     forward = cgan.Discriminator.forward
 
@@ -190,9 +224,10 @@ def test_nan_loss_stops_in_one_line_and_keeps_the_last_good_checkpoint(
             "--ckpt-every", ckpt_every)
     assert exc.value.code == 3
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "step 3" in err[0] and "--lr" in err[0] and kept in err[0]
+    assert len(err) == 1 and "--lr-g" in err[0]
     checkpoint = tmp_path / "run" / "checkpoint.pt"
     if ckpt_every == "2":
+        assert str(checkpoint) in err[0]
         assert torch.load(checkpoint, weights_only=True)["step"] == 2
     else:
         assert not checkpoint.exists()
@@ -206,29 +241,17 @@ def damage(run, defect):
     arrays = dict(np.load(run / "embeddings.npz"))
     if defect == "unfinished":
         (run / "metrics.json").unlink()
-    elif defect == "dim3":
+    elif defect == "dim 3":
         args["dim"] = 3
-    elif defect == "uniform":
+    elif defect == "a mnist_uniform.py run":
         args["eps"] = args.pop("sigma")
-    elif defect == "sigma as text":
-        args["sigma"] = "0.1"
-    elif defect == "args not a dict":
-        args = [0.1, 2]
-    elif defect == "fashion":
-        metrics["data"]["dataset"] = "fashion-mnist"
-    elif defect == "other sizes":
-        arrays["z_train"], arrays["y_train"] = arrays["z_train"][:300], arrays["y_train"][:300]
     elif defect == "metrics lacks downstream":
         del metrics["downstream"]
-    elif defect == "no embeddings":
-        (run / "embeddings.npz").unlink()
     elif defect == "truncated embeddings":
         data = (run / "embeddings.npz").read_bytes()
         (run / "embeddings.npz").write_bytes(data[:len(data) // 2])
     elif defect == "embeddings lack z_test":
         del arrays["z_test"]
-    elif defect == "3-d embeddings":
-        arrays["z_train"] = np.zeros((400, 3), np.float32)
     elif defect == "nan embeddings":
         arrays["z_test"][0, 0] = np.nan
     elif defect == "other labels":
@@ -236,30 +259,15 @@ def damage(run, defect):
     (run / "args.json").write_text(json.dumps(args))
     if (run / "metrics.json").exists():
         (run / "metrics.json").write_text(json.dumps(metrics))
-    if defect in ("embeddings lack z_test", "3-d embeddings", "nan embeddings", "other labels",
-                  "other sizes"):
+    if defect in ("embeddings lack z_test", "nan embeddings", "other labels"):
         np.savez(run / "embeddings.npz", **arrays)
 
 
-@pytest.mark.parametrize("defect,message", [
-    ("missing", "no such run directory"),
-    ("unfinished", "unfinished"),
-    ("dim3", "--dim 3"),
-    ("uniform", "not a Gaussian"),
-    ("sigma as text", "args.json is damaged"),
-    ("args not a dict", "not a Gaussian"),
-    ("fashion", "--dataset fashion-mnist"),
-    ("other sizes", "embedded 300 train images, this run has 400"),
-    ("metrics lacks downstream", "metrics.json is damaged"),
-    ("no embeddings", "embeddings.npz is missing"),
-    ("truncated embeddings", "damaged"),
-    ("embeddings lack z_test", "z_test"),
-    ("3-d embeddings", "(400, 2)"),
-    ("nan embeddings", "finite"),
-    ("other labels", "labels differ"),
-])
+@pytest.mark.parametrize("defect", ["missing", "unfinished", "dim 3", "a mnist_uniform.py run",
+                                    "metrics lacks downstream", "truncated embeddings",
+                                    "embeddings lack z_test", "nan embeddings", "other labels"])
 def test_unusable_encoder_run_is_refused_in_one_line_before_anything_is_written(
-        tiny_mnist, encoder_run, tmp_path, capsys, defect, message):
+        tiny_mnist, encoder_run, tmp_path, capsys, defect):
     bad = tmp_path / "encoder"
     if defect != "missing":
         shutil.copytree(encoder_run, bad)
@@ -268,7 +276,7 @@ def test_unusable_encoder_run_is_refused_in_one_line_before_anything_is_written(
         run(tiny_mnist, tmp_path / "run", "--encoder", str(bad), "--steps", "2")
     assert exc.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith("error:") and message in err[0], err
+    assert len(err) == 1 and str(bad) in err[0], err
     assert not (tmp_path / "run").exists()
 
 
@@ -278,111 +286,99 @@ def cgan_run_folder(tmp_path, tiny_mnist, encoder_run, **changes):
     args = vars(cgan.parse_args(["--out", str(out), "--data-dir", str(tiny_mnist),
                                  "--encoder", str(encoder_run), *FAST]))
     out.mkdir()
-    saved = {k: v for k, v in args.items() if k not in ("out", "resume", "device", "quiet",
-                                                         "bench")}
+    saved = {k: v for k, v in args.items() if k not in cgan.RUNTIME}
     (out / "args.json").write_text(json.dumps({**saved, **changes}))
     return out
 
 
 def setup(kind, tmp_path, tiny_mnist, encoder_run):
     """Build what a bad-input case needs in tmp_path; returns the path to put in its flags."""
-    if kind in ("file", "file/run"):
+    if kind == "file":
         (tmp_path / "file").write_text("not a folder")
-        return tmp_path / kind
+        return tmp_path / "file"
+    if kind == "holds files":
+        (tmp_path / "old").mkdir()
+        (tmp_path / "old" / "notes.txt").write_text("x")
+        return tmp_path / "old"
     if kind == "gauss run":
         shutil.copytree(encoder_run, tmp_path / "gauss")
         return tmp_path / "gauss"
-    if kind == "args not JSON":
-        out = cgan_run_folder(tmp_path, tiny_mnist, encoder_run)
-        (out / "args.json").write_text("{not json")
-        return out
     if kind.startswith("args "):  # "args KEY=JSON": one stored setting of the wrong type
         key, value = kind[5:].split("=")
         return cgan_run_folder(tmp_path, tiny_mnist, encoder_run, **{key: json.loads(value)})
-    out = cgan_run_folder(tmp_path, tiny_mnist, encoder_run)
-    if kind == "truncated checkpoint":
-        torch.save({"step": 1, "models": torch.zeros(1000)}, out / "checkpoint.pt")
-        data = (out / "checkpoint.pt").read_bytes()
-        (out / "checkpoint.pt").write_bytes(data[:len(data) // 2])
-    elif kind == "checkpoint is a folder":
-        (out / "checkpoint.pt").mkdir()
+    out = cgan_run_folder(tmp_path, tiny_mnist, encoder_run)  # "started" and the following
+    if kind == "not JSON":
+        (out / "args.json").write_text("{not json")
+    elif kind == "empty checkpoint":
+        (out / "checkpoint.pt").write_bytes(b"")
     elif kind == "checkpoint of other models":
-        gen, disc, opt_g, opt_d = cgan.build_gan(cgan.parse_args(["--width", "4", "--bench", "1"]),
-                                                 torch.device("cpu"))
-        torch.save({"step": 2, "models": {"generator": gen.state_dict(),
-                                          "discriminator": disc.state_dict()},
-                    "opt_g": opt_g.state_dict(), "opt_d": opt_d.state_dict(), "scaler": {},
+        args = cgan.parse_args(["--width", "4", "--bench", "1"])
+        args.dtype = torch.float32
+        gan = cgan.build_gan(args, torch.device("cpu"))
+        torch.save({"step": 2, **{k: part.state_dict() for k, part in gan.items()},
                     "rng": torch.get_rng_state(), "history": []}, out / "checkpoint.pt")
     return out
 
 
-BAD_INPUTS = [  # flags ({} is the path setup() builds), setup, exit code, text in the message
-    (["--lr-g", "nan"], None, 2, "--lr-g"),
-    (["--lr-d", "inf"], None, 2, "--lr-d"),
-    (["--clf-lr", "0"], None, 2, "--clf-lr"),
-    (["--seed", "-1"], None, 2, "--seed"),
-    (["--seed", str(2**32)], None, 2, "--seed"),
-    (["--batch-size", "1"], None, 2, "--batch-size"),
-    (["--steps", "-1"], None, 2, "--steps"),
-    (["--encoder-steps", "-1"], None, 2, "--encoder-steps"),
-    (["--epochs", "0"], None, 2, "--epochs"),
-    (["--width", "two"], None, 2, "--width"),
-    (["--dataset", "cifar10"], None, 2, "--dataset"),
-    (["--device", "foo"], None, 2, "--device"),
-    (["--out", "{}"], "file/run", 2, "--out"),
-    (["--resume"], None, 2, "--resume"),
-    (["--resume", "--out", "{}"], "gauss run", 2, "not a run of"),
-    (["--resume", "--out", "{}"], "args not JSON", 2, "not valid JSON"),
-    (["--resume", "--out", "{}"], 'args lr_g="fast"', 2, "--lr-g"),
-    (["--resume", "--out", "{}"], "args steps=-5", 2, "--steps"),
-    (["--resume", "--out", "{}"], "args amp=1", 2, "--amp"),
-    (["--resume", "--out", "{}"], 'args dataset="cifar10"', 2, "--dataset"),
-    (["--resume", "--out", "{}"], "args batch_size=1", 2, "--batch-size"),
-    (["--resume", "--out", "{}"], "truncated checkpoint", 2, "checkpoint.pt is damaged"),
-    (["--resume", "--out", "{}"], "checkpoint is a folder", 2, "checkpoint.pt is damaged"),
-    (["--resume", "--out", "{}"], "checkpoint of other models", 2, "does not fit"),
+BAD_INPUTS = [  # flags ({} is the path setup() builds), setup, what the message names
+    (["--lr-g", "1e30"], None, "--lr-g"),
+    (["--clf-lr", "1e30"], None, "--clf-lr"),
+    (["--n-samples", "1000000000"], None, "--n-samples"),
+    (["--latent-dim", "10000000"], None, "--latent-dim"),
+    (["--width", "10000000"], None, "--width"),
+    (["--batch-size", "100000000"], None, "--batch-size"),
+    (["--batch-size", "500"], None, "--batch-size"),  # more than the 400 training images
+    (["--sigma", "1e30"], None, "--sigma"),
+    (["--seed", "-1"], None, "--seed"),
+    (["--dataset", "cifar10"], None, "--dataset"),
+    (["--device", "tpu"], None, "--device"),
+    (["--encoder", "{}", "--sigma", "0.3"], "gauss run", "--sigma"),
+    (["--encoder", "{}", "--encoder-steps", "10"], "gauss run", "--encoder-steps"),
+    (["--data-dir", "{}"], "file", "file"),
+    (["--out", "{}/run"], "file", "file"),
+    (["--out", "{}"], "holds files", "--out"),
+    (["--resume"], None, "--resume"),
+    (["--resume", "--out", "{}"], "gauss run", "gauss"),  # a healthy run of mnist_gauss.py
+    (["--resume", "--out", "{}"], "not JSON", "args.json"),
+    (["--resume", "--out", "{}"], 'args lr_g="fast"', "args.json"),
+    (["--resume", "--out", "{}", "--steps", "7"], "started", "--steps"),  # the run has 6000
+    (["--resume", "--out", "{}"], "empty checkpoint", "checkpoint.pt"),
+    (["--resume", "--out", "{}"], "checkpoint of other models", "checkpoint.pt"),
 ]
 
 
-@pytest.mark.parametrize("flags,kind,code,message", BAD_INPUTS,
+@pytest.mark.parametrize("flags,kind,named", BAD_INPUTS,
                          ids=[" ".join(case[0]) + (f" [{case[1]}]" if case[1] else "")
                               for case in BAD_INPUTS])
 def test_bad_input_ends_in_one_line(tiny_mnist, encoder_run, tmp_path, capsys, flags, kind,
-                                    code, message):
+                                    named):
     path = setup(kind, tmp_path, tiny_mnist, encoder_run) if kind else None
     before = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
     with pytest.raises(SystemExit) as exc:
-        cgan.main([flag.format(path) for flag in flags] + ["--quiet"])
-    assert exc.value.code == code
+        cgan.main(["--data-dir", str(tiny_mnist), *FAST,
+                   *[flag.format(path) for flag in flags]])
+    assert exc.value.code == 2
     err = capsys.readouterr().err
     assert "Traceback" not in err
     lines = err.strip().splitlines()
-    if lines[0].startswith("usage:"):  # argparse: usage, then the error naming the flag
-        assert message in lines[-1], err
-    else:
-        assert len(lines) == 1 and lines[0].startswith("error:") and message in lines[0], err
+    if not lines[0].startswith("usage:"):  # argparse: usage, then the line naming the flag
+        assert len(lines) == 1, err
+    assert named in lines[-1], err
     assert {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()} == before
 
 
-def test_command_line_error_is_one_line_without_traceback(tmp_path, cli):
+def test_command_line_error_is_one_line_without_traceback(tiny_mnist, tmp_path, cli):
     (tmp_path / "file").write_text("x")
-    result = cli("cgan.py", "--out", tmp_path / "file" / "run")
+    result = cli("cgan.py", "--encoder", tmp_path / "file", "--data-dir", tiny_mnist,
+                 "--out", tmp_path / "run")
     assert result.returncode == 2 and "Traceback" not in result.stderr
-    assert "is a file, not a folder" in result.stderr.strip().splitlines()[-1]
-
-
-def test_existing_out_is_not_overwritten(tmp_path, capsys):
-    (tmp_path / "metrics.json").write_text("{}")
-    with pytest.raises(SystemExit):
-        cgan.parse_args(["--out", str(tmp_path)])
-    assert "--resume" in capsys.readouterr().err
-    assert (tmp_path / "metrics.json").read_text() == "{}"
+    assert result.stderr.strip().splitlines() == [result.stderr.strip()]
+    assert str(tmp_path / "file") in result.stderr
 
 
 def test_bench_prints_ms_per_step(capsys):
     cgan.main(["--bench", "2", "--batch-size", "16", "--width", "8", "--device", "cpu"])
-    out = capsys.readouterr().out
-    assert "ms/step" in out and "images/s" in out
+    assert "ms/step" in capsys.readouterr().out
 
 
 @pytest.mark.cuda
