@@ -1,4 +1,5 @@
-"""Tests of evaluate.py: Figure 1 aggregation (Section 5), embedding tests, checkpoint re-runs."""
+"""Tests of evaluate.py: Figure 1 aggregation (Section 5), curves, Table 1, embedding reports,
+and bad input refused in one line naming the file or flag."""
 import csv
 import json
 import math
@@ -8,8 +9,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import scipy.stats
-import torch
 
 import common
 import evaluate
@@ -19,8 +18,6 @@ import mnist_uniform
 REPO = Path(__file__).resolve().parents[1]
 DATA = {"dataset": "mnist-test-split", "split": "seeded 8000/2000 split of the MNIST test split",
         "n_train": 8000, "n_test": 2000}
-
-
 NULL = {"draws": 2, "share": 0.95, **{name: {"mean": v, "sd": 0.0, "band": [v, v], "values": [v, v]}
                                       for name, v in (("dagostino_p", 0.5), ("shapiro_p", 0.5),
                                                       ("henze_zirkler_p", 0.5),
@@ -30,7 +27,8 @@ DECISION = {"test": "henze-zirkler", "level": 0.05, "p": 0.3, "reject": False}
 
 
 def write_run(root, name, sigma=0.5, seed=0, mi=1.0, se=0.01, knn=0.5, **changes):
-    """A fake run directory whose metrics.json has the layout of mnist_gauss.py's."""
+    """A fake run directory whose metrics.json has the layout of mnist_gauss.py's (plain JSON:
+    an infinite capacity is Infinity)."""
     capacity = math.inf if sigma == 0 else math.log1p(1 / sigma ** 2)  # eq. 5 with d = 2
     metrics = {"capacity": capacity, "mi_heldout": mi, "mi_heldout_se": se,
                "dm_gap": capacity - mi, "class_information": math.log(10),
@@ -46,8 +44,7 @@ def write_run(root, name, sigma=0.5, seed=0, mi=1.0, se=0.01, knn=0.5, **changes
                "device": "cpu", "wall_time_s": 1.0, "train_history": [], "curve": [], **changes}
     out = root / name
     out.mkdir(parents=True)
-    (out / "metrics.json").write_text(json.dumps({k: str(v) if v == math.inf else v
-                                                  for k, v in metrics.items()}))
+    (out / "metrics.json").write_text(json.dumps(metrics))
     return out
 
 
@@ -70,6 +67,15 @@ def read_csv(path):
     return {(row["kind"], float(row["sigma"])): row for row in csv.DictReader(open(path))}
 
 
+def refused(capsys, argv, names):
+    """evaluate.main(argv) ends with exit code 2 and one line on stderr naming `names`."""
+    with pytest.raises(SystemExit) as exc:
+        evaluate.main(argv)
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and len(err.strip().splitlines()) == 1, err
+    assert str(names) in err, err
+
+
 def test_ci99_is_the_student_t_interval_by_hand():
     # mean 0.3; s = sqrt(sum (x - 0.3)^2 / 4) = sqrt(0.1 / 4) = 0.158114; s / sqrt(5) = 0.0707107;
     # t_{0.995, 4} = 4.6040949 -> half-width 4.6040949 * 0.0707107 = 0.3255587 (z would give 0.182)
@@ -81,20 +87,17 @@ def test_ci99_is_the_student_t_interval_by_hand():
     assert math.isnan(evaluate.mean_ci99([0.7])[1])
 
 
-def test_welch_t_test_by_hand():
-    # a - b = -0.25; SE^2 = 0.01 / 3 + 0.005 / 2 = 0.0058333, t = -3.2732684;
-    # Welch-Satterthwaite df = 0.0058333^2 / ((0.01 / 3)^2 / 2 + 0.0025^2 / 1) = 2.8823529
-    diff, p = evaluate.welch([0.5, 0.6, 0.7], [0.8, 0.9])
-    assert diff == pytest.approx(-0.25)
-    assert p == pytest.approx(2 * scipy.stats.t.sf(3.2732684, 2.8823529), rel=1e-6)
-    assert 0.04 < p < 0.06 and math.isnan(evaluate.welch([0.5], [0.8, 0.9])[1])
-
-
-def test_against_prints_welch_p_per_measure(sweep, capsys):
-    evaluate.main(["compare", *(str(sweep / f"sigma0.5_seed{s}") for s in range(3)),
-                   "--against", str(sweep / "sigma0_seed0"), str(sweep / "sigma0_seed1")])
+def test_compare_prints_welch_p_per_measure(sweep, capsys):
+    # k-NN 0.5, 0.6, 0.7 against 0.8, 0.9: a - b = -0.25; SE^2 = 0.01 / 3 + 0.005 / 2, t =
+    # -3.2732684; Welch-Satterthwaite df = 2.8823529; p = 2 t_sf(3.2732684, 2.8823529) = 0.0494
+    a = [str(sweep / f"sigma0.5_seed{s}") for s in range(3)]
+    evaluate.main(["compare", *a, "--against", str(sweep / "sigma0_seed0"),
+                   str(sweep / "sigma0_seed1")])
     knn = next(line for line in capsys.readouterr().out.splitlines() if "k-NN" in line)
     assert knn == f"| k-NN accuracy | 0.600 ± 0.573 | 0.850 ± 3.183 | -0.250 | {0.0494163:.3f} |"
+    evaluate.main(["compare", *a, "--against", str(sweep / "sigma0_seed0")])  # one seed: no p
+    knn = next(line for line in capsys.readouterr().out.splitlines() if "k-NN" in line)
+    assert knn.endswith("| -0.200 | nan |")
 
 
 def test_cells_keep_three_decimals_and_switch_to_scientific_at_the_extremes():
@@ -135,6 +138,7 @@ def test_figure1_table_files_and_mi_check(sweep, tmp_path, capsys):
     assert "bug detector" in printed and "1 of 6 estimates exceed the bound" in printed
     flagged = [line for line in printed.splitlines() if line.startswith("  ")]
     assert len(flagged) == 1 and "sigma1_seed2" in flagged[0]
+    assert not Path(f"{prefix}_certificate.md").exists()  # no run has mi_estimates
 
 
 def estimates(nwj_whole, dv_whole=1.0, theorem41=True):
@@ -176,17 +180,6 @@ def test_certificate_is_c_minus_the_largest_valid_lower_bound(tmp_path, capsys):
     assert "sigma0.5_seed2: NWJ, Thm 4.1 critic = 2.000 +- 0.100 > C = 1.609" in printed
 
 
-def test_no_certificate_without_estimates(sweep, tmp_path):
-    evaluate.main(["figure", str(sweep), "--out", str(tmp_path / "fig")])
-    assert not (tmp_path / "fig_certificate.md").exists()
-
-
-def test_one_clean_run_passes_the_mi_check(tmp_path, capsys):
-    write_run(tmp_path, "a", 0.5, mi=1.6, se=0.01)
-    evaluate.main(["figure", str(tmp_path / "a"), "--out", str(tmp_path / "fig")])
-    assert "no estimate exceeds the bound (1 checked)" in capsys.readouterr().out
-
-
 def test_figure1_bands_are_for_means_of_as_many_null_draws_as_seeds(tmp_path, capsys):
     rng = np.random.default_rng(0)
 
@@ -223,16 +216,6 @@ def test_figure1_bands_are_for_means_of_as_many_null_draws_as_seeds(tmp_path, ca
     assert (tmp_path / "fig.png").stat().st_size > 0
 
 
-def write_uniform_run(root, name, eps=0.1, seed=0, ks_p=0.5):
-    """A fake mnist_uniform.py run: eps instead of sigma, eq. 6 capacity, KS uniformity tests."""
-    out = write_run(root, name, 0.5, seed, capacity=2 * math.log1p(1 / (2 * eps)),
-                    uniformity={"ks_p_mean": ks_p, "ks_stat_max": 0.1, "ks_p": [ks_p, ks_p]})
-    metrics = json.loads((out / "metrics.json").read_text())
-    del metrics["sigma"]
-    (out / "metrics.json").write_text(json.dumps({**metrics, "eps": eps}))
-    return out
-
-
 def test_uniform_runs_add_kolmogorov_smirnov_columns(tmp_path, capsys):
     for seed, ks_p in ((0, 0.4), (1, 0.6)):
         write_uniform_run(tmp_path / "runs", f"eps0.1_seed{seed}", 0.1, seed, ks_p)
@@ -244,47 +227,95 @@ def test_uniform_runs_add_kolmogorov_smirnov_columns(tmp_path, capsys):
     assert "| trained | 0.1 | 3.584 | 2 |" in capsys.readouterr().out
 
 
-def mixed(root):
-    write_run(root, "gauss", 0.5)
-    write_uniform_run(root, "uniform")
-    return [str(root)]
+def edit(run, **changes):
+    """Change entries of a run's metrics.json; returns the run directory."""
+    file = run / "metrics.json"
+    file.write_text(json.dumps({**json.loads(file.read_text()), **changes}))
+    return run
 
 
-def corrupt(root):
-    (write_run(root, "a") / "metrics.json").write_text("{not json")
-    return [str(root)]
+def write_uniform_run(root, name, eps=0.1, seed=0, ks_p=0.5):
+    """A fake mnist_uniform.py run: eps instead of sigma, eq. 6 capacity, KS uniformity tests."""
+    out = write_run(root, name, 0.5, seed, capacity=2 * math.log1p(1 / (2 * eps)),
+                    uniformity={"ks_p_mean": ks_p, "ks_stat_max": 0.1, "ks_p": [ks_p, ks_p]})
+    metrics = json.loads((out / "metrics.json").read_text())
+    del metrics["sigma"]
+    (out / "metrics.json").write_text(json.dumps({**metrics, "eps": eps}))
+    return out
 
 
-@pytest.mark.parametrize("make,message", [
-    (mixed, "cannot mix Gaussian"),
-    (lambda root: [str(root / "missing")], "does not exist"),
-    (lambda root: [str(root)], "holds no metrics.json"),
-    (corrupt, "not valid JSON"),
-    (lambda root: [str(write_run(root, "a")), str(write_run(root, "b", seed=1, dim=3))],
-     "differ in dim"),
-    (lambda root: [str(write_run(root, "a")), str(write_run(root, "b", steps=500))],
-     "differ in steps"),
-    (lambda root: [str(write_run(root, "a")), str(write_run(root, "b"))], "both seed 0"),
-])
-def test_bad_run_sets_are_one_line_and_exit_2(tmp_path, capsys, make, message):
-    with pytest.raises(SystemExit) as exc:
-        evaluate.main(["figure", *make(tmp_path), "--out", str(tmp_path / "fig")])
-    err = capsys.readouterr().err
-    assert exc.value.code == 2
-    assert len(err.strip().splitlines()) == 1 and message in err
+def bad_set(root, case):
+    """Build the run set of `case` under root; returns the path its refusal must name."""
+    if case in ("missing", "no run"):
+        return root / "missing" if case == "missing" else root
+    a = write_run(root, "a", steps=0 if case == "none trained" else 2000)
+    changes = {"non-scalar seed": {"seed": [0, 1]}, "no entry": {"downstream": {}},
+               "capacity as a string": {"capacity": "inf"}}  # "inf": older versions' writer
+    if case in changes:
+        edit(a, **changes[case])
+    elif case == "not JSON":
+        (a / "metrics.json").write_text("{x")
+    elif case == "two scripts":
+        return write_uniform_run(root, "b", seed=1)
+    elif case != "none trained":
+        return write_run(root, "b", seed=0 if case == "repeated seed" else 1, **{
+            "differ in dim": {"dim": 3}, "differ in steps": {"steps": 500}}.get(case, {}))
+    return root if case == "none trained" else a / "metrics.json"
+
+
+@pytest.mark.parametrize("case", [
+    "missing", "no run", "not JSON", "non-scalar seed", "capacity as a string", "no entry",
+    "none trained", "two scripts", "differ in dim", "differ in steps", "repeated seed"])
+def test_bad_run_sets_are_refused_naming_a_run(tmp_path, capsys, case):
+    root = tmp_path / "runs"
+    root.mkdir()
+    named = bad_set(root, case)
+    refused(capsys, ["figure", str(named if case == "missing" else root), "--out",
+                     str(tmp_path / "fig")], named)
     assert not (tmp_path / "fig.png").exists()
 
 
-def test_command_line_missing_path_has_no_traceback(tmp_path):
+def test_a_refusal_from_the_command_line_has_no_traceback(tmp_path):
     proc = subprocess.run([sys.executable, str(REPO / "evaluate.py"), "figure",
                            str(tmp_path / "nope")],
                           capture_output=True, text=True, cwd=tmp_path, timeout=120)
-    assert proc.returncode == 2
-    assert len(proc.stderr.strip().splitlines()) == 1 and "Traceback" not in proc.stderr
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and "nope" in proc.stderr
+
+
+def test_curve_takes_runs_of_both_mnist_scripts(run_script, tmp_path):
+    gauss = run_script(mnist_gauss, tmp_path / "gauss", "--steps", "4", "--eval-at", "2",
+                       "--sigma", "0.5")
+    uniform = run_script(mnist_uniform, tmp_path / "uniform", "--steps", "4", "--eval-at", "2",
+                         "--eps", "0.2")
+    for name, metrics, symbol in (("gauss", gauss, "σ"), ("uniform", uniform, "ε")):
+        evaluate.main(["curve", str(tmp_path / name), "--out", str(tmp_path / f"{name}_curve")])
+        text = (tmp_path / f"{name}_curve.md").read_text()
+        assert text.splitlines()[2].startswith(f"| {symbol} | step |")
+        for point in metrics["curve"]:  # one seed: the values themselves; MI over the run's C
+            cells = [point[k] for k in ("sliced_w2", "sliced_w2_train", "knn_acc")]
+            cells.append(point["mi_heldout"] / metrics["capacity"])
+            assert f"| {point['step']} | 1 | {' | '.join(map(evaluate.fmt, cells))} |" in text
+        assert (tmp_path / f"{name}_curve.png").stat().st_size > 0
+
+
+def test_curve_means_seeds_and_leaves_mi_over_c_out_at_sigma_0(tmp_path, capsys):
+    for sigma, seed, w2 in ((0.5, 0, 0.1), (0.5, 1, 0.2), (0.0, 0, 0.1)):
+        point = {"step": 10, "sliced_w2": w2, "sliced_w2_train": 0.05, "knn_acc": 0.5,
+                 "mi_heldout": 1.0}
+        write_run(tmp_path / "runs", f"s{sigma}_{seed}", sigma, seed, critic="separable",
+                  curve=[point])
+    evaluate.main(["curve", str(tmp_path / "runs"), "--out", str(tmp_path / "c")])
+    text = (tmp_path / "c.md").read_text()
+    # w2 0.1, 0.2: half-width t_{0.995, 1} 0.0707107 / sqrt(2) = 3.183; MI / C = 1 / log 5
+    assert ("| 0.5 | 10 | 2 | 0.150 ± 3.183 | 0.050 ± 0.000 | 0.500 ± 0.000 | 0.621 ± 0.000 |"
+            in text)
+    assert "| 0 | 10 | 1 | 0.100 | 0.050 | 0.500 | (C = inf) |" in text
+    write_run(tmp_path / "flat", "a")
+    refused(capsys, ["curve", str(tmp_path / "flat")], tmp_path / "flat" / "a" / "metrics.json")
 
 
 def embeddings(tmp_path, capsys, name, flags=(), **arrays):
-    """Save arrays, run --embeddings on them with --out, return the JSON report it wrote."""
+    """Save arrays, run the embeddings mode on them with --out, return the report it wrote."""
     file = tmp_path / name
     if name.endswith(".npy"):
         np.save(file, arrays["z"])
@@ -346,156 +377,81 @@ def test_embeddings_with_labels_give_downstream_scores(tmp_path, capsys):
 
     def points(y):
         return centers[y] + rng.standard_normal((len(y), 2)) * 0.5
-    report, _ = embeddings(tmp_path, capsys, "e.npz", z_train=points(y_tr), y_train=y_tr,
-                           z_test=points(y_te), y_test=y_te)
+    z_tr, z_te = points(y_tr), points(y_te)
+    report, _ = embeddings(tmp_path, capsys, "e.npz", z_train=z_tr, y_train=y_tr, z_test=z_te,
+                           y_test=y_te)
     for key in ("gnb_acc", "knn_acc", "mlp_acc"):
         assert report["downstream"][key] > 0.9
     assert report["downstream"]["silhouette"] > 0.5
+    # whole numbers saved as floats are the same classes
+    again, _ = embeddings(tmp_path, capsys, "f.npz", z_train=z_tr, y_train=y_tr.astype(float),
+                          z_test=z_te, y_test=y_te.astype(float))
+    assert again["downstream"] == report["downstream"]
 
 
-def clusters(n=500, seed=2):
-    rng = np.random.default_rng(seed)
-    y = rng.integers(0, 3, n)
-    return 5.0 * np.eye(3)[y, :2] + rng.standard_normal((n, 2)) * 0.5, y
-
-
-def save_other(file, z, y):
-    """Another model's embeddings in the format the file name says."""
-    if file.suffix == ".npz":
-        np.savez(file, embeddings=z, labels=y)
-    elif file.suffix == ".pt":
-        torch.save({"features": torch.tensor(z, dtype=torch.float32),
-                    "targets": torch.tensor(y)}, file)
-    elif file.suffix == ".pth":
-        torch.save(torch.tensor(z), file)
-    else:
-        file.write_text("a,b\n" + "\n".join(f"{a},{b}" for a, b in z))
-
-
-@pytest.mark.parametrize("name,labelled", [("other.npz", True), ("other.pt", True),
-                                           ("tensor.pth", False), ("table.csv", False)])
-def test_embeddings_of_other_models(tmp_path, capsys, name, labelled):
-    z, y = clusters()
-    save_other(tmp_path / name, z, y)
-    evaluate.main(["embeddings", str(tmp_path / name), "--out", str(tmp_path / "r")])
-    report = json.loads((tmp_path / "r.json").read_text())
-    assert report["n"] == 500 and report["dim"] == 2
-    assert report["normality"]["decision"]["reject"]  # three clusters are not Gaussian
-    assert ("downstream" in report) == labelled
-    if labelled:  # seeded stratified 80/20 split of the labelled points
-        assert report["downstream"]["knn_acc"] > 0.9 and "80/20" in report["arrays"]
-
-
-def test_key_picks_one_of_several_arrays(tmp_path, capsys):
-    z, _ = clusters()
+def test_the_embeddings_are_the_one_2d_array_or_the_named_one(tmp_path, capsys):
+    z = np.random.default_rng(2).standard_normal((500, 2))
+    np.savez(tmp_path / "other.npz", embeddings=z, labels=np.arange(500) % 3)
+    evaluate.main(["embeddings", str(tmp_path / "other.npz")])
+    assert "(embeddings): n = 500, d = 2" in capsys.readouterr().out
     np.savez(tmp_path / "two.npz", first=z, second=z[:, :1] * 0 + z[:, 1:])
     evaluate.main(["embeddings", str(tmp_path / "two.npz"), "--key", "first"])
-    assert "n = 500, d = 2" in capsys.readouterr().out
+    assert "(first): n = 500, d = 2" in capsys.readouterr().out
 
 
-@pytest.mark.parametrize("name,save,flags,message", [
-    ("z.npy", lambda f: f.write_text("not an array"), (), "is not a readable .npy file"),
-    ("z.npy", lambda f: np.save(f, np.linspace(1, 3, 40).reshape(20, 2)), ("--uniform",),
-     "embeddings in [0, 1]"),
-    ("z.npz", lambda f: np.savez(f, a=np.ones((20, 2)), b=np.ones((20, 2))), (),
-     "found a (20, 2), b (20, 2)); name it with --key NAME"),
-    ("z.npz", lambda f: np.savez(f, a=np.ones((20, 2))), ("--key", "c"), "holds no array 'c'"),
-    ("z.npy", lambda f: np.save(f, np.column_stack([np.arange(20.0), np.full(20, 3.0)])), (),
-     "column 1 is constant"),
-    ("z.npy", lambda f: np.save(f, np.full((20, 2), np.nan)), (), "40 NaN or infinite"),
-    ("z.npy", lambda f: np.save(f, np.ones((20, 2)) * (1 + 1j)), (), "complex values"),
-    ("z.npy", lambda f: np.save(f, np.ones((5, 2)).cumsum(0)), (), "need at least 8"),
+def run_file(tmp_path, y_train=None, z_train=None):
+    """A run's embeddings.npz (z_train, y_train, z_test, y_test) of 50 + 50 random points."""
+    rng = np.random.default_rng(0)
+    np.savez(tmp_path / "run.npz", z_test=rng.standard_normal((50, 2)), y_test=np.arange(50) % 2,
+             z_train=rng.standard_normal((50, 2)) if z_train is None else z_train,
+             y_train=np.arange(50) % 2 if y_train is None else y_train)
+
+
+@pytest.mark.parametrize("name,save,flags", [
+    ("z.npy", lambda f: f.write_text("not an array"), ()),
+    ("z.npy", lambda f: np.save(f, np.linspace(1, 3, 40).reshape(20, 2)), ("--uniform",)),
+    ("z.npz", lambda f: np.savez(f, a=np.ones((20, 2)), b=np.ones((20, 2))), ()),
+    ("z.npz", lambda f: np.savez(f, a=np.ones((20, 2))), ("--key", "c")),
+    ("z.npy", lambda f: np.save(f, np.column_stack([np.arange(20.0), np.full(20, 3.0)])), ()),
+    ("z.npy", lambda f: np.save(f, np.full((20, 2), np.nan)), ()),
+    ("z.npy", lambda f: np.save(f, np.ones((20, 2)) * (1 + 1j)), ()),
+    ("z.npy", lambda f: np.save(f, np.ones((5, 2)).cumsum(0)), ()),
     ("z.npy", lambda f: np.save(f, np.random.default_rng(0).standard_normal((50, 2)) * 1e-300),
-     (), "outside [1e-50, 1e50]"),
+     ()),
     ("z.npy", lambda f: np.save(f, np.random.default_rng(0).standard_normal((50, 2)) * 1e200),
-     (), "outside [1e-50, 1e50]"),
-    ("z.npz", lambda f: np.savez(f, z=np.random.default_rng(0).standard_normal((50, 2)),
-                                 y=np.zeros(50)), (), "single class"),
-    ("z.npz", lambda f: np.savez(f, z=np.random.default_rng(0).standard_normal((50, 2)),
-                                 labels=np.arange(40) % 2), (), "expected 50 labels"),
-    ("z.pt", lambda f: f.write_bytes(b"garbage"), (), "is not a readable .pt file"),
-    ("z.pt", lambda f: torch.save({"note": "text"}, f), (), "without tensors"),
-    ("z.csv", lambda f: f.write_text("1,2\n3,x\n"), (), "could not convert string to float: 'x'"),
-    ("z.txt", lambda f: f.write_text("1"), (), "unknown format .txt"),
-    ("missing.npy", lambda f: None, (), "does not exist"),
-])
-def test_bad_embeddings_are_one_line(tmp_path, capsys, name, save, flags, message):
-    file = tmp_path / name
-    save(file)
-    with pytest.raises(SystemExit) as exc:
-        evaluate.main(["embeddings", str(file), *flags])
-    err = capsys.readouterr().err
-    assert exc.value.code == 2 and len(err.strip().splitlines()) == 1 and message in err, err
+     ()),
+    ("run.npz", lambda f: run_file(f.parent, y_train=np.zeros(50, dtype=int)), ()),
+    ("run.npz", lambda f: run_file(f.parent, y_train=np.arange(40) % 2), ()),
+    ("run.npz", lambda f: run_file(f.parent, y_train=np.linspace(0, 1, 50)), ()),
+    ("run.npz", lambda f: run_file(f.parent, z_train=np.ones((50, 3)).cumsum(0)), ()),
+    ("missing.npy", lambda f: None, ()),
+    ("folder.npy", lambda f: f.mkdir(), ()),
+], ids=["unreadable", "not in [0, 1]", "two arrays", "no such key", "constant column", "NaN",
+        "complex", "too few", "tiny scale", "huge scale", "one class", "label count",
+        "fractional labels", "column count", "missing", "a folder"])
+def test_bad_embeddings_are_refused_naming_the_file(tmp_path, capsys, name, save, flags):
+    save(tmp_path / name)
+    refused(capsys, ["embeddings", str(tmp_path / name), *flags], tmp_path / name)
 
 
-@pytest.mark.parametrize("flags,message", [
-    (["--checkpoint", "run"], "is now python SCRIPT.py --out RUN_DIR --eval-only"),
-    (["--embeddings", "e.npy", "--json-out", "r.json"], "embeddings FILE --out PREFIX"),
-    (["run", "--table"], "--table is now python evaluate.py table RUN_DIR"),
-    (["run", "--against", "b"], "compare RUN_DIR ... --against RUN_DIR"),
-    (["run", "--out", "fig"], "name the mode first, e.g. python evaluate.py figure RUN_DIR"),
-    (["renormalize"], "the following arguments are required: RUN_DIR"),
-    (["renormalize", "run", "--out", "x"], "unrecognized arguments: --out x"),
-    (["figure", "run", "--uniform"], "unrecognized arguments: --uniform"),
+def test_an_existing_report_is_never_overwritten(tmp_path, capsys):
+    np.save(tmp_path / "z.npy", np.random.default_rng(0).standard_normal((50, 2)))
+    (tmp_path / "r.json").write_text("kept")
+    refused(capsys, ["embeddings", str(tmp_path / "z.npy"), "--out", str(tmp_path / "r")],
+            tmp_path / "r.json")
+    assert (tmp_path / "r.json").read_text() == "kept"
+
+
+@pytest.mark.parametrize("argv,flag", [
     (["embeddings", "e.npy", "--subsample", "3"], "--subsample"),
+    (["embeddings", "e.npy", "--seed", "-1"], "--seed"),
+    (["figure", "run", "--uniform"], "--uniform"),
+    (["run", "--out", "fig"], "MODE"),
 ])
-def test_flags_without_meaning_are_refused_by_name(flags, message, capsys):
+def test_bad_flags_are_refused_by_name(argv, flag, capsys):
     with pytest.raises(SystemExit) as exc:
-        evaluate.main(flags)
-    assert exc.value.code == 2 and message in capsys.readouterr().err.strip().splitlines()[-1]
-
-
-def test_uniform_eval_only_and_renormalize_reproduce_the_run(run_script, tmp_path, capfd):
-    out = tmp_path / "run"
-    saved = run_script(mnist_uniform, out, "--steps", "2", "--eps", "0.2", "--device", "cpu")
-    before = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
-    mnist_uniform.main(["--out", str(out), "--eval-only", "--quiet"])
-    again = json.loads((out / "metrics_recomputed.json").read_text())
-    for key in ("mi_heldout", "normality", "uniformity", "downstream"):
-        assert again[key] == saved[key]
-    assert before == {p.name: p.stat().st_mtime_ns for p in out.iterdir() if p.name in before}
-    # --renormalize on a run saved before the null levels: the block comes back complete
-    old = {**saved, "normality": {k: saved["normality"][k] for k in (
-        "dagostino_p", "shapiro_p", "henze_zirkler_p", "henze_zirkler_stat", "subsample",
-        "n_proj", "n_boot")}}
-    (out / "metrics.json").write_text(json.dumps(old))
-    capfd.readouterr()
-    evaluate.main(["renormalize", str(out)])
-    assert "averaged p-values reproduced" in capfd.readouterr().out
-    renewed = json.loads((out / "metrics.json").read_text())
-    assert renewed["normality"] == saved["normality"]
-    assert {k: v for k, v in renewed.items() if k != "normality"} == {
-        k: v for k, v in old.items() if k != "normality"}
-
-
-def test_renormalize_without_embeddings_is_one_line(tmp_path, capsys):
-    write_run(tmp_path, "a")
-    with pytest.raises(SystemExit) as exc:
-        evaluate.main(["renormalize", str(tmp_path / "a")])
-    err = capsys.readouterr().err
-    assert exc.value.code == 2 and len(err.strip().splitlines()) == 1
-    assert "embeddings.npz does not exist" in err
-
-
-def test_curve_of_eval_at_runs(run_script, tmp_path, capsys):
-    for seed in (0, 1):
-        metrics = run_script(mnist_gauss, tmp_path / "runs" / f"seed{seed}", "--steps", "4",
-                             "--eval-at", "2", "--sigma", "0.5", "--seed", str(seed))
-        assert [p["step"] for p in metrics["curve"]] == [2, 4]  # the last is the final one
-        assert metrics["curve"][-1]["sliced_w2"] == metrics["normality"]["sliced_w2"]
-        assert {"sliced_w2_train", "knn_acc", "mi_heldout", "decision", "correlation"} <= set(
-            metrics["curve"][0])
-    evaluate.main(["curve", str(tmp_path / "runs"), "--out", str(tmp_path / "curve")])
-    text = (tmp_path / "curve.md").read_text()
-    assert "| 0.5 | 2 | 2 |" in text and "| 0.5 | 4 | 2 |" in text and "mean of 2: test" in text
-    assert (tmp_path / "curve.png").stat().st_size > 0
-    write_run(tmp_path / "flat", "sigma0.5_seed0")
-    write_run(tmp_path / "mi_only", "sigma0.5_seed0", curve=[{"step": 2, "mi_heldout": 1.0}])
-    for flat in ("flat", "mi_only"):
-        with pytest.raises(SystemExit):
-            evaluate.main(["curve", str(tmp_path / flat)])
-        assert "has no curve of sliced W2, k-NN and MI: run mnist_gauss.py with --eval-at" in (
-            capsys.readouterr().err)
+        evaluate.main(argv)
+    assert exc.value.code == 2 and flag in capsys.readouterr().err.strip().splitlines()[-1]
 
 
 # --------------------------------------------------------------------------------------------
@@ -507,7 +463,7 @@ def fake_ssl_run(root, name, method="simclr", sigma=0.0, dataset="cifar10", seed
     """A fake cifar_ssl.py run directory; sigma 0 is the original method (no head)."""
     metrics = {"method": method, "sigma": sigma, "head": "none" if sigma == 0 else "bn",
                "dataset": dataset, "arch": "resnet18",
-               "dim": 256, "capacity": "inf" if sigma == 0 else 128 * math.log1p(sigma ** -2),
+               "dim": 256, "capacity": math.inf if sigma == 0 else 128 * math.log1p(sigma ** -2),
                "steps": steps, "epochs": 5.0, "batch_size": 256, "seed": seed,
                "probe": {"top1": top1, "top5": 0.99, "train_top1": 0.95},
                "online_probe": {"test_top1": top1 - 0.05},
@@ -557,21 +513,16 @@ def test_table1_keeps_sigma0_with_the_head_apart_from_the_original_method(tmp_pa
     assert "(" not in lines[original + 1]
 
 
-def test_table1_refuses_mnist_runs_duplicate_seeds_and_mixed_settings(tmp_path, capsys):
-    fake_ssl_run(tmp_path / "dup", "a")
-    fake_ssl_run(tmp_path / "dup", "b")
-    with pytest.raises(SystemExit) as exc:
-        evaluate.main(["table", str(tmp_path / "dup"), "--out", str(tmp_path / "t")])
-    assert exc.value.code == 2 and "both seed 0" in capsys.readouterr().err
-    fake_ssl_run(tmp_path / "steps", "a")
-    fake_ssl_run(tmp_path / "steps", "b", seed=1, steps=5)
-    with pytest.raises(SystemExit) as exc:
-        evaluate.main(["table", str(tmp_path / "steps"), "--out", str(tmp_path / "t")])
-    assert exc.value.code == 2 and "differ in steps" in capsys.readouterr().err
-    write_run(tmp_path / "mnist", "run")  # an mnist_gauss.py run: metrics without "method"
-    with pytest.raises(SystemExit) as exc:
-        evaluate.main(["table", str(tmp_path / "mnist"), "--out", str(tmp_path / "t")])
-    assert exc.value.code == 2 and "not a cifar_ssl.py run" in capsys.readouterr().err
+@pytest.mark.parametrize("case", ["repeated seed", "differ in steps", "mnist_gauss.py run"])
+def test_table1_refuses_runs_that_are_not_seeds_of_one_cell(tmp_path, capsys, case):
+    if case == "mnist_gauss.py run":  # its metrics.json has no method
+        named = write_run(tmp_path, "b")
+    else:
+        fake_ssl_run(tmp_path, "a")
+        fake_ssl_run(tmp_path, "b", seed=0 if case == "repeated seed" else 1,
+                     steps=5 if case == "differ in steps" else 1000)
+        named = tmp_path / "b"
+    refused(capsys, ["table", str(tmp_path), "--out", str(tmp_path / "t")], named)
     assert not (tmp_path / "t.md").exists()
 
 

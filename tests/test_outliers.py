@@ -1,5 +1,6 @@
-"""Outliers from the known prior (common.py): the chi^2 p-value of ||z||^2 needs no fitting and
-keeps its false-alarm rate on N(0, I) embeddings; AUROC, the Mahalanobis baseline, intervals."""
+"""Outliers from the known prior (evaluate.py): the chi^2 p-value of ||z||^2 needs no fitting
+and keeps its false-alarm rate on N(0, I) embeddings; AUROC, the Mahalanobis baseline,
+intervals, and the table over runs written with --ood."""
 import json
 
 import numpy as np
@@ -9,13 +10,7 @@ import scipy.stats
 import evaluate
 import mnist_gauss
 import mnist_uniform
-from common import (
-    auroc,
-    binomial_interval,
-    mahalanobis_scores,
-    outlier_report,
-    prior_pvalues,
-)
+from evaluate import auroc, binomial_interval, mahalanobis_scores, outlier_report, prior_pvalues
 
 
 @pytest.mark.parametrize("d", [2, 8, 16])
@@ -34,8 +29,8 @@ def test_prior_rule_is_miscalibrated_without_distribution_matching():
 
 def test_uniform_embeddings_go_through_the_probability_integral_transform():
     u = np.random.default_rng(1).uniform(size=(20000, 3))
-    rate = (prior_pvalues(u, uniform=True) < 0.05).mean()
-    assert rate == pytest.approx(0.05, abs=0.006)
+    assert (prior_pvalues(u, uniform=True) < 0.05).mean() == pytest.approx(0.05, abs=0.006)
+    assert (prior_pvalues(u) < 0.05).mean() < 0.01  # read as N(0, I), U[0, 1] is too narrow
 
 
 def test_auroc_of_identical_and_separated_sets():
@@ -80,7 +75,7 @@ def test_outlier_report_on_gaussian_in_and_shifted_out():
 
 @pytest.fixture(scope="module")
 def runs_with_shifts(run_script, tmp_path_factory):
-    """Two seeds of a short Gaussian run and one uniform run, each with two shifted test sets."""
+    """Two seeds of a short Gaussian run and one uniform run, with shifted test sets."""
     root = tmp_path_factory.mktemp("outlier_runs")
     for seed in ("0", "1"):
         run_script(mnist_gauss, root / "gauss" / f"seed{seed}", "--steps", "2", "--sigma", "0.5",
@@ -89,7 +84,7 @@ def runs_with_shifts(run_script, tmp_path_factory):
     return root
 
 
-def test_outlier_table_over_runs(runs_with_shifts, tmp_path, capsys):
+def test_outlier_tables_over_runs_of_both_mnist_scripts(runs_with_shifts, tmp_path, capsys):
     evaluate.main(["outliers", str(runs_with_shifts / "gauss"), "--out", str(tmp_path / "o")])
     out = capsys.readouterr().out
     assert "| trained | 0.5 | 1.609 | 2 |" in out
@@ -97,31 +92,21 @@ def test_outlier_table_over_runs(runs_with_shifts, tmp_path, capsys):
     saved = json.loads((tmp_path / "o.json").read_text())
     rates = saved[0]["reports"][0]["alphas"]["0.05"]["prior"]
     assert 0 <= rates["false_alarm"] <= 1 and 0 <= rates["detect_noise"] <= 1
-    assert (tmp_path / "o.md").read_text().startswith("Outliers from the prior")
+    assert (tmp_path / "o.md").read_text() == out.split("\nsaved ")[0]
+    evaluate.main(["outliers", str(runs_with_shifts / "uniform")])  # its prior through Phi^-1
+    assert "| trained | 0.1 |" in capsys.readouterr().out
 
 
-def test_outliers_of_an_embeddings_file(tmp_path, capsys):
-    rng = np.random.default_rng(5)
-    np.savez(tmp_path / "emb.npz", z_train=rng.standard_normal((3000, 2)),
-             z_test=rng.standard_normal((1000, 2)), z_ood_far=5 + rng.standard_normal((1000, 2)))
-    evaluate.main(["outliers", "--embeddings", str(tmp_path / "emb.npz"), "--prior",
-                   "gaussian"])
-    row = next(line for line in capsys.readouterr().out.splitlines() if "| far |" in line)
-    assert row.split("|")[6].strip().startswith(("0.99", "1.000"))  # prior detection at 5%
-
-
-@pytest.mark.parametrize("case,message", [
-    ("no_shift", "holds no out-of-distribution embeddings"),
-    ("uniform_as_gaussian", "the gaussian prior does not apply"),
-    ("no_prior", "needs --prior gaussian or --prior uniform"),
-])
-def test_unusable_outlier_input_is_one_line(runs_with_shifts, tmp_path, capsys, case, message):
-    np.savez(tmp_path / "plain.npz", z_train=np.zeros((30, 2)), z_test=np.zeros((30, 2)))
-    argv = {"no_shift": ["--embeddings", str(tmp_path / "plain.npz"), "--prior", "gaussian"],
-            "uniform_as_gaussian": [str(runs_with_shifts / "uniform"), "--prior", "gaussian"],
-            "no_prior": ["--embeddings", str(tmp_path / "plain.npz")]}[case]
+def test_runs_without_shifted_sets_are_refused_naming_the_file(runs_with_shifts, tmp_path,
+                                                                capsys):
+    run = runs_with_shifts / "gauss" / "seed0"
+    (tmp_path / "plain").mkdir()
+    (tmp_path / "plain" / "metrics.json").write_text((run / "metrics.json").read_text())
+    with np.load(run / "embeddings.npz") as saved:  # the run as written without --ood
+        np.savez(tmp_path / "plain" / "embeddings.npz", z_train=saved["z_train"],
+                 z_test=saved["z_test"])
     with pytest.raises(SystemExit) as exc:
-        evaluate.main(["outliers", *argv])
-    assert exc.value.code == 2
-    last = capsys.readouterr().err.strip().splitlines()
-    assert message in last[-1] and "Traceback" not in "\n".join(last)
+        evaluate.main(["outliers", str(tmp_path / "plain")])
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and len(err.strip().splitlines()) == 1
+    assert str(tmp_path / "plain" / "embeddings.npz") in err
