@@ -660,10 +660,8 @@ def downstream_report(z_tr, y_tr, z_te, y_te, seed: int = 0) -> dict:
 
 def scatter_embeddings(z: np.ndarray, y: np.ndarray, title: str) -> Any:
     """Figure 2: test embeddings coloured by label (d > 2: the first two principal axes; d = 1:
-    against the jittered label), a matplotlib figure on the file-only Agg backend."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    against the jittered label), a matplotlib Figure (no display, nothing to close)."""
+    from matplotlib.figure import Figure
     z, axes = np.asarray(z, dtype=np.float64), ("$z_1$", "$z_2$")
     if z.shape[1] == 1:
         jitter = np.random.default_rng(0).uniform(-0.3, 0.3, len(z))
@@ -671,7 +669,8 @@ def scatter_embeddings(z: np.ndarray, y: np.ndarray, title: str) -> Any:
     elif z.shape[1] > 2:
         z = z - z.mean(0)
         z, axes = z @ np.linalg.svd(z, full_matrices=False)[2][:2].T, ("PC 1", "PC 2")
-    fig, ax = plt.subplots(figsize=(5.5, 5))
+    fig = Figure(figsize=(5.5, 5))
+    ax = fig.subplots()
     points = ax.scatter(z[:, 0], z[:, 1], c=y, cmap="tab10", s=3, alpha=0.7, vmin=-0.5, vmax=9.5)
     fig.colorbar(points, ax=ax, ticks=range(10), label="label")
     ax.set(title=title, xlabel=axes[0], ylabel=axes[1],
