@@ -1,29 +1,28 @@
 """Table 1: SimCLR and VICReg with noise injection on CIFAR-10/100 (Section 5, Appendix C).
 
 A ResNet-18 (CIFAR stem) learns from two augmented views of each image; the projector output of
-both views is normalized (common.GaussianHead: BatchNorm1d without affine, Theorem 3.4's
-constraint) and, in training, Z ~ N(0, sigma^2 I) is added before the loss (Trainer.step). A
-linear probe on the backbone features gives top-1 / top-5; Section 5's normality tests read the
-normalized projector outputs.
+both views is normalized (BatchNorm1d without affine, Theorem 3.4's constraint) and, in training,
+Z ~ N(0, sigma^2 I) is added before the loss (Trainer.step). A linear probe on the backbone
+features gives top-1 / top-5; Section 5's normality tests read the normalized projector outputs.
 
     python cifar_ssl.py --method simclr --dataset cifar10 --sigma 0.3   # one Table 1 cell
     python cifar_ssl.py --method simclr --head none                     # the original method
     python cifar_ssl.py --out RUN_DIR --resume                          # continue a killed run
-    python cifar_ssl.py --out RUN_DIR --eval-only                       # re-evaluate a saved run
-    python cifar_ssl.py --bench 20                                      # ms/step on this device
     torchrun --nproc_per_node 8 cifar_ssl.py ...                        # one model, 8 processes
 
-Images are augmented on the device in whole batches. Under torchrun --batch-size is the global
-batch, losses and head see the gathered projections, and rank 0 alone evaluates and writes files.
-Exit codes: 0 done, 2 bad flag or damaged file (one line on stderr), 3 diverged (no metrics).
+Under torchrun --batch-size is the global batch, losses and head see every process's rows, and
+rank 0 alone evaluates and writes files. Exit codes: 0 done, 2 bad flag or file, 3 diverged.
 """
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import os
 import pickle
+import sys
 import time
+import timeit
 from collections.abc import Callable, Iterator, Sequence
 from functools import partial
 from pathlib import Path
@@ -37,191 +36,232 @@ from PIL import Image
 from torch import distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
+from torchvision.transforms.v2 import functional as TF
 from tqdm import tqdm
 
 import common
 
 CIFAR_MEAN, CIFAR_STD = (0.4914, 0.4822, 0.4465), (0.247, 0.2435, 0.2616)  # Appendix C
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)  # VICReg's recipe
-CIFAR_FILES = {  # dataset -> (folder, train files, test files, label key, torchvision class)
+CIFAR_FILES = {  # dataset -> (folder, train files, test files, label key), as torchvision's
     "cifar10": ("cifar-10-batches-py", [f"data_batch_{i}" for i in range(1, 6)], ["test_batch"],
-                b"labels", torchvision.datasets.CIFAR10),
-    "cifar100": ("cifar-100-python", ["train"], ["test"], b"fine_labels",
-                 torchvision.datasets.CIFAR100),
-}
+                b"labels"),
+    "cifar100": ("cifar-100-python", ["train"], ["test"], b"fine_labels")}
 PROJECTOR = {"simclr": (1, 256), "vicreg": (2, 2048)}  # (hidden layers, output dim), Appendix C
-CIFAR10_TRAIN = 50_000
-IMAGENET_TRAIN = {"ImageNet-100": 126_689, "ImageNet-1k": 1_281_167}  # poster Table 2's sets
 # the keys of every cifar_ssl.py args.json: a run directory without them is another script's
 RUN_KEYS = ("method", "sigma", "dataset", "arch", "batch_size", "temperature", "vicreg_weights")
-Batches = Callable[[int, int], Iterator[tuple[torch.Tensor, torch.Tensor]]]  # see make_batches
+RUNTIME = ("out", "resume", "eval_only", "device", "quiet", "bench", "compile")  # not in args.json
+MANY = 10 ** 8  # the upper bound of step counts, intervals and image counts
 
 
-# ---- Flags ---------------------------------------------------------------------------------------
+# ---- Flags, precision ----------------------------------------------------------------------------
+def number(kind: type, low: float, high: float, strict: bool = False) -> Callable[[str], Any]:
+    """argparse type: a `kind` in [low, high], or in (low, high) if `strict` (NaN never is)."""
+    def parse(text: str) -> Any:
+        value = kind(text)  # a ValueError: argparse's "invalid int value" naming the flag
+        if not (low < value < high if strict else low <= value <= high):
+            raise argparse.ArgumentTypeError(f"must lie in {'(' if strict else '['}{low}, "
+                                             f"{high}{')' if strict else ']'}, got {text}")
+        return value
+    parse.__name__ = kind.__name__
+    return parse
+
+
+def precision(device: torch.device, amp: bool | None) -> tuple[torch.dtype, str]:
+    """(autocast dtype, why), chosen once per run: --amp / --no-amp force it; auto (None) takes
+    bfloat16 on CUDA (float16 with a gradient scaler on a GPU without it) and on a CPU that runs
+    bfloat16 natively, float32 elsewhere (emulated bfloat16 is slower than float32)."""
+    half = (torch.float16 if device.type == "cuda" and not torch.cuda.is_bf16_supported()
+            else torch.bfloat16)
+    if amp is not None:
+        return (half, "--amp") if amp else (torch.float32, "--no-amp")
+    if device.type == "cuda":
+        return half, "CUDA" if half == torch.bfloat16 else "a GPU without bfloat16: float16"
+    if device.type != "cpu":
+        return torch.float32, f"autocast on {device.type} only with --amp"
+    if not (torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()):
+        return torch.float32, "this CPU has no native bfloat16 (no AVX-512 BF16, no AMX)"
+    kernels = torch.backends.cpu.get_cpu_capability()  # lowered by ATEN_CPU_CAPABILITY
+    if kernels not in ("AVX512", "AVX512_BF16", "AMX"):
+        return torch.float32, f"this CPU has native bfloat16, but torch runs {kernels} kernels"
+    return half, "this CPU has native bfloat16 (AVX-512 BF16 or AMX)"
+
+
+def name(dtype: torch.dtype) -> str:
+    """'float32', 'bfloat16 autocast' or 'float16 autocast', as metrics.json records it."""
+    return "float32" if dtype == torch.float32 else f"{str(dtype)[6:]} autocast"
+
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    add, bounded, positive, on_off = (p.add_argument, common.bounded, common.positive_int,
-                                       argparse.BooleanOptionalAction)
-    nonnegative, positive_float = common.nonnegative_float, common.positive_float
+    add, on_off = p.add_argument, argparse.BooleanOptionalAction
     add("--method", choices=sorted(PROJECTOR), default="simclr", help="NT-Xent or VICReg loss")
-    add("--sigma", type=nonnegative, default=0.0, help="std of the noise Z after BatchNorm on the "
-        "projector output (Table 1: 0, 0.1, 0.3, 0.5); 0: BatchNorm without noise")
-    add("--head", choices=["bn", "none"], default="bn", help="bn: the noise head (BatchNorm1d + "
-        "noise); none: no head, the original SimCLR / VICReg (needs --sigma 0)")
+    add("--sigma", type=number(float, 0, 10), default=0.0, help="std of the noise Z after the "
+        "projector's BatchNorm (Table 1: 0, 0.1, 0.3, 0.5); 0: BatchNorm without noise")
+    add("--head", choices=["bn", "none"], default="bn", help="bn: BatchNorm1d + noise; none: no "
+        "head, the original SimCLR / VICReg (needs --sigma 0)")
     add("--dataset", choices=["cifar10", "cifar100", "folder", "fashion-mnist", "mnist"],
         default="cifar10", help="folder: an ImageFolder tree in --data-dir with train/ and val/ "
         "(or test/); mnist / fashion-mnist: grey 28x28 zero-padded to 3x32x32")
     add("--data-dir", help="CIFAR: the folder holding cifar-10-batches-py/ or cifar-100-python/ "
-        "(default data/); folder: the ImageFolder root; MNIST: the IDX files")
+        "(default data/); folder: the tree; MNIST: the IDX files (default: common.load_data's)")
     add("--download", action=on_off, default=True, help="download missing CIFAR (torchvision)")
-    add("--workers", type=bounded(int, 0, 256), default=0, help="folder only: DataLoader "
+    add("--workers", type=number(int, 0, 256), default=0, help="folder only: DataLoader "
         "processes per training process decoding the training images from disk (ImageNet)")
-    add("--image-size", type=bounded(int, 8, 4096), default=32, help="image side (Appendix C)")
+    add("--image-size", type=number(int, 8, 1024), default=32, help="image side (Appendix C)")
     add("--arch", choices=["resnet18", "resnet50"], default="resnet18", help="Appendix C")
     add("--stem", choices=["auto", "cifar", "imagenet"], default="auto", help="cifar: 3x3 conv "
         "stride 1, no max-pool; imagenet: 7x7 stride 2 + max-pool; auto: cifar up to 64 px")
     add("--recipe", choices=["auto", "cifar", "imagenet"], default="auto", help="augmentations: "
         "cifar: Appendix C; imagenet: + blur and solarization, ImageNet mean/std (VICReg, "
         "BYOL); auto: imagenet above 64 px (Table 2: 224 px)")
-    add("--jitter-p", type=bounded(float, 0, 1), default=0.8,
-        help="probability of ColorJitter(0.4, 0.4, 0.2, 0.1); Appendix C gives none: SimCLR's")
-    add("--hidden", type=positive, default=2048, help="projector hidden width (Appendix C)")
-    add("--dim", type=bounded(int, 2, 65536), default=None,
-        help="projector output dim (Appendix C: simclr 256, vicreg 2048)")
-    add("--temperature", type=bounded(float, 1e-3, 100), default=0.2, help="NT-Xent (Appendix C)")
-    add("--vicreg-weights", type=bounded(float, 0, 1e4), nargs=3, default=[25.0, 25.0, 1.0],
+    add("--jitter-p", type=number(float, 0, 1), default=0.8, help="probability of ColorJitter "
+        "(SimCLR's; Appendix C gives none)")
+    add("--hidden", type=number(int, 1, 16384), default=2048, help="projector width (App. C)")
+    add("--dim", type=number(int, 2, 16384), help="projector output (App. C: simclr 256, vicreg "
+        "2048)")
+    add("--temperature", type=number(float, 1e-3, 100), default=0.2, help="NT-Xent (App. C)")
+    add("--vicreg-weights", type=number(float, 0, 1e4), nargs=3, default=[25.0, 25.0, 1.0],
         metavar=("SIM", "VAR", "COV"), help="VICReg loss weights (Appendix C)")
-    add("--batch-size", type=bounded(int, 2, 1 << 20), default=256, help="global (Appendix C)")
-    add("--epochs", type=nonnegative, default=800.0, help="fractions allowed (Appendix C)")
-    add("--steps", type=bounded(int, 0, 1 << 40), default=None,
-        help="optimizer steps instead of --epochs; 0: the random-init encoder (baseline)")
-    add("--lr", type=positive_float, default=0.3, help="LARS lr x batch/256 (Appendix C)")
-    add("--momentum", type=nonnegative, default=0.9, help="LARS momentum (Appendix C)")
-    add("--weight-decay", type=nonnegative, default=1e-4, help="not on biases, norms (Appendix C)")
-    add("--trust", type=nonnegative, default=0.02, help="LARS trust coefficient (Appendix C)")
-    add("--warmup-epochs", type=nonnegative, default=10.0, help="before cosine decay (solo-learn)")
-    add("--online-lr", type=positive_float, default=0.1, help="online linear probe's lr, no LARS")
-    add("--probe-steps", type=positive, default=500, help="L-BFGS iterations of the probe")
-    add("--probe-wd", type=nonnegative, nargs="+", default=[1e-4, 1e-3, 1e-2, 1e-1],
+    add("--batch-size", type=number(int, 2, 65536), default=256, help="global (Appendix C)")
+    add("--epochs", type=number(float, 0, 1e5), default=800.0, help="fractions allowed (App. C)")
+    add("--steps", type=number(int, 0, MANY), help="optimizer steps instead of --epochs; 0: the "
+        "random-init encoder (a baseline)")
+    add("--lr", type=number(float, 0, 10, True), default=0.3, help="LARS lr x batch/256 (App. C)")
+    add("--momentum", type=number(float, 0, 1), default=0.9, help="LARS momentum (Appendix C)")
+    add("--weight-decay", type=number(float, 0, 1), default=1e-4, help="LARS, not on biases and "
+        "norms (Appendix C)")
+    add("--trust", type=number(float, 0, 1), default=0.02, help="LARS trust coefficient (App. C)")
+    add("--warmup-epochs", type=number(float, 0, 1e5), default=10.0, help="linear warm-up before "
+        "the cosine decay (solo-learn)")
+    add("--online-lr", type=number(float, 0, 10, True), default=0.1, help="online probe's lr")
+    add("--probe-steps", type=number(int, 1, 10 ** 5), default=500, help="L-BFGS iterations")
+    add("--probe-wd", type=number(float, 0, 100), nargs="+", default=[1e-4, 1e-3, 1e-2, 1e-1],
         help="L2 weights of the final linear probe; several: the best on a held-out fifth")
-    add("--probe-train", type=bounded(int, 10, 1 << 40), default=None,
-        help="seeded subset of training images for the final probe (default: all)")
-    add("--probe-test", type=bounded(int, 8, 1 << 40), default=None,
-        help="seeded subset of test images for every evaluation (default: all)")
-    add("--subsample", type=bounded(int, 8, 1 << 20), default=128, help="subsample size of "
-        "the bootstrapped normality tests; Henze-Zirkler needs dim < subsample")
-    add("--normality-points", type=bounded(int, 8, 1 << 30), default=2000,
-        help="test embeddings the normality tests draw from")
-    add("--seed", type=common.seed_int, default=0, help="fixes init, data order and augmentation")
-    add("--device", type=common.device_flag, default="auto", help="auto, cpu, cuda, cuda:N, mps")
-    add("--amp", action=on_off, default=None, help="autocast: default auto, bf16 on CUDA (fp16 + "
-        "GradScaler without bf16) and on CPUs with native bf16 (AMX, AVX-512 BF16), else float32")
+    add("--probe-train", type=number(int, 10, MANY), metavar="N", help="fit the final probe on a "
+        "seeded subset of N training images (default: all)")
+    add("--probe-test", type=number(int, 8, MANY), metavar="N", help="evaluate on a seeded "
+        "subset of N test images (default: all)")
+    add("--subsample", type=number(int, 8, 10 ** 6), default=128, help="subsample size of the "
+        "bootstrapped normality tests (Henze-Zirkler needs dim below it)")
+    add("--normality-points", type=number(int, 8, MANY), default=2000, help="test embeddings the "
+        "normality tests draw from")
+    add("--seed", type=number(int, 0, 2 ** 32 - 2), default=0, help="fixes init, data order, "
+        "augmentations and noise")
+    add("--device", default="auto", help="auto: CUDA when present, else the CPU", choices=[
+        "auto", "cpu", *["cuda"] * torch.cuda.is_available(),
+        *["mps"] * torch.backends.mps.is_available()])
+    add("--amp", action=on_off, help="autocast: default auto, bf16 on CUDA (fp16 + GradScaler "
+        "without bf16) and on CPUs with native bf16 (AMX, AVX-512 BF16), else float32")
     add("--channels-last", action=on_off, default=True, help="channels-last backbone")
     add("--compile", action="store_true", help="torch.compile the network (CUDA)")
-    add("--out", help="run directory (default: a new one under runs/cifar_ssl/)")
-    add("--resume", action="store_true", help="continue the run in --out (its args.json)")
+    add("--out", help="run directory (new or empty; default: a new one under runs/cifar_ssl/)")
+    add("--resume", action="store_true", help="continue the run in --out (or start it)")
     add("--eval-only", action="store_true", help="evaluate --out's model.pt (or checkpoint.pt)")
-    add("--ckpt-every", type=nonnegative, default=10.0, help="epochs (0: only at the end)")
-    add("--log-every", type=bounded(int, 0, 1 << 40), default=0, help="steps (0: ~100 per run)")
-    add("--bench", type=positive, default=0, metavar="N", help="time N training steps on "
+    add("--ckpt-every", type=number(float, 0, 1e5), default=10.0, help="epochs (0: at the end)")
+    add("--log-every", type=number(int, 0, MANY), default=0, help="steps (0: ~100 per run)")
+    add("--bench", type=number(int, 0, 10 ** 4), default=0, metavar="N", help="time N steps on "
         "synthetic images, print ms/step and the time of a whole run, and exit")
     add("--quiet", action="store_true", help="no progress bar")
     args = p.parse_args(argv)
 
-    if args.steps is not None and args.epochs != p.get_default("epochs"):
-        p.error("--steps and --epochs exclude each other")
-    if args.resume or args.eval_only:
-        common.check_resume(p, args, RUN_KEYS, model_files=("model.pt", "checkpoint.pt"))
-    else:
-        nohead = "_nohead" if args.head == "none" else ""
-        common.resolve_out(p, args, f"runs/cifar_ssl/{args.method}_{args.dataset}_sigma"
-                           f"{args.sigma:g}{nohead}_seed{args.seed}")
-    args.dim = args.dim or PROJECTOR[args.method][1]
+    out = Path(args.out or f"runs/cifar_ssl/{args.method}_{args.dataset}_sigma{args.sigma:g}"
+               f"{'_nohead' * (args.head == 'none')}_seed{args.seed}"
+               f"_{time.strftime('%Y%m%d-%H%M%S')}")
+    if (args.resume or args.eval_only) and (path := out / "args.json").is_file():
+        # the run's settings, checked by the parser as if typed; other typed values are refused
+        try:
+            saved = json.loads(path.read_text())
+        except (OSError, ValueError) as err:
+            raise common.DataError(f"{path} is not valid JSON ({err})") from None
+        if not isinstance(saved, dict) or not set(RUN_KEYS) <= saved.keys():
+            raise common.DataError(f"{out} is not a run of cifar_ssl.py (its args.json lacks "
+                                   "this script's settings)")
+        flags = []  # the saved settings as a command line
+        for key, value in saved.items():
+            flag = "--" + key.replace("_", "-")
+            if value is not None and value != p.get_default(key):
+                flags += ([flag if value else "--no-" + flag[2:]] if isinstance(value, bool) else
+                          [flag, *map(str, value)] if isinstance(value, list) else
+                          [f"{flag}={value}"])
+        p.exit_on_error = False
+        try:
+            parsed, unknown = p.parse_known_args(flags)
+            if unknown:
+                raise argparse.ArgumentError(None, f"unknown settings {' '.join(unknown)}")
+        except argparse.ArgumentError as err:
+            raise common.DataError(f"{path} is damaged: {err}") from None
+        parsed = vars(parsed)
+        keys = saved.keys() & parsed.keys() - set(RUNTIME)
+        if differ := [k for k in keys if getattr(args, k) not in (p.get_default(k), parsed[k])]:
+            raise common.DataError(f"--{differ[0].replace('_', '-')} differs from the run's "
+                                   f"setting in {path}; drop it or choose another --out")
+        vars(args).update({key: parsed[key] for key in keys})
+    elif args.eval_only:
+        p.error(f"--eval-only: {out / 'args.json'} does not exist")
+    elif not args.bench and (any(q.is_file() for q in (out, *out.parents))
+                             or out.is_dir() and any(out.iterdir())):  # a new run
+        p.error(f"--out {out}: a file, or a folder with files but no run; choose another")
+    args.out, args.dim = str(out), args.dim or PROJECTOR[args.method][1]
     if args.recipe == "auto":
         args.recipe = "imagenet" if args.image_size > 64 else "cifar"
-    if args.head == "none" and args.sigma > 0:
-        p.error("--head none has no normalization to add noise to: use --sigma 0 with it")
-    if args.method == "vicreg" and not any(args.vicreg_weights):
-        p.error("--vicreg-weights: at least one of the three must be > 0")
-    if args.dataset == "folder" and not args.data_dir:
-        p.error("--dataset folder needs --data-dir pointing at the ImageFolder root")
-    if args.workers and args.dataset != "folder":
-        p.error("--workers is for --dataset folder only")
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    for wrong, message in [
+            (args.steps is not None and args.epochs != p.get_default("epochs"),
+             "--steps and --epochs exclude each other"),
+            (args.head == "none" and args.sigma > 0, "--head none adds no noise: use --sigma 0"),
+            (args.method == "vicreg" and not any(args.vicreg_weights), "--vicreg-weights: all 0"),
+            (args.dataset == "folder" and not args.data_dir, "--dataset folder needs --data-dir"),
+            (args.workers and args.dataset != "folder", "--workers is for --dataset folder only"),
+            (args.eval_only and world > 1, "--eval-only runs in one process, not under torchrun"),
+            (args.batch_size % world or args.batch_size < 2 * world, f"--batch-size "
+             f"{args.batch_size} (global) must give each of {world} processes as many images, 2+")]:
+        if wrong:
+            p.error(message)
     return args
 
 
 # ---- Data: every split is one uint8 tensor (N, 3, S, S) and int64 labels -------------------------
-
-def read_cifar_batch(file: Path, label_key: bytes) -> tuple[np.ndarray, np.ndarray]:
-    """Images (N, 3, 32, 32) uint8 and labels of one CIFAR pickled batch; DataError if damaged."""
-    try:
-        with open(file, "rb") as fh:
-            batch = pickle.load(fh, encoding="bytes")
-    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, KeyError, IndexError,
-            AttributeError, ImportError, UnicodeDecodeError, OverflowError, MemoryError) as err:
-        raise common.DataError(f"{file} is not a CIFAR python pickle (truncated or damaged: "
-                               f"{type(err).__name__}); download it again") from err
-    if not isinstance(batch, dict) or b"data" not in batch or label_key not in batch:
-        raise common.DataError(f"{file} lacks b'data' or {label_key!r}: not a CIFAR python batch")
-    data, labels = np.asarray(batch[b"data"]), np.asarray(batch[label_key])
-    if data.ndim != 2 or data.shape[1] != 3072 or labels.ndim != 1 or len(labels) != len(data) \
-            or not np.issubdtype(labels.dtype, np.integer) or (labels < 0).any():
-        raise common.DataError(f"{file}: b'data' {data.shape} and {label_key!r} {labels.shape} "
-                               "are not N x 3072 pixels and N non-negative integer labels")
-    return data.astype(np.uint8).reshape(-1, 3, 32, 32), labels.astype(np.int64)
-
-
 def load_cifar(dataset: str, root: Path, download: bool) -> tuple[torch.Tensor, ...]:
-    """(x_train, y_train, x_test, y_test) from root/<folder>/, downloaded there if missing."""
-    folder, train_files, test_files, label_key, tv_class = CIFAR_FILES[dataset]
-    names = train_files + test_files
-    if not all((root / folder / name).is_file() for name in names) and download:
+    """(x_train, y_train, x_test, y_test) from CIFAR's pickles, downloaded into root if missing."""
+    folder, train_files, test_files, label_key = CIFAR_FILES[dataset]
+    if download and not all((root / folder / n).is_file() for n in train_files + test_files):
         try:
-            tv_class(str(root), train=True, download=True)
+            getattr(torchvision.datasets, dataset.upper())(str(root), download=True)
         except Exception as err:  # network errors come in many types
             raise common.DataError(f"{dataset} is not in {root / folder} and could not be "
                                    f"downloaded ({str(err).splitlines()[0][:80]})") from err
-    missing = [name for name in names if not (root / folder / name).is_file()]
-    if missing:
-        raise common.DataError(f"{root / folder} lacks {', '.join(missing)} (CIFAR's python "
-                               f"pickles); point --data-dir at the folder that holds {folder}/ or "
-                               "allow --download")
+    if missing := [n for n in train_files + test_files if not (root / folder / n).is_file()]:
+        raise common.DataError(f"{root / folder} lacks {', '.join(missing)}; point --data-dir at "
+                               f"the folder holding {folder}/ or allow --download")
     splits = []
     for files in (train_files, test_files):
-        parts = [read_cifar_batch(root / folder / name, label_key) for name in files]
-        splits += [torch.from_numpy(np.concatenate([x for x, _ in parts])),
-                   torch.from_numpy(np.concatenate([y for _, y in parts]))]
+        parts = []
+        for file in (root / folder / name for name in files):
+            try:
+                batch = pickle.loads(file.read_bytes(), encoding="bytes")
+                data, y = np.asarray(batch[b"data"]), np.asarray(batch[label_key])
+            except Exception as err:  # unpickling damaged bytes raises a dozen types
+                raise common.DataError(f"{file} is not a CIFAR python batch (truncated or "
+                                       f"damaged: {type(err).__name__})") from None
+            if data.ndim != 2 or data.shape[1] != 3072 or y.ndim != 1 or len(y) != len(data) \
+                    or not np.issubdtype(y.dtype, np.integer) or (y < 0).any():
+                raise common.DataError(f"{file}: b'data' {data.shape} and {label_key!r} "
+                                       f"{y.shape} are not N x 3072 pixels and N labels >= 0")
+            parts.append((data.astype(np.uint8).reshape(-1, 3, 32, 32), y.astype(np.int64)))
+        splits += [torch.from_numpy(np.concatenate(arrays)) for arrays in zip(*parts)]
     return tuple(splits)
 
 
 def read_image(path: str, size: int) -> torch.Tensor:
     """ImageFolder's loader: RGB, resized (bicubic) and centre-cropped to uint8 (3, size, size)."""
-    from torchvision.transforms.v2 import functional as TF
     try:
-        with open(path, "rb") as fh:
-            image = Image.open(fh).convert("RGB")
+        image = Image.open(path).convert("RGB")  # read whole, the file closed
     except (OSError, SyntaxError, ValueError) as err:  # PIL's errors for damaged files
         raise common.DataError(f"{path} is not a readable image ({err})") from err
     image = TF.resize(image, size, interpolation=TF.InterpolationMode.BICUBIC)
     return TF.pil_to_tensor(TF.center_crop(image, [size, size]))
-
-
-def open_trees(root: Path, size: int) -> tuple[Any, Any]:
-    """The ImageFolder trees root/train and root/val (or root/test)."""
-    test_dir = next((root / name for name in ("val", "test") if (root / name).is_dir()), None)
-    if not (root / "train").is_dir() or test_dir is None:
-        raise common.DataError(f"{root} needs train/<class>/<image> and val/<class>/<image> (or "
-                               "test/) folders; point --data-dir at such a tree")
-    try:
-        trees = [torchvision.datasets.ImageFolder(str(d), loader=partial(read_image, size=size))
-                 for d in (root / "train", test_dir)]
-    except (FileNotFoundError, OSError) as err:  # a class folder without images, unreadable
-        raise common.DataError(f"{root}: {str(err).splitlines()[0]}") from err
-    if trees[0].classes != trees[1].classes:
-        raise common.DataError(f"{root}: train/ and {test_dir.name}/ hold different class folders")
-    return trees[0], trees[1]
 
 
 def subset(n: int, k: int | None, seed: int) -> slice | torch.Tensor:
@@ -229,45 +269,48 @@ def subset(n: int, k: int | None, seed: int) -> slice | torch.Tensor:
     return slice(None) if k is None or k >= n else common.seeded_split(n, k, seed)[0]
 
 
-def decode(tree: Any, k: int | None, args: argparse.Namespace) -> tuple[torch.Tensor, ...]:
-    """A tree's images in memory: all, or with --workers (as many decoding processes) the
-    probe's seeded subset of k, none on ranks > 0 unless the cifar recipe needs their mean."""
-    index = torch.arange(len(tree))[subset(len(tree), k if args.workers else None, args.seed)]
-    if args.workers and rank_and_world()[0] > 0 and args.recipe == "imagenet":
-        index = index[:0]
-    loader = torch.utils.data.DataLoader(torch.utils.data.Subset(tree, index.tolist()),
-                                         batch_size=256, num_workers=args.workers,
-                                         generator=torch.Generator())  # global RNG untouched
-    parts = list(loader) or [(torch.empty(0, 3, args.image_size, args.image_size,
-                                          dtype=torch.uint8), torch.empty(0, dtype=torch.int64))]
-    return torch.cat([x for x, _ in parts]), torch.cat([y for _, y in parts])
-
-
 def load_images(args: argparse.Namespace) -> tuple[tuple[torch.Tensor, ...], dict[str, Any]]:
-    """(x_train, y_train, x_test, y_test) on the CPU, uint8 at --image-size, and the record of
-    the data that metrics.json keeps; with --workers the training tree stays on disk
-    (info["tree"]) and x_train holds the probe's images."""
+    """(x_train, y_train, x_test, y_test), uint8 at --image-size, and metrics.json's record of
+    the data; with --workers the training tree stays on disk (info["tree"])."""
     info: dict[str, Any] = {"dataset": args.dataset}
+
+    def decode(tree: Any, k: int | None) -> tuple[torch.Tensor, ...]:
+        """A tree's images: all, or with --workers the probe's subset of k (on rank 0 alone)."""
+        if args.workers and rank_and_world()[0] > 0 and args.recipe == "imagenet":
+            return torch.empty(0, 3, 1, 1, dtype=torch.uint8), torch.empty(0).long()
+        index = torch.arange(len(tree))[subset(len(tree), k if args.workers else None, args.seed)]
+        loader = torch.utils.data.DataLoader(torch.utils.data.Subset(tree, index.tolist()),
+                                             batch_size=256, num_workers=args.workers,
+                                             generator=torch.Generator())  # global RNG untouched
+        parts = list(loader)
+        return torch.cat([x for x, _ in parts]), torch.cat([y for _, y in parts])
+
     if args.dataset == "folder":
-        tree, test = open_trees(Path(args.data_dir), args.image_size)
-        info.update(source=args.data_dir, n_classes=len(tree.classes), n_train=len(tree))
-        if args.workers:
-            info["tree"] = tree
-        x_tr, y_tr = decode(tree, args.probe_train, args)
-        x_te, y_te = decode(test, args.probe_test, args)
+        root = Path(args.data_dir)
+        test_dir = next((root / d for d in ("val", "test") if (root / d).is_dir()), None)
+        if not (root / "train").is_dir() or test_dir is None:
+            raise common.DataError(f"{root} needs train/<class>/<image> and val/<class>/<image> "
+                                   "(or test/) folders; point --data-dir at such a tree")
+        try:
+            tree, test = (torchvision.datasets.ImageFolder(str(d), loader=partial(
+                read_image, size=args.image_size)) for d in (root / "train", test_dir))
+        except OSError as err:  # a class folder without images, an unreadable folder
+            raise common.DataError(f"{root}: {str(err).splitlines()[0]}") from err
+        if tree.classes != test.classes:
+            raise common.DataError(f"{root}: train/ and {test_dir.name}/ hold other classes")
+        info.update(source=args.data_dir, n_classes=len(tree.classes), n_train=len(tree),
+                    tree=tree if args.workers else None)
+        (x_tr, y_tr), (x_te, y_te) = decode(tree, args.probe_train), decode(test, args.probe_test)
     elif args.dataset in CIFAR_FILES:
         root = Path(args.data_dir) if args.data_dir else common.REPO / "data"
         x_tr, y_tr, x_te, y_te = load_cifar(args.dataset, root, args.download)
         info.update(source=str(root), mean=CIFAR_MEAN, std=CIFAR_STD)
     else:
-        x_tr, y_tr, x_te, y_te, record = common.load_data(args.dataset, args.data_dir,
-                                                          args.download, crop=None)
+        x_tr, y_tr, x_te, y_te, record = common.load_data(args.dataset, args.data_dir, crop=None)
         # grey (N, 1, 28, 28) in [0, 1] -> (N, 3, 32, 32) uint8, zero-padded, channel repeated
         x_tr, x_te = ((F.pad(x, (2, 2, 2, 2)) * 255).round().to(torch.uint8)
                       .expand(-1, 3, -1, -1).contiguous() for x in (x_tr, x_te))
         info.update(record)
-        if "note" in record:
-            print(record["note"])
     if x_tr.shape[-1] != args.image_size:
         x_tr, x_te = (F.interpolate(x.float(), size=args.image_size, mode="bilinear",
                                     antialias=True).round().clamp(0, 255).to(torch.uint8)
@@ -285,21 +328,16 @@ def load_images(args: argparse.Namespace) -> tuple[tuple[torch.Tensor, ...], dic
 
 
 # ---- Augmentation: Appendix C on whole batches, each sample with its own parameters --------------
-
 # RandomResizedCrop(scale, ratio), RandomApply(ColorJitter(0.4, 0.4, 0.2, 0.1), p=--jitter-p),
 # RandomGrayscale(0.2), RandomHorizontalFlip(0.5): the PretrainTransform of Appendix C
 CROP_SCALE, CROP_RATIO = (0.08, 1.0), (3 / 4, 4 / 3)
 JITTER = {"brightness": 0.4, "contrast": 0.4, "saturation": 0.2, "hue": 0.1}
+# ColorJitter's factor ranges (torchvision): [max(0, 1 - s), 1 + s], hue [-s, s]
+JITTER_RANGES = {k: (-s, s) if k == "hue" else (max(0.0, 1 - s), 1 + s) for k, s in JITTER.items()}
 GREY_P, FLIP_P = 0.2, 0.5
 # the ImageNet recipe's extra steps per view (VICReg; BYOL, Table 6): Gaussian blur with sigma
 # ~ U(0.1, 2) and a kernel of a tenth of the side, solarization of the pixels >= 0.5
 BLUR_P, SOLARIZE_P, BLUR_SIGMA = (1.0, 0.1), (0.0, 0.2), (0.1, 2.0)
-
-
-def jitter_ranges(strengths: dict[str, float]) -> dict[str, tuple[float, float]]:
-    """ColorJitter's factor ranges: [max(0, 1 - s), 1 + s], hue [-s, s] (torchvision)."""
-    return {name: (-s, s) if name == "hue" else (max(0.0, 1 - s), 1 + s)
-            for name, s in strengths.items()}
 
 
 def sample_crops(n: int, height: int, width: int, device: torch.device,
@@ -327,25 +365,20 @@ def sample_crops(n: int, height: int, width: int, device: torch.device,
 
 
 def sample_augment_params(n: int, height: int, width: int, device: torch.device,
-                          jitter_p: float = 0.8) -> dict[str, torch.Tensor]:
+                          jitter_p: float = 0.8, view: int | None = None) -> dict[str, Any]:
     """Per-sample parameters of Appendix C's pipeline: crop boxes, jitter flags, factors (n, 4)
-    of brightness, contrast, saturation, hue, the order of the four per sample, grey and flip."""
-    ranges = torch.tensor(list(jitter_ranges(JITTER).values()), device=device)
-    uniform = torch.rand  # the draws in this order: crop, jitter, factors, order, grey, flip
-    return {"crop": sample_crops(n, height, width, device),
-            "jitter": uniform(n, device=device) < jitter_p,
-            "factors": ranges[:, 0] + (ranges[:, 1] - ranges[:, 0]) * uniform(n, 4, device=device),
-            "order": uniform(n, 4, device=device).argsort(dim=1),
-            "grey": uniform(n, device=device) < GREY_P,
-            "flip": uniform(n, device=device) < FLIP_P}
-
-
-def sample_imagenet_params(n: int, view: int, device: torch.device) -> dict[str, torch.Tensor]:
-    """Per-sample blur flag and sigma, and solarization flag, of view 0 or 1."""
-    return {"blur": torch.rand(n, device=device) < BLUR_P[view],
-            "blur_sigma": BLUR_SIGMA[0] + (BLUR_SIGMA[1] - BLUR_SIGMA[0])
-            * torch.rand(n, device=device),
-            "solarize": torch.rand(n, device=device) < SOLARIZE_P[view]}
+    of brightness, contrast, saturation, hue, the order of the four per sample, grey and flip;
+    given the `view` (0 or 1) of the ImageNet recipe, blur flag and sigma, solarization flag."""
+    lo, hi = torch.tensor(list(JITTER_RANGES.values()), device=device).T
+    uniform = partial(torch.rand, device=device)  # drawn in this order, the ImageNet ones last
+    params = {"crop": sample_crops(n, height, width, device), "jitter": uniform(n) < jitter_p,
+              "factors": lo + (hi - lo) * uniform(n, 4), "order": uniform(n, 4).argsort(dim=1),
+              "grey": uniform(n) < GREY_P, "flip": uniform(n) < FLIP_P}
+    if view is not None:
+        params["blur"] = uniform(n) < BLUR_P[view]
+        params["blur_sigma"] = BLUR_SIGMA[0] + (BLUR_SIGMA[1] - BLUR_SIGMA[0]) * uniform(n)
+        params["solarize"] = uniform(n) < SOLARIZE_P[view]
+    return params
 
 
 def bicubic_weights(start: torch.Tensor, length: torch.Tensor, in_size: int,
@@ -428,10 +461,8 @@ def gaussian_blur(x: torch.Tensor, sigma: torch.Tensor, kernel: int) -> torch.Te
 
 def augment(x: torch.Tensor, params: dict[str, torch.Tensor], size: int,
             mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
-    """Appendix C's pipeline on a uint8 batch, float32 (N, 3, size, size) out: crop + resize
-    (+ flip), colour jitter in each sample's own order, greyscale, with the ImageNet recipe's
-    params blur and solarization, normalization. Every operation runs on the whole batch and is
-    kept where a sample has it: no data-dependent shapes, no host-device synchronization."""
+    """Appendix C's pipeline on a uint8 batch, each operation on the whole batch and kept where
+    a sample has it: no data-dependent shapes, no host-device synchronization."""
     x = resized_crop(x.float() / 255, params["crop"], size, params["flip"])
     for position in range(4):
         for op, fn in enumerate(JITTER_OPS):
@@ -445,67 +476,11 @@ def augment(x: torch.Tensor, params: dict[str, torch.Tensor], size: int,
     return (x - mean[:, None, None]) / std[:, None, None]
 
 
-def normalize(x: torch.Tensor, mean: torch.Tensor, std: torch.Tensor,
-              channels_last: bool) -> torch.Tensor:
-    """The TestTransform of Appendix C: uint8 -> [0, 1] -> (x - mean) / std."""
-    x = (x.float() / 255 - mean[:, None, None]) / std[:, None, None]
-    return x.contiguous(memory_format=torch.channels_last) if channels_last else x
-
-
-# ---- Model: ResNet backbone, projector, noise head, online probe ---------------------------------
-
-def resnet_backbone(arch: str, cifar_stem: bool) -> tuple[nn.Module, int]:
-    """A ResNet without classifier, its feature dim; CIFAR stem: He et al. 2016, Sec. 4.2."""
-    net = getattr(torchvision.models, arch)(weights=None)
-    if cifar_stem:
-        net.conv1 = nn.Conv2d(3, 64, kernel_size=3, stride=1, padding=1, bias=False)
-        net.maxpool = nn.Identity()
-    features, net.fc = net.fc.in_features, nn.Identity()
-    return net, features
-
-
-def make_projector(method: str, in_dim: int, hidden: int, dim: int) -> nn.Sequential:
-    """SimCLR: Linear-ReLU-Linear; VICReg: two Linear-BN-ReLU blocks, then Linear (Appendix C)."""
-    layers: list[nn.Module] = []
-    for i in range(PROJECTOR[method][0]):
-        norm = [nn.BatchNorm1d(hidden)] if method == "vicreg" else []
-        layers += [nn.Linear(hidden if i else in_dim, hidden), *norm, nn.ReLU(inplace=True)]
-    return nn.Sequential(*layers, nn.Linear(hidden, dim))
-
-
-class SSLNet(nn.Module):
-    """backbone -> features h (read by the probe); projector -> head -> the normalized z that
-    Trainer.step adds the noise to. head "bn": common.GaussianHead; "none": the standard
-    method's network exactly."""
-
-    def __init__(self, method: str, arch: str, cifar_stem: bool, hidden: int, dim: int,
-                 n_classes: int, head: str = "bn"):
-        super().__init__()
-        self.backbone, features = resnet_backbone(arch, cifar_stem)
-        self.projector = make_projector(method, features, hidden, dim)
-        self.head = common.GaussianHead(dim) if head == "bn" else None
-        self.probe = nn.Linear(features, n_classes)
-
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        h = self.backbone(x)
-        p = self.projector(h)
-        return h, p if self.head is None else self.head(p.float())  # the head in float32
-
-
-def build_model(args: argparse.Namespace, n_classes: int, device: torch.device) -> SSLNet:
-    cifar_stem = args.stem == "cifar" or (args.stem == "auto" and args.image_size <= 64)
-    model = SSLNet(args.method, args.arch, cifar_stem, args.hidden, args.dim, n_classes,
-                   args.head).to(device)
-    return model.to(memory_format=torch.channels_last) if args.channels_last else model
-
-
-# ---- Losses over the global batch (several processes under torchrun) -----------------------------
-
+# ---- The global batch under torchrun: gathered rows, the noise head, the losses ----------------
 def rank_and_world() -> tuple[int, int]:
     """(rank, world size); (0, 1) outside a process group."""
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
+    grouped = dist.is_available() and dist.is_initialized()
+    return (dist.get_rank(), dist.get_world_size()) if grouped else (0, 1)
 
 
 class GatherWithGrad(torch.autograd.Function):
@@ -532,28 +507,74 @@ def gather(x: torch.Tensor) -> torch.Tensor:
     return GatherWithGrad.apply(x) if rank_and_world()[1] > 1 else x
 
 
+class GlobalHead(common.GaussianHead):
+    """common.GaussianHead (Theorem 3.4) normalizing, in training under torchrun, with the
+    statistics of the global batch the loss sees; running statistics as BatchNorm1d's."""
+
+    def forward(self, f: torch.Tensor) -> torch.Tensor:
+        if not (self.training and rank_and_world()[1] > 1):
+            return super().forward(f)
+        every, norm = gather(f), self.norm
+        mean, var = every.mean(0), every.var(0, unbiased=False)
+        with torch.no_grad():
+            norm.running_mean.lerp_(mean, norm.momentum)
+            norm.running_var.lerp_(every.var(0), norm.momentum)
+            norm.num_batches_tracked += 1
+        return (f - mean) / torch.sqrt(var + norm.eps)
+
+
 def ssl_loss(args: argparse.Namespace) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
     """NT-Xent (Chen et al. 2020, eq. 1) or VICReg (common.py) on the two views' head outputs of
     the global batch: its rows are every process's negatives, variance and covariance."""
-    if args.method == "simclr":
-        return lambda z1, z2: common.nt_xent(gather(z1.float()), gather(z2.float()),
-                                             args.temperature)
     sim, var, cov = args.vicreg_weights
-    return lambda z1, z2: common.vicreg_loss(gather(z1.float()), gather(z2.float()), sim, var, cov)
+    loss = (partial(common.nt_xent, temperature=args.temperature) if args.method == "simclr"
+            else partial(common.vicreg_loss, sim_weight=sim, var_weight=var, cov_weight=cov))
+    return lambda z1, z2: loss(gather(z1.float()), gather(z2.float()))
+
+
+# ---- Model: ResNet backbone, projector, noise head, online probe ---------------------------------
+class SSLNet(nn.Module):
+    """ResNet backbone -> features h (read by the probe); projector (Appendix C) -> head -> the
+    normalized z that Trainer.step adds noise to; head "none": the original network exactly."""
+
+    def __init__(self, args: argparse.Namespace, n_classes: int):
+        super().__init__()
+        self.backbone = getattr(torchvision.models, args.arch)(weights=None)
+        if args.stem == "cifar" or args.stem == "auto" and args.image_size <= 64:  # He et al. 2016
+            self.backbone.conv1 = nn.Conv2d(3, 64, kernel_size=3, stride=1, padding=1, bias=False)
+            self.backbone.maxpool = nn.Identity()
+        features, self.backbone.fc = self.backbone.fc.in_features, nn.Identity()
+        layers: list[nn.Module] = []  # SimCLR: Linear-ReLU-Linear; VICReg: Linear-BN-ReLU x 2
+        for i in range(PROJECTOR[args.method][0]):
+            norm = [nn.BatchNorm1d(args.hidden)] if args.method == "vicreg" else []
+            layers += [nn.Linear(args.hidden if i else features, args.hidden), *norm,
+                       nn.ReLU(inplace=True)]
+        self.projector = nn.Sequential(*layers, nn.Linear(args.hidden, args.dim))
+        self.head = GlobalHead(args.dim) if args.head == "bn" else None
+        self.probe = nn.Linear(features, n_classes)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        h = self.backbone(x)
+        p = self.projector(h)
+        return h, p if self.head is None else self.head(p.float())  # the head in float32
+
+
+def build_model(args: argparse.Namespace, n_classes: int, device: torch.device) -> SSLNet:
+    layout = torch.channels_last if args.channels_last else torch.preserve_format
+    return SSLNet(args, n_classes).to(device, memory_format=layout)
 
 
 # ---- LARS with warm-up and cosine decay ----------------------------------------------------------
-
 class LARS(torch.optim.Optimizer):
     """SGD with momentum and a layer-wise rate (You et al. 2017, eq. 6), clipped as in LARC:
     d = (g + wd w) min(trust ||w|| / (||g|| + wd ||w|| + eps) / lr, 1), or d = g when ||w|| or
-    ||g|| is 0 and in groups without `adapt`; v <- momentum v + d (v = d at first), w <- w - lr v.
-    solo-learn's LARS, the paper's: a zero gradient adds no decay, only the old momentum."""
+    ||g|| is 0 and in groups without `adapt`; v <- momentum v + d (v = d at first), w <- w - lr v
+    (solo-learn's, the paper's: a zero gradient adds no decay, only the old momentum)."""
 
     def __init__(self, params: Any, lr: float, momentum: float = 0.9, weight_decay: float = 0.0,
-                 trust: float = 0.02, eps: float = 1e-8, clip: bool = True):
+                 trust: float = 0.02, eps: float = 1e-8):
         super().__init__(params, dict(lr=lr, momentum=momentum, weight_decay=weight_decay,
-                                      trust=trust, eps=eps, clip=clip, adapt=True))
+                                      trust=trust, eps=eps, adapt=True))
 
     @torch.no_grad()
     def step(self) -> None:  # type: ignore[override]  # no closure: one gradient per step
@@ -564,8 +585,7 @@ class LARS(torch.optim.Optimizer):
                     w_norm, g_norm = torch.linalg.vector_norm(w), torch.linalg.vector_norm(d)
                     rate = group["trust"] * w_norm / (g_norm + group["weight_decay"] * w_norm
                                                       + group["eps"])
-                    if group["clip"]:
-                        rate = (rate / group["lr"]).clamp(max=1.0)
+                    rate = (rate / group["lr"]).clamp(max=1.0)
                     # torch.where, not `if`: no host-device synchronization per parameter
                     d = torch.where((w_norm > 0) & (g_norm > 0),
                                     (d + group["weight_decay"] * w) * rate, d)
@@ -577,58 +597,67 @@ class LARS(torch.optim.Optimizer):
                 w.add_(state["velocity"], alpha=-group["lr"])
 
 
-def make_optimizer(model: SSLNet, args: argparse.Namespace) -> LARS:
-    """LARS (Appendix C), biases and norms without decay or adaptation; the probe: plain SGD."""
-    scaled = args.lr * args.batch_size / 256
-    ssl = [p for name, p in model.named_parameters() if not name.startswith("probe.")]
-    plain = {"weight_decay": 0.0, "adapt": False}
-    groups = [{"params": [p for p in ssl if p.ndim > 1], "base_lr": scaled},
-              {"params": [p for p in ssl if p.ndim <= 1], "base_lr": scaled, **plain},
-              {"params": list(model.probe.parameters()), "base_lr": args.online_lr, **plain}]
-    return LARS(groups, lr=scaled, momentum=args.momentum, weight_decay=args.weight_decay,
-                trust=args.trust)
-
-
 def lr_factor(step: int, warmup: int, total: int) -> float:
     """Linear warm-up over `warmup` steps, then cosine decay to 0 at `total` (SimCLR)."""
-    if step < warmup:
-        return (step + 1) / warmup
-    return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
+    return ((step + 1) / warmup if step < warmup else
+            0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup))))
 
 
-# ---- Training: DDP, AMP and channels-last, checkpoints, batches, the loop ------------------------
+# ---- Training: files, DDP, AMP and channels-last, checkpoints, batches, the loop -----------------
+def save(path: Path, write: Callable[[Path], Any]) -> None:
+    """write(temporary name) beside `path`, then rename: a killed run leaves no half file."""
+    write(path.with_name(f".{path.name}"))  # the same suffix: numpy and matplotlib keep it
+    os.replace(path.with_name(f".{path.name}"), path)
+
+
+def save_json(obj: Any, path: Path) -> None:
+    """Indented JSON, saved as above (Python writes nan and inf as NaN and Infinity)."""
+    save(path, lambda tmp: tmp.write_text(json.dumps(obj, indent=2) + "\n"))
+
+
+def read_state(path: Path, device: torch.device, use: Callable[[dict], Any]) -> Any:
+    """use(the state in a checkpoint.pt / model.pt); any failure: one DataError naming it."""
+    try:
+        return use(torch.load(path, map_location=device, weights_only=True))
+    except Exception as err:  # torch.load alone raises a dozen types; a wrong key or shape more
+        raise common.DataError(f"{path} cannot be used ({type(err).__name__}: "
+                               f"{(str(err).splitlines() or [''])[0][:120]})") from None
+
 
 class Trainer:
     """The network (DDP under torchrun), LARS, AMP, one training step and the checkpoints."""
 
     def __init__(self, model: SSLNet, args: argparse.Namespace, mean: torch.Tensor,
-                 std: torch.Tensor, device: torch.device):
-        self.model, self.args, self.mean, self.std, self.device = model, args, mean, std, device
+                 std: torch.Tensor, device: torch.device, dtype: torch.dtype):
+        self.model, self.args, self.mean, self.std = model, args, mean, std
+        self.device, self.dtype = device, dtype
         net: nn.Module = model
         if rank_and_world()[1] > 1:
             if device.type == "cuda":  # PyTorch's SyncBatchNorm has no CPU kernel (gloo)
                 model.backbone = nn.SyncBatchNorm.convert_sync_batchnorm(model.backbone)
                 model.projector = nn.SyncBatchNorm.convert_sync_batchnorm(model.projector)
-            if model.head is not None:  # the head normalizes over the global batch the loss sees
-                model.head.gather = gather
             net = DistributedDataParallel(model, device_ids=[device.index]
                                           if device.type == "cuda" else None)
         self.net = torch.compile(net) if args.compile else net
-        self.opt = make_optimizer(model, args)
+        # LARS (Appendix C), biases and norms without decay or adaptation; the probe: plain SGD
+        scaled = args.lr * args.batch_size / 256
+        ssl = [p for key, p in model.named_parameters() if not key.startswith("probe.")]
+        plain = {"weight_decay": 0.0, "adapt": False}
+        self.opt = LARS([{"params": [p for p in ssl if p.ndim > 1], "base_lr": scaled},
+                         {"params": [p for p in ssl if p.ndim <= 1], "base_lr": scaled, **plain},
+                         {"params": list(model.probe.parameters()), "base_lr": args.online_lr,
+                          **plain}], lr=scaled, momentum=args.momentum,
+                        weight_decay=args.weight_decay, trust=args.trust)
         self.loss_fn = ssl_loss(args)
-        self.scaler = common.grad_scaler(device, args.amp)  # float16 only
+        self.scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
 
     def views(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Two independently augmented views of a uint8 batch."""
-        n, _, height, width = x.shape
-        pair = []
-        for view in range(2):
-            params = sample_augment_params(n, height, width, self.device, self.args.jitter_p)
-            if self.args.recipe == "imagenet":
-                params.update(sample_imagenet_params(n, view, self.device))
-            pair.append(augment(x, params, self.args.image_size, self.mean, self.std))
-        if self.args.channels_last:
-            pair = [v.contiguous(memory_format=torch.channels_last) for v in pair]
+        (n, _, height, width), imagenet = x.shape, self.args.recipe == "imagenet"
+        layout = torch.channels_last if self.args.channels_last else torch.contiguous_format
+        pair = [augment(x, sample_augment_params(n, height, width, self.device, self.args.jitter_p,
+                                                 view if imagenet else None), self.args.image_size,
+                        self.mean, self.std).contiguous(memory_format=layout) for view in range(2)]
         return pair[0], pair[1]
 
     def step(self, v1: torch.Tensor, v2: torch.Tensor, y: torch.Tensor,
@@ -637,7 +666,7 @@ class Trainer:
         for group in self.opt.param_groups:
             group["lr"] = group["base_lr"] * lr_scale
         self.model.train()
-        with common.autocast(self.device, self.args.amp):
+        with torch.autocast(self.device.type, self.dtype, enabled=self.dtype != torch.float32):
             h1, z1 = self.net(v1)
             h2, z2 = self.net(v2)
             if self.args.sigma > 0:  # z + Z, Z ~ N(0, sigma^2 I), on both views (Theorem 3.4)
@@ -656,42 +685,39 @@ class Trainer:
     def save(self, out: Path, step: int, history: list) -> None:
         """checkpoint.pt (by rank 0): everything --resume needs, each process's RNG states."""
         rank, world = rank_and_world()
-        rng = (torch.get_rng_state(),
-               torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [])
-        state = {"step": step, "models": self.model.state_dict(),
-                 "optimizer": self.opt.state_dict(), "scaler": self.scaler.state_dict(),
-                 "rng": rng[0], "cuda_rng": rng[1], "history": history}
+        rng = [(torch.get_rng_state(),
+                torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [])] * world
         if world > 1:
-            state["process_rng"] = [None] * world
-            dist.all_gather_object(state["process_rng"], rng)
+            dist.all_gather_object(rng, rng[0])
+        state = {"step": step, "models": self.model.state_dict(), "process_rng": rng,
+                 "optimizer": self.opt.state_dict(), "scaler": self.scaler.state_dict(),
+                 "history": history}
         if rank == 0:
-            common.atomic_save(state, out / "checkpoint.pt")
+            save(out / "checkpoint.pt", partial(torch.save, state))
 
     def load(self, out: Path) -> tuple[int, list]:
         """Rank 0's checkpoint.pt, with this process's own RNG states; (step, history)."""
         rank, world = rank_and_world()
-        ckpt = common.load_run_file(out / "checkpoint.pt", self.device, (
-            "step", "models", "optimizer", "scaler", "rng", "cuda_rng", "history"))
-        if world > 1 and len(ckpt.get("process_rng", [])) != world:
-            raise common.DataError(f"{out / 'checkpoint.pt'} was not written by {world} processes; "
-                                   "resume it with as many processes as it was started with")
-        common.load_models(self.model, ckpt["models"], out / "checkpoint.pt")
-        self.opt.load_state_dict(ckpt["optimizer"])
-        self.scaler.load_state_dict(ckpt["scaler"])
-        cpu_rng, cuda_rng = ckpt["process_rng"][rank] if world > 1 else (ckpt["rng"],
-                                                                            ckpt["cuda_rng"])
-        torch.set_rng_state(cpu_rng.cpu())
-        if cuda_rng and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all([state.cpu() for state in cuda_rng])
-        return ckpt["step"], ckpt["history"]
+
+        def restore(ckpt: dict) -> tuple[int, list]:
+            if len(ckpt["process_rng"]) != world:
+                raise ValueError(f"not written by {world} processes; resume it with as many "
+                                 "processes as it was started with")
+            self.model.load_state_dict(ckpt["models"])
+            self.opt.load_state_dict(ckpt["optimizer"])
+            self.scaler.load_state_dict(ckpt["scaler"])
+            cpu_rng, cuda_rng = ckpt["process_rng"][rank]
+            torch.set_rng_state(cpu_rng.cpu())
+            if cuda_rng and torch.cuda.is_available():
+                torch.cuda.set_rng_state_all([state.cpu() for state in cuda_rng])
+            return ckpt["step"], ckpt["history"]
+        return read_state(out / "checkpoint.pt", self.device, restore)
 
 
 def make_batches(x: torch.Tensor, y: torch.Tensor, tree: Any, args: argparse.Namespace,
-                 device: torch.device) -> Batches:
-    """(epoch, first step) -> this process's (uint8 images, labels) of each later step: the
-    permutation of (seed, epoch) cut into global batches (the last partial one dropped), each
-    cut into one slice per process (a resumable DistributedSampler). The images are indexed in
-    memory or, given a tree, decoded by --workers DataLoader processes (own generator)."""
+                 device: torch.device) -> Callable[[int, int], Iterator]:
+    """(epoch, first step) -> this process's slices of the global batches of each later step
+    (a resumable DistributedSampler), from memory or decoded from the tree by --workers."""
     rank, world = rank_and_world()
     n, size = len(x) if tree is None else len(tree), args.batch_size
 
@@ -711,25 +737,14 @@ def make_batches(x: torch.Tensor, y: torch.Tensor, tree: Any, args: argparse.Nam
     return batches
 
 
-def schedule_plan(args: argparse.Namespace, n_train: int) -> dict[str, int]:
-    """Steps per epoch (last partial batch dropped), total, warm-up, log and checkpoint steps."""
-    per_epoch = n_train // args.batch_size
-    steps = args.steps if args.steps is not None else round(args.epochs * per_epoch)
-    return {"per_epoch": per_epoch, "steps": steps,
-            "warmup": round(args.warmup_epochs * per_epoch),
-            "log_every": args.log_every or max(1, steps // 100),
-            "ckpt_every": max(1, round(args.ckpt_every * per_epoch) if args.ckpt_every
-                              else steps)}
-
-
-def train(trainer: Trainer, batches: Batches, plan: dict[str, int], out: Path, start: int,
-          history: list) -> None:
+def train(trainer: Trainer, batches: Callable[[int, int], Iterator], plan: dict[str, int],
+          out: Path, start: int, history: list) -> None:
     """Steps `start` .. plan["steps"]; logs [step, loss, online-probe accuracy, lr] to history."""
     args, per_epoch = trainer.args, plan["per_epoch"]
     rank, world = rank_and_world()
     bar = tqdm(range(start, plan["steps"]), initial=start, total=plan["steps"],
                disable=args.quiet or rank > 0, desc=f"{args.method} sigma={args.sigma:g}",
-               dynamic_ncols=True, mininterval=common.progress_interval())
+               dynamic_ncols=True, mininterval=0.1 if sys.stderr.isatty() else 60)
     losses, accuracies = [], []
     for step in bar:
         epoch, k = divmod(step, per_epoch)
@@ -751,8 +766,8 @@ def train(trainer: Trainer, batches: Batches, plan: dict[str, int], out: Path, s
             if not math.isfinite(mean_loss):
                 kept = (f"the last good checkpoint is kept in {out / 'checkpoint.pt'}"
                         if (out / "checkpoint.pt").is_file() else "no checkpoint was written yet")
-                common.fail(f"the loss became {mean_loss} by step {done}; {kept}; no metrics "
-                            "written. Try a smaller --lr", code=3)
+                raise FloatingPointError(f"the loss became {mean_loss} by step {done}; {kept}; "
+                                         "no metrics written. Try a smaller --lr")
             history.append([done, mean_loss, mean_acc, args.lr * args.batch_size / 256 * scale])
             bar.set_postfix(epoch=epoch, loss=f"{mean_loss:.3f}", online=f"{mean_acc:.3f}",
                             refresh=False)
@@ -761,44 +776,6 @@ def train(trainer: Trainer, batches: Batches, plan: dict[str, int], out: Path, s
 
 
 # ---- Evaluation: linear probe on frozen features, normality of the normalized projector outputs --
-
-@torch.no_grad()
-def embed(model: SSLNet, x: torch.Tensor, args: argparse.Namespace, mean: torch.Tensor,
-          std: torch.Tensor, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Eval-mode backbone features h and projector outputs (before the noise head), float32."""
-    model.eval()
-    features, projections = [], []
-    for i in range(0, len(x), 512):
-        batch = normalize(x[i:i + 512], mean, std, args.channels_last)
-        with common.autocast(device, args.amp):
-            h = model.backbone(batch)
-            p = model.projector(h)
-        features.append(h.float())
-        projections.append(p.float())
-    return torch.cat(features), torch.cat(projections)
-
-
-def fit_logistic(a: torch.Tensor, y: torch.Tensor, n_classes: int, steps: int,
-                 weight_decay: float) -> nn.Linear:
-    """Cross-entropy + weight_decay / 2 ||W||^2 by full-batch L-BFGS from zero weights."""
-    linear = nn.Linear(a.shape[1], n_classes).to(a.device)
-    nn.init.zeros_(linear.weight)
-    nn.init.zeros_(linear.bias)
-    opt = torch.optim.LBFGS(linear.parameters(), lr=1.0, max_iter=steps, history_size=20,
-                            line_search_fn="strong_wolfe", tolerance_grad=1e-6,
-                            tolerance_change=1e-9)
-
-    def closure() -> torch.Tensor:
-        opt.zero_grad()
-        loss = F.cross_entropy(linear(a), y) + 0.5 * weight_decay * linear.weight.pow(2).sum()
-        loss.backward()
-        return loss
-
-    with torch.enable_grad():
-        opt.step(closure)
-    return linear
-
-
 @torch.no_grad()
 def linear_probe(f_tr: torch.Tensor, y_tr: torch.Tensor, f_te: torch.Tensor, y_te: torch.Tensor,
                  n_classes: int, steps: int = 500,
@@ -806,6 +783,24 @@ def linear_probe(f_tr: torch.Tensor, y_tr: torch.Tensor, f_te: torch.Tensor, y_t
     """Logistic regression on features standardized with the training statistics; of several
     weight decays the best top-1 on a seeded held-out fifth of the training features (fitted on
     the rest) is refitted on all. Train top-1, test top-1 / top-5 (Table 1) and the decay."""
+    def fit_logistic(a: torch.Tensor, y: torch.Tensor, weight_decay: float) -> nn.Linear:
+        """Cross-entropy + weight_decay / 2 ||W||^2 by full-batch L-BFGS from zero weights."""
+        linear = nn.Linear(a.shape[1], n_classes).to(a.device)
+        nn.init.zeros_(linear.weight)
+        nn.init.zeros_(linear.bias)
+        opt = torch.optim.LBFGS(linear.parameters(), lr=1.0, max_iter=steps, history_size=20,
+                                line_search_fn="strong_wolfe", tolerance_grad=1e-6,
+                                tolerance_change=1e-9)
+
+        def closure() -> torch.Tensor:
+            opt.zero_grad()
+            loss = F.cross_entropy(linear(a), y) + 0.5 * weight_decay * linear.weight.pow(2).sum()
+            loss.backward()
+            return loss
+        with torch.enable_grad():
+            opt.step(closure)
+        return linear
+
     mu, sd = f_tr.mean(0), f_tr.std(0).clamp(min=1e-6)
     a_tr, a_te = (f_tr - mu) / sd, (f_te - mu) / sd
     chosen = weight_decays[0]
@@ -814,10 +809,10 @@ def linear_probe(f_tr: torch.Tensor, y_tr: torch.Tensor, f_te: torch.Tensor, y_t
         fit, held = order[len(a_tr) // 5:].to(a_tr.device), order[:len(a_tr) // 5].to(a_tr.device)
 
         def held_out_top1(wd: float) -> float:
-            linear = fit_logistic(a_tr[fit], y_tr[fit], n_classes, steps, wd)
+            linear = fit_logistic(a_tr[fit], y_tr[fit], wd)
             return (linear(a_tr[held]).argmax(1) == y_tr[held]).float().mean().item()
         chosen = max(weight_decays, key=held_out_top1)
-    linear = fit_logistic(a_tr, y_tr, n_classes, steps, chosen)
+    linear = fit_logistic(a_tr, y_tr, chosen)
     top5 = linear(a_te).topk(min(5, n_classes), dim=1).indices
     return {"top1": (top5[:, 0] == y_te).float().mean().item(),
             "top5": (top5 == y_te[:, None]).any(1).float().mean().item(),
@@ -827,25 +822,37 @@ def linear_probe(f_tr: torch.Tensor, y_tr: torch.Tensor, f_te: torch.Tensor, y_t
 
 def evaluate(model: SSLNet, data: tuple[torch.Tensor, ...], args: argparse.Namespace,
              mean: torch.Tensor, std: torch.Tensor, n_classes: int,
-             device: torch.device) -> dict[str, Any]:
-    """Linear probe, online probe and the normality of the test images' projector outputs
-    standardized over the probe-training images (the head's BatchNorm; the same for --head
-    none), returned as "embeddings". Every BatchNorm's statistics are first recomputed on the
-    clean probe-training images: training's mix augmented views, --steps 0 has none."""
+             dtype: torch.dtype) -> dict[str, Any]:
+    """Linear and online probes; normality of the test projector outputs standardized over the
+    probe's training images, on which every BatchNorm's statistics are first recomputed."""
     x_tr, y_tr, x_te, y_te = data
 
+    def normalize(x: torch.Tensor) -> torch.Tensor:
+        """The TestTransform of Appendix C: uint8 -> [0, 1] -> (x - mean) / std."""
+        x = (x.float() / 255 - mean[:, None, None]) / std[:, None, None]
+        return x.contiguous(memory_format=torch.channels_last) if args.channels_last else x
+
     def forward(x: torch.Tensor) -> None:
-        batch = normalize(x, mean, std, args.channels_last)
-        with common.autocast(device, args.amp):
-            model(batch)
+        with torch.autocast(x.device.type, dtype, enabled=dtype != torch.float32):
+            model(normalize(x))
+
+    @torch.no_grad()
+    def embed(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Eval-mode backbone features h and projector outputs (before the head), float32."""
+        model.eval()
+        parts = []
+        for i in range(0, len(x), 512):
+            with torch.autocast(x.device.type, dtype, enabled=dtype != torch.float32):
+                h = model.backbone(normalize(x[i:i + 512]))
+                parts.append((h.float(), model.projector(h).float()))
+        return torch.cat([h for h, _ in parts]), torch.cat([p for _, p in parts])
 
     # a last batch of one image would break BatchNorm1d in training mode
     common.recompute_bn_stats(model, forward, x_tr, 512 if len(x_tr) % 512 != 1 else 511)
-    f_tr, p_tr = embed(model, x_tr, args, mean, std, device)
-    f_te, p_te = embed(model, x_te, args, mean, std, device)
+    (f_tr, p_tr), (f_te, p_te) = embed(x_tr), embed(x_te)
     if not all(torch.isfinite(t).all() for t in (f_tr, p_tr, f_te, p_te)):
-        common.fail("the embeddings are not finite (the training diverged); no metrics written. "
-                    "Try a smaller --lr", code=3)
+        raise FloatingPointError("the embeddings are not finite (the training diverged); no "
+                                 "metrics written. Try a smaller --lr")
     probe = linear_probe(f_tr, y_tr, f_te, y_te, n_classes, args.probe_steps, args.probe_wd)
     online = (model.probe(f_te).argmax(1) == y_te).float().mean().item()
     z_te = ((p_te - p_tr.mean(0)) / p_tr.std(0).clamp(min=1e-6)).cpu().numpy()
@@ -855,63 +862,53 @@ def evaluate(model: SSLNet, data: tuple[torch.Tensor, ...], args: argparse.Names
             "embeddings": (z_te, y_te.cpu().numpy())}
 
 
-def label(method: str, sigma: float, head: str) -> str:
-    """A run's row name: the original method (no head), or the head with its noise level."""
-    return f"{method} without noise head (original)" if head == "none" else \
-        f"{method} BatchNorm head, sigma = {sigma:g}"
-
-
-def report(m: dict[str, Any]) -> str:
-    """The run's metrics.json as the few lines printed at its end."""
-    n, probe = m["normality"], m["probe"]
-    hz = "n/a (dim >= subsample)" if n["henze_zirkler_p"] is None else f"{n['henze_zirkler_p']:.3f}"
-    return (f"{label(m['method'], m['sigma'], m['head'])} on {m['data']['dataset']}, {m['steps']} "
-            f"steps ({m['epochs']:.2f} epochs), final loss {m['final_loss']:.4f}\n"
-            f"linear probe: top-1 {100 * probe['top1']:.2f} %   top-5 {100 * probe['top5']:.2f} %"
-            f"   (weight decay {probe['weight_decay']:g}; online probe top-1 "
-            f"{100 * m['online_probe']['test_top1']:.2f} %)\n"
-            f"normality p of the normalized projector outputs (d = {m['dim']}, subsample "
-            f"{n['subsample']}): D'Agostino {n['dagostino_p']:.3f}   Shapiro-Wilk "
-            f"{n['shapiro_p']:.3f}   Henze-Zirkler {hz}\n"
-            f"wall time {m['wall_time_s']:.0f} s on {m['device']}")
+def summary(m: dict[str, Any]) -> str:
+    """The run's metrics.json as the lines printed at its end."""
+    probe, online = m["probe"], m["online_probe"]["test_top1"]
+    return "\n".join([
+        f"{m['label']} on {m['dataset']}, {m['steps']} steps ({m['epochs']:.2f} epochs), final "
+        f"loss {m['final_loss']:.4f}", f"linear probe: top-1 {100 * probe['top1']:.2f} %   top-5 "
+        f"{100 * probe['top5']:.2f} %   (weight decay {probe['weight_decay']:g}; online probe "
+        f"top-1 {100 * online:.2f} %)", *common.normality_lines(m["normality"]),
+        f"wall time {m['wall_time_s']:.0f} s on {m['device']}"])
 
 
 # ---- --bench, the run and its files, main() ------------------------------------------------------
-
 def bench(args: argparse.Namespace, device: torch.device) -> None:
     """Time a step on synthetic images; project a CIFAR-10 run or ImageNet runs (poster Table 2)."""
     torch.manual_seed(args.seed)
     rank, world = rank_and_world()
+    dtype, why = precision(device, args.amp)
     trainer = Trainer(build_model(args, 10, device), args, torch.tensor(CIFAR_MEAN, device=device),
-                      torch.tensor(CIFAR_STD, device=device), device)
-    n = args.batch_size // world  # each process times its slice of the global batch
-    x = torch.randint(0, 256, (n, 3, args.image_size, args.image_size), dtype=torch.uint8,
-                      device=device)
-    y = torch.randint(0, 10, (n,), device=device)
-    views = trainer.views(x)
-    dtype, why = common.precision(device, args.amp)
-    trainer.args = argparse.Namespace(**{**vars(args), "amp": dtype == torch.float32})
-    other = common.time_per_step(lambda: trainer.step(*views, y, 1.0), args.bench, device)
-    trainer.args = args
-    clock = [common.time_per_step(lambda: trainer.views(x), args.bench, device),
-             common.time_per_step(lambda: trainer.step(*views, y, 1.0), args.bench, device)]
-    total = sum(clock)
-    projection = (" and ".join(f"{k // args.batch_size * 100 * total / 3600:.1f} h for 100 "
-                               f"{name} epochs" for name, k in IMAGENET_TRAIN.items())
-                  if args.recipe == "imagenet" else
-                  f"{total * 800 * (CIFAR10_TRAIN // args.batch_size) / 3600:.1f} h for 800 "
-                  "CIFAR-10 epochs")
-    precision = common.precision_name(dtype) + (", channels-last" if args.channels_last else "")
+                      torch.tensor(CIFAR_STD, device=device), device, dtype)
+    n, side = args.batch_size // world, args.image_size  # each process: its slice of the batch
+    x = torch.randint(0, 256, (n, 3, side, side), dtype=torch.uint8, device=device)
+    views, y = trainer.views(x), torch.randint(0, 10, (n,), device=device)
+    sync = torch.cuda.synchronize if device.type == "cuda" else lambda: None
+
+    def ms(call: Callable[[], Any], compute: torch.dtype = dtype) -> float:
+        """Milliseconds per call (and GPU sync) in `compute` precision, after two untimed calls."""
+        trainer.dtype = compute
+        seconds = [timeit.timeit(lambda: (call(), sync()), number=k) for k in (2, args.bench)]
+        return 1e3 * seconds[1] / args.bench
+
+    other = precision(device, dtype == torch.float32)[0]
+    other_ms = ms(lambda: trainer.step(*views, y, 1.0), other)
+    augment_ms, step_ms = ms(lambda: trainer.views(x)), ms(lambda: trainer.step(*views, y, 1.0))
+    hours = (augment_ms + step_ms) / 3.6e6  # per step; training images and epochs of a run:
+    runs = ({"CIFAR-10": (50_000, 800)} if args.recipe == "cifar" else  # poster Table 2's sets
+            {"ImageNet-100": (126_689, 100), "ImageNet-1k": (1_281_167, 100)})
     if rank == 0:
-        print(f"{device.type} ({precision}{', compiled' if args.compile else ''}), {world} "
-              f"process{'es' if world > 1 else ''}, {args.method} {args.arch}, batch "
-              f"{args.batch_size} x 2 views, {args.image_size}x{args.image_size}: augmentation "
-              f"{1e3 * clock[0]:.1f} ms + forward/backward/update {1e3 * clock[1]:.1f} ms = "
-              f"{1e3 * total:.1f} ms/step, {args.batch_size / total:.0f} images/s; at this batch "
-              f"size it would take {projection} (data loading not included)\n"
-              f"  {common.precision_name(common.precision(device, dtype == torch.float32)[0])}: "
-              f"forward/backward/update {1e3 * other:.1f} ms; the default (auto) picks "
-              f"{common.precision_name(common.precision(device)[0])}; this run: {why}")
+        print(f"{device.type} ({name(dtype)}{', channels-last' * args.channels_last}"
+              f"{', compiled' * args.compile}), {world} process{'es' * (world > 1)}, "
+              f"{args.method} {args.arch}, batch {args.batch_size} x 2 views, {side}x{side}: "
+              f"augmentation {augment_ms:.1f} ms + forward/backward/update {step_ms:.1f} ms = "
+              f"{augment_ms + step_ms:.1f} ms/step, {args.batch_size / (hours * 3600):.0f} "
+              "images/s; at this batch size it would take " + " and ".join(
+                  f"{size // args.batch_size * e * hours:.1f} h for {e} {k} epochs"
+                  for k, (size, e) in runs.items()) + " (data loading not included)\n"
+              f"  {name(other)}: forward/backward/update {other_ms:.1f} ms; the default (auto) "
+              f"picks {name(precision(device, None)[0])}; this run: {why}")
 
 
 def run(args: argparse.Namespace, device: torch.device) -> dict[str, Any] | None:
@@ -919,46 +916,45 @@ def run(args: argparse.Namespace, device: torch.device) -> dict[str, Any] | None
     rank, world = rank_and_world()
     out = Path(args.out)
     if args.resume and not args.eval_only and (out / "metrics.json").is_file():
-        metrics = common.read_json(out / "metrics.json")
-        print(f"{out} is finished:\n{report(metrics)}")
-        return metrics
-    started = time.time()
-    dtype, why = common.precision(device, args.amp)
+        print(f"{out} is finished: its results are in {out / 'metrics.json'}")
+        return None
+    saved = out / ("model.pt" if (out / "model.pt").is_file() else "checkpoint.pt")
+    started, (dtype, why) = time.time(), precision(device, args.amp)
     if rank == 0:
-        print(f"{common.precision_name(dtype)}: {why}")
+        print(f"{name(dtype)}: {why}")
     torch.manual_seed(args.seed)
     (x_tr, y_tr, x_te, y_te), info = load_images(args)
     if args.batch_size > info["n_train"]:
-        common.fail(f"--batch-size {args.batch_size} exceeds the {info['n_train']} training images")
-    if args.batch_size % world or args.batch_size // world < 2:
-        common.fail(f"--batch-size {args.batch_size} (the global batch) must be divisible by the "
-                    f"{world} processes, at least 2 images each")
+        raise common.DataError(f"--batch-size {args.batch_size} exceeds the {info['n_train']} "
+                               "training images")
     x_tr, y_tr, x_te, y_te = (t.to(device) for t in (x_tr, y_tr, x_te, y_te))
     mean, std = torch.tensor(info["mean"], device=device), torch.tensor(info["std"], device=device)
-    plan = schedule_plan(args, info["n_train"])
+    per_epoch = info["n_train"] // args.batch_size  # the last partial batch dropped
+    steps = args.steps if args.steps is not None else round(args.epochs * per_epoch)
+    plan = {"per_epoch": per_epoch, "steps": steps, "warmup": round(args.warmup_epochs * per_epoch),
+            "log_every": args.log_every or max(1, steps // 100),
+            "ckpt_every": max(1, round(args.ckpt_every * per_epoch) if args.ckpt_every else steps)}
     batches = make_batches(x_tr, y_tr, info.pop("tree", None), args, device)
     model = build_model(args, info["n_classes"], device)
+    settings = {k: v for k, v in vars(args).items() if k not in RUNTIME}
     history: list = []
     if args.eval_only:  # the final weights, else the last checkpoint's (an unfinished run)
-        saved = out / ("model.pt" if (out / "model.pt").is_file() else "checkpoint.pt")
-        common.load_models(model, common.load_run_file(saved, device)["models"], saved)
+        read_state(saved, device, lambda state: model.load_state_dict(state["models"]))
         if (out / "checkpoint.pt").is_file():
-            ckpt = common.load_run_file(out / "checkpoint.pt", torch.device("cpu"))
-            plan["steps"], history = ckpt["step"], ckpt["history"]
+            plan["steps"], history = read_state(out / "checkpoint.pt", torch.device("cpu"),
+                                                lambda state: (state["step"], state["history"]))
         print(f"evaluating {saved}")
     else:
-        if rank == 0:
-            out.mkdir(parents=True, exist_ok=True)
-            common.write_json({k: v for k, v in vars(args).items()
-                               if k not in common.RUNTIME_FLAGS}, out / "args.json")
         if world > 1:  # same initial weights (DDP broadcasts rank 0's), own augmentations, noise
             torch.manual_seed(args.seed * 1_000_003 + rank)
-        trainer = Trainer(model, args, mean, std, device)
-        start = 0
+        trainer, start = Trainer(model, args, mean, std, device, dtype), 0
         if args.resume and (out / "checkpoint.pt").is_file():
             start, history = trainer.load(out)
             if rank == 0:
                 print(f"resuming {out} at step {start}")
+        if rank == 0 and not (out / "args.json").is_file():  # a new run
+            out.mkdir(parents=True, exist_ok=True)
+            save_json(settings, out / "args.json")
         train(trainer, batches, plan, out, start, history)
         if world > 1:  # rank 0 evaluates alone, on a copy with plain (unsynchronized) BatchNorm
             dist.destroy_process_group()
@@ -970,11 +966,12 @@ def run(args: argparse.Namespace, device: torch.device) -> dict[str, Any] | None
     train_index = subset(len(x_tr), args.probe_train, args.seed)
     test_index = subset(len(x_te), args.probe_test, args.seed)
     probe_data = (x_tr[train_index], y_tr[train_index], x_te[test_index], y_te[test_index])
-    metrics = evaluate(model, probe_data, args, mean, std, info["n_classes"], device)
+    metrics = evaluate(model, probe_data, args, mean, std, info["n_classes"], dtype)
     z_te, y_te_np = metrics.pop("embeddings")
     metrics = {
         "method": args.method, "sigma": args.sigma, "head": args.head,
-        "label": label(args.method, args.sigma, args.head), "dataset": args.dataset,
+        "label": f"{args.method} without noise head (original)" if args.head == "none" else
+        f"{args.method} BatchNorm head, sigma = {args.sigma:g}", "dataset": args.dataset,
         "arch": args.arch, "dim": args.dim,
         "capacity": common.gaussian_capacity(args.dim, args.sigma),
         "class_information": math.log(info["n_classes"]), "steps": plan["steps"],
@@ -982,48 +979,49 @@ def run(args: argparse.Namespace, device: torch.device) -> dict[str, Any] | None
         "seed": args.seed, "final_loss": history[-1][1] if history else math.nan,
         "train_history": history, **metrics,
         "probe_images": {"train": len(probe_data[0]), "test": len(probe_data[2])},
-        "settings": {k: v for k, v in vars(args).items() if k not in common.RUNTIME_FLAGS},
-        "data": info, "device": str(device), "wall_time_s": time.time() - started,
-        "precision": {"dtype": common.precision_name(dtype), "why": why}}
+        "settings": settings, "data": info, "device": str(device),
+        "wall_time_s": time.time() - started, "precision": {"dtype": name(dtype), "why": why}}
     if args.eval_only:  # the run's own files stay as they are
-        common.write_json(metrics, out / "metrics_recomputed.json")
-        print(report(metrics) + f"\nsaved to {out / 'metrics_recomputed.json'}")
+        save_json(metrics, out / "metrics_recomputed.json")
+        print(summary(metrics) + f"\nsaved to {out / 'metrics_recomputed.json'}")
         return metrics
-    with common.atomic_path(out / "embeddings.npz") as tmp, open(tmp, "wb") as fh:
-        np.savez_compressed(fh, z_test=z_te, y_test=y_te_np)
-    common.atomic_save({"models": model.state_dict(), "args": vars(args)}, out / "model.pt")
+    save(out / "embeddings.npz", partial(np.savez_compressed, z_test=z_te, y_test=y_te_np))
+    save(out / "model.pt", partial(torch.save, {"models": model.state_dict(), "args": vars(args)}))
     if info["n_classes"] <= 10:
-        title = f"{label(args.method, args.sigma, args.head)}, {args.dataset} test"
-        common.save_figure(common.scatter_embeddings(z_te, y_te_np, title), out / "scatter.png")
-    common.write_json(metrics, out / "metrics.json")
-    print(report(metrics) + f"\nsaved to {out}")
+        figure = common.scatter_embeddings(z_te, y_te_np, f"{metrics['label']}, {args.dataset} "
+                                           "test")
+        save(out / "scatter.png", partial(figure.savefig, dpi=150, bbox_inches="tight"))
+        import matplotlib.pyplot as plt  # on the Agg backend, chosen by scatter_embeddings
+        plt.close(figure)
+    save_json(metrics, out / "metrics.json")
+    print(summary(metrics) + f"\nsaved to {out}")
     return metrics
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any] | None:
-    """One run; under torchrun every process calls it, and rank 0 returns the metrics."""
+    """One run (under torchrun: every process); expected errors end in one line on stderr."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world > 1 and not dist.is_initialized():  # torchrun: join the group (NCCL / gloo)
         dist.init_process_group("cpu:gloo,cuda:nccl" if torch.cuda.is_available() else "gloo")
-    args = parse_args(argv)
-    device = common.pick_device(args.device)
-    if world > 1:
-        if args.eval_only:
-            common.fail("--eval-only runs in one process: use python, not torchrun")
-        shared = [args.out]  # a default --out is time-stamped: take rank 0's
-        dist.broadcast_object_list(shared, src=0)
-        args.out = shared[0]
-        dist.barrier()  # every process has checked --out before rank 0 writes into it
-        if device.type == "cuda":
-            device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-            torch.cuda.set_device(device)
-    if args.bench:
-        bench(args, device)
-        return None
     try:
-        return run(args, device)
-    except common.DataError as err:  # from a DataLoader worker it ends with the original line
-        common.fail(str(err).strip().splitlines()[-1].split("DataError: ")[-1])
+        args = parse_args(argv)
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu") \
+            if args.device == "auto" else torch.device(args.device)
+        if world > 1:
+            shared = [args.out]  # a default --out is time-stamped: take rank 0's
+            dist.broadcast_object_list(shared, src=0)
+            args.out = shared[0]
+            dist.barrier()  # every process has checked --out before rank 0 writes into it
+            if device.type == "cuda":
+                device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+                torch.cuda.set_device(device)
+        return bench(args, device) if args.bench else run(args, device)
+    except (common.DataError, OSError) as err:  # a DataLoader worker's ends with the original line
+        message, code = str(err).strip().splitlines()[-1].split("DataError: ")[-1], 2
+    except FloatingPointError as err:
+        message, code = str(err), 3
+    print(f"cifar_ssl.py: error: {message}", file=sys.stderr)
+    sys.exit(code)
 
 
 if __name__ == "__main__":
