@@ -991,8 +991,6 @@ def run(args: argparse.Namespace, device: torch.device) -> dict[str, Any] | None
         figure = common.scatter_embeddings(z_te, y_te_np, f"{metrics['label']}, {args.dataset} "
                                            "test")
         save(out / "scatter.png", partial(figure.savefig, dpi=150, bbox_inches="tight"))
-        import matplotlib.pyplot as plt  # on the Agg backend, chosen by scatter_embeddings
-        plt.close(figure)
     save_json(metrics, out / "metrics.json")
     print(summary(metrics) + f"\nsaved to {out}")
     return metrics
