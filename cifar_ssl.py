@@ -116,18 +116,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add("--recipe", choices=["auto", "cifar", "imagenet"], default="auto", help="augmentations: "
         "cifar: Appendix C; imagenet: + blur and solarization, ImageNet mean/std (VICReg, "
         "BYOL); auto: imagenet above 64 px (Table 2: 224 px)")
-    add("--jitter-p", type=number(float, 0, 1), default=0.8, help="probability of ColorJitter "
-        "(SimCLR's; Appendix C gives none)")
+    add("--jitter-p", type=number(float, 0, 1), default=0.8, help="p of ColorJitter (SimCLR's)")
     add("--hidden", type=number(int, 1, 16384), default=2048, help="projector width (App. C)")
-    add("--dim", type=number(int, 2, 16384), help="projector output (App. C: simclr 256, vicreg "
-        "2048)")
+    add("--dim", type=number(int, 2, 16384), help="output width (App. C: simclr 256, vicreg 2048)")
     add("--temperature", type=number(float, 1e-3, 100), default=0.2, help="NT-Xent (App. C)")
     add("--vicreg-weights", type=number(float, 0, 1e4), nargs=3, default=[25.0, 25.0, 1.0],
         metavar=("SIM", "VAR", "COV"), help="VICReg loss weights (Appendix C)")
     add("--batch-size", type=number(int, 2, 65536), default=256, help="global (Appendix C)")
     add("--epochs", type=number(float, 0, 1e5), default=800.0, help="fractions allowed (App. C)")
-    add("--steps", type=number(int, 0, MANY), help="optimizer steps instead of --epochs; 0: the "
-        "random-init encoder (a baseline)")
+    add("--steps", type=number(int, 0, MANY), help="replaces --epochs; 0: the random-init encoder")
     add("--lr", type=number(float, 0, 10, True), default=0.3, help="LARS lr x batch/256 (App. C)")
     add("--momentum", type=number(float, 0, 1), default=0.9, help="LARS momentum (Appendix C)")
     add("--weight-decay", type=number(float, 0, 1), default=1e-4, help="LARS, not on biases and "
@@ -149,11 +146,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "normality tests draw from")
     add("--seed", type=number(int, 0, 2 ** 32 - 2), default=0, help="fixes init, data order, "
         "augmentations and noise")
-    add("--device", default="auto", help="auto: CUDA when present, else the CPU", choices=[
-        "auto", "cpu", *["cuda"] * torch.cuda.is_available(),
-        *["mps"] * torch.backends.mps.is_available()])
-    add("--amp", action=on_off, help="autocast: default auto, bf16 on CUDA (fp16 + GradScaler "
-        "without bf16) and on CPUs with native bf16 (AMX, AVX-512 BF16), else float32")
+    add("--device", default="auto", help="auto: CUDA when present, else the CPU", choices=["auto",
+        "cpu", *["cuda"] * torch.cuda.is_available(), *["mps"] * torch.backends.mps.is_available()])
+    add("--amp", action=on_off, help="autocast; auto: bf16 on CUDA (or fp16) and native-bf16 CPUs")
     add("--channels-last", action=on_off, default=True, help="channels-last backbone")
     add("--compile", action="store_true", help="torch.compile the network (CUDA)")
     add("--out", help="run directory (new or empty; default: a new one under runs/cifar_ssl/)")
@@ -282,8 +277,7 @@ def load_images(args: argparse.Namespace) -> tuple[tuple[torch.Tensor, ...], dic
         loader = torch.utils.data.DataLoader(torch.utils.data.Subset(tree, index.tolist()),
                                              batch_size=256, num_workers=args.workers,
                                              generator=torch.Generator())  # global RNG untouched
-        parts = list(loader)
-        return torch.cat([x for x, _ in parts]), torch.cat([y for _, y in parts])
+        return tuple(torch.cat(images_or_labels) for images_or_labels in zip(*loader))
 
     if args.dataset == "folder":
         root = Path(args.data_dir)
@@ -307,7 +301,6 @@ def load_images(args: argparse.Namespace) -> tuple[tuple[torch.Tensor, ...], dic
         info.update(source=str(root), mean=CIFAR_MEAN, std=CIFAR_STD)
     else:
         x_tr, y_tr, x_te, y_te, record = common.load_data(args.dataset, args.data_dir, crop=None)
-        # grey (N, 1, 28, 28) in [0, 1] -> (N, 3, 32, 32) uint8, zero-padded, channel repeated
         x_tr, x_te = ((F.pad(x, (2, 2, 2, 2)) * 255).round().to(torch.uint8)
                       .expand(-1, 3, -1, -1).contiguous() for x in (x_tr, x_te))
         info.update(record)
@@ -328,11 +321,9 @@ def load_images(args: argparse.Namespace) -> tuple[tuple[torch.Tensor, ...], dic
 
 
 # ---- Augmentation: Appendix C on whole batches, each sample with its own parameters --------------
-# RandomResizedCrop(scale, ratio), RandomApply(ColorJitter(0.4, 0.4, 0.2, 0.1), p=--jitter-p),
-# RandomGrayscale(0.2), RandomHorizontalFlip(0.5): the PretrainTransform of Appendix C
+# Appendix C's PretrainTransform: RandomResizedCrop, ColorJitter (p: --jitter-p), grey, flip
 CROP_SCALE, CROP_RATIO = (0.08, 1.0), (3 / 4, 4 / 3)
 JITTER = {"brightness": 0.4, "contrast": 0.4, "saturation": 0.2, "hue": 0.1}
-# ColorJitter's factor ranges (torchvision): [max(0, 1 - s), 1 + s], hue [-s, s]
 JITTER_RANGES = {k: (-s, s) if k == "hue" else (max(0.0, 1 - s), 1 + s) for k, s in JITTER.items()}
 GREY_P, FLIP_P = 0.2, 0.5
 # the ImageNet recipe's extra steps per view (VICReg; BYOL, Table 6): Gaussian blur with sigma
@@ -367,8 +358,7 @@ def sample_crops(n: int, height: int, width: int, device: torch.device,
 def sample_augment_params(n: int, height: int, width: int, device: torch.device,
                           jitter_p: float = 0.8, view: int | None = None) -> dict[str, Any]:
     """Per-sample parameters of Appendix C's pipeline: crop boxes, jitter flags, factors (n, 4)
-    of brightness, contrast, saturation, hue, the order of the four per sample, grey and flip;
-    given the `view` (0 or 1) of the ImageNet recipe, blur flag and sigma, solarization flag."""
+    in JITTER's order and the order applied, grey, flip; with an ImageNet `view`, blur, solarize."""
     lo, hi = torch.tensor(list(JITTER_RANGES.values()), device=device).T
     uniform = partial(torch.rand, device=device)  # drawn in this order, the ImageNet ones last
     params = {"crop": sample_crops(n, height, width, device), "jitter": uniform(n) < jitter_p,
@@ -389,8 +379,7 @@ def bicubic_weights(start: torch.Tensor, length: torch.Tensor, in_size: int,
     centre = start[:, None, None] + (torch.arange(out_size, device=start.device)[None, :, None]
                                      + 0.5) * scale
     pixel = torch.arange(in_size, device=start.device)[None, None, :] + 0.5
-    t = ((pixel - centre) / scale.clamp(min=1)).abs()
-    a = -0.5
+    t, a = ((pixel - centre) / scale.clamp(min=1)).abs(), -0.5
     weight = torch.where(t < 1, ((a + 2) * t - (a + 3)) * t * t + 1,
                          torch.where(t < 2, a * (((t - 5) * t + 8) * t - 4), 0.0))
     weight = weight * ((pixel >= start[:, None, None]) & (pixel < (start + length)[:, None, None]))
@@ -430,19 +419,16 @@ def shift_hue(x: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
     hue = torch.where(chroma > 0, hue / 6, torch.zeros_like(hue))
     hue = torch.remainder(hue + shift[:, None, None], 1.0)
     saturation = chroma / torch.where(value > 0, value, torch.ones_like(value))
-    channels = []
-    for n in (5.0, 3.0, 1.0):
-        k = torch.remainder(n + 6 * hue, 6.0)
-        channels.append(value - value * saturation * torch.minimum(k, 4 - k).clamp(0.0, 1.0))
-    return torch.stack(channels, dim=1)
+    ks = (torch.remainder(n + 6 * hue, 6.0) for n in (5.0, 3.0, 1.0))  # R, G, B
+    return torch.stack([value - value * saturation * torch.minimum(k, 4 - k).clamp(0.0, 1.0)
+                        for k in ks], dim=1)
 
 
 JITTER_OPS: list[Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = [
     lambda x, f: blend(x, torch.zeros_like(x), f),                                # brightness
     lambda x, f: blend(x, grey(x).mean(dim=(1, 2, 3), keepdim=True), f),          # contrast
     lambda x, f: blend(x, grey(x), f),                                            # saturation
-    shift_hue,                                                                    # hue
-]
+    shift_hue]                                                                    # hue
 
 
 def gaussian_blur(x: torch.Tensor, sigma: torch.Tensor, kernel: int) -> torch.Tensor:
@@ -452,8 +438,7 @@ def gaussian_blur(x: torch.Tensor, sigma: torch.Tensor, kernel: int) -> torch.Te
     offsets = torch.arange(kernel, device=x.device) - (kernel - 1) / 2
     weights = torch.exp(-0.5 * (offsets[None] / sigma[:, None]) ** 2)
     weights = (weights / weights.sum(1, keepdim=True)).repeat_interleave(c, dim=0)
-    half = kernel // 2
-    y = F.pad(x.reshape(1, n * c, height, width), (half, half, half, half), mode="reflect")
+    y = F.pad(x.reshape(1, n * c, height, width), (kernel // 2,) * 4, mode="reflect")
     y = F.conv2d(y, weights[:, None, None, :], groups=n * c)
     y = F.conv2d(y, weights[:, None, :, None], groups=n * c)
     return y.reshape(n, c, height, width)
@@ -523,12 +508,42 @@ class GlobalHead(common.GaussianHead):
         return (f - mean) / torch.sqrt(var + norm.eps)
 
 
+def nt_xent(z1: torch.Tensor, z2: torch.Tensor, temperature: float = 0.2) -> torch.Tensor:
+    """NT-Xent, the SimCLR loss (Chen et al. 2020, eq. 1), over all 2N anchors; z1[k], z2[k]
+    are two views of image k. InfoNCE (Section 4) with 2N - 1 candidates; t = 0.2 (App. C)."""
+    u = F.normalize(torch.cat([z1, z2]).float(), dim=1)
+    n = len(z1)
+    logits = (u @ u.T / temperature).fill_diagonal_(-math.inf)
+    positives = torch.cat([torch.arange(n, 2 * n), torch.arange(n)]).to(u.device)
+    return F.cross_entropy(logits, positives)
+
+
+def vicreg_loss(z1: torch.Tensor, z2: torch.Tensor, sim_weight: float = 25.0,
+                var_weight: float = 25.0, cov_weight: float = 1.0,
+                eps: float = 1e-4) -> torch.Tensor:
+    """VICReg (Bardes et al. 2022, eq. 6): sim s(Z, Z') + var [v(Z) + v(Z')] + cov [c(Z) + c(Z')];
+    s: MSE, v: eq. 1, c: eq. 3 (covariance divisor N - 1); weights 25 / 25 / 1 (Appendix C)."""
+    z1, z2 = z1.float(), z2.float()
+
+    def variance(z: torch.Tensor) -> torch.Tensor:
+        return F.relu(1.0 - torch.sqrt(z.var(dim=0) + eps)).mean()
+
+    def covariance(z: torch.Tensor) -> torch.Tensor:
+        n, d = z.shape
+        centred = z - z.mean(dim=0)
+        cov = centred.T @ centred / (n - 1)
+        return (cov.pow(2).sum() - cov.diagonal().pow(2).sum()) / d
+
+    return (sim_weight * F.mse_loss(z1, z2)
+            + var_weight * (variance(z1) + variance(z2))
+            + cov_weight * (covariance(z1) + covariance(z2)))
+
+
 def ssl_loss(args: argparse.Namespace) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
-    """NT-Xent (Chen et al. 2020, eq. 1) or VICReg (common.py) on the two views' head outputs of
-    the global batch: its rows are every process's negatives, variance and covariance."""
+    """NT-Xent or VICReg on the two views' head outputs of the global batch (every process's)."""
     sim, var, cov = args.vicreg_weights
-    loss = (partial(common.nt_xent, temperature=args.temperature) if args.method == "simclr"
-            else partial(common.vicreg_loss, sim_weight=sim, var_weight=var, cov_weight=cov))
+    loss = (partial(nt_xent, temperature=args.temperature) if args.method == "simclr"
+            else partial(vicreg_loss, sim_weight=sim, var_weight=var, cov_weight=cov))
     return lambda z1, z2: loss(gather(z1.float()), gather(z2.float()))
 
 
@@ -590,10 +605,8 @@ class LARS(torch.optim.Optimizer):
                     d = torch.where((w_norm > 0) & (g_norm > 0),
                                     (d + group["weight_decay"] * w) * rate, d)
                 state = self.state[w]
-                if "velocity" not in state:
-                    state["velocity"] = d.clone()
-                else:
-                    state["velocity"].mul_(group["momentum"]).add_(d)
+                state["velocity"] = (state["velocity"].mul_(group["momentum"]).add_(d)
+                                     if "velocity" in state else d.clone())
                 w.add_(state["velocity"], alpha=-group["lr"])
 
 
@@ -667,11 +680,9 @@ class Trainer:
             group["lr"] = group["base_lr"] * lr_scale
         self.model.train()
         with torch.autocast(self.device.type, self.dtype, enabled=self.dtype != torch.float32):
-            h1, z1 = self.net(v1)
-            h2, z2 = self.net(v2)
+            (h1, z1), (h2, z2) = self.net(v1), self.net(v2)
             if self.args.sigma > 0:  # z + Z, Z ~ N(0, sigma^2 I), on both views (Theorem 3.4)
-                z1 = z1 + self.args.sigma * torch.randn_like(z1)
-                z2 = z2 + self.args.sigma * torch.randn_like(z2)
+                z1, z2 = (z + self.args.sigma * torch.randn_like(z) for z in (z1, z2))
             loss = self.loss_fn(z1, z2)
             labels = torch.cat([y, y])
             logits = self.model.probe(torch.cat([h1, h2]).detach())
@@ -726,8 +737,7 @@ def make_batches(x: torch.Tensor, y: torch.Tensor, tree: Any, args: argparse.Nam
         slices = [order[k * size:(k + 1) * size].chunk(world)[rank]
                   for k in range(first, n // size)]
         if tree is None:
-            for index in slices:
-                yield x[index.to(x.device)], y[index.to(x.device)]
+            yield from ((x[index.to(x.device)], y[index.to(x.device)]) for index in slices)
             return
         loader = torch.utils.data.DataLoader(
             tree, batch_sampler=[index.tolist() for index in slices], num_workers=args.workers,
@@ -740,29 +750,26 @@ def make_batches(x: torch.Tensor, y: torch.Tensor, tree: Any, args: argparse.Nam
 def train(trainer: Trainer, batches: Callable[[int, int], Iterator], plan: dict[str, int],
           out: Path, start: int, history: list) -> None:
     """Steps `start` .. plan["steps"]; logs [step, loss, online-probe accuracy, lr] to history."""
-    args, per_epoch = trainer.args, plan["per_epoch"]
-    rank, world = rank_and_world()
+    args, (rank, world) = trainer.args, rank_and_world()
     bar = tqdm(range(start, plan["steps"]), initial=start, total=plan["steps"],
                disable=args.quiet or rank > 0, desc=f"{args.method} sigma={args.sigma:g}",
                dynamic_ncols=True, mininterval=0.1 if sys.stderr.isatty() else 60)
-    losses, accuracies = [], []
+    logged: list = []  # (loss, online-probe accuracy) tensors since the last log
     for step in bar:
-        epoch, k = divmod(step, per_epoch)
+        epoch, k = divmod(step, plan["per_epoch"])
         if k == 0 or step == start:
             stream = batches(epoch, k)
         x, y = next(stream)
         scale = lr_factor(step, plan["warmup"], plan["steps"])
-        loss, accuracy = trainer.step(*trainer.views(x), y, scale)
-        losses.append(loss)
-        accuracies.append(accuracy)
+        logged.append(trainer.step(*trainer.views(x), y, scale))
         done = step + 1
         checkpoint = done % plan["ckpt_every"] == 0 or done == plan["steps"]
         if done % plan["log_every"] == 0 or checkpoint:
-            mean_loss, mean_acc = torch.stack(losses).mean().item(), torch.stack(accuracies).mean()
+            mean_loss, mean_acc = (torch.stack(values).mean() for values in zip(*logged))
             if world > 1:  # the loss is the global batch's already; the probe's is per process
                 dist.all_reduce(mean_acc)
                 mean_acc /= world
-            mean_acc, losses, accuracies = mean_acc.item(), [], []
+            mean_loss, mean_acc, logged = mean_loss.item(), mean_acc.item(), []
             if not math.isfinite(mean_loss):
                 kept = (f"the last good checkpoint is kept in {out / 'checkpoint.pt'}"
                         if (out / "checkpoint.pt").is_file() else "no checkpoint was written yet")
@@ -780,9 +787,8 @@ def train(trainer: Trainer, batches: Callable[[int, int], Iterator], plan: dict[
 def linear_probe(f_tr: torch.Tensor, y_tr: torch.Tensor, f_te: torch.Tensor, y_te: torch.Tensor,
                  n_classes: int, steps: int = 500,
                  weight_decays: Sequence[float] = (1e-4,)) -> dict[str, float]:
-    """Logistic regression on features standardized with the training statistics; of several
-    weight decays the best top-1 on a seeded held-out fifth of the training features (fitted on
-    the rest) is refitted on all. Train top-1, test top-1 / top-5 (Table 1) and the decay."""
+    """Logistic regression on standardized features; of several weight decays, the best top-1 on
+    a seeded held-out fifth (fitted on the rest) is refitted on all; test top-1, top-5 (Table 1)."""
     def fit_logistic(a: torch.Tensor, y: torch.Tensor, weight_decay: float) -> nn.Linear:
         """Cross-entropy + weight_decay / 2 ||W||^2 by full-batch L-BFGS from zero weights."""
         linear = nn.Linear(a.shape[1], n_classes).to(a.device)
@@ -877,8 +883,7 @@ def summary(m: dict[str, Any]) -> str:
 def bench(args: argparse.Namespace, device: torch.device) -> None:
     """Time a step on synthetic images; project a CIFAR-10 run or ImageNet runs (poster Table 2)."""
     torch.manual_seed(args.seed)
-    rank, world = rank_and_world()
-    dtype, why = precision(device, args.amp)
+    (rank, world), (dtype, why) = rank_and_world(), precision(device, args.amp)
     trainer = Trainer(build_model(args, 10, device), args, torch.tensor(CIFAR_MEAN, device=device),
                       torch.tensor(CIFAR_STD, device=device), device, dtype)
     n, side = args.batch_size // world, args.image_size  # each process: its slice of the batch
@@ -913,8 +918,7 @@ def bench(args: argparse.Namespace, device: torch.device) -> None:
 
 def run(args: argparse.Namespace, device: torch.device) -> dict[str, Any] | None:
     """Data, model, training (or the saved weights with --eval-only), evaluation, saving."""
-    rank, world = rank_and_world()
-    out = Path(args.out)
+    (rank, world), out = rank_and_world(), Path(args.out)
     if args.resume and not args.eval_only and (out / "metrics.json").is_file():
         print(f"{out} is finished: its results are in {out / 'metrics.json'}")
         return None
@@ -967,7 +971,7 @@ def run(args: argparse.Namespace, device: torch.device) -> dict[str, Any] | None
     test_index = subset(len(x_te), args.probe_test, args.seed)
     probe_data = (x_tr[train_index], y_tr[train_index], x_te[test_index], y_te[test_index])
     metrics = evaluate(model, probe_data, args, mean, std, info["n_classes"], dtype)
-    z_te, y_te_np = metrics.pop("embeddings")
+    z_te, y_test = metrics.pop("embeddings")
     metrics = {
         "method": args.method, "sigma": args.sigma, "head": args.head,
         "label": f"{args.method} without noise head (original)" if args.head == "none" else
@@ -985,11 +989,10 @@ def run(args: argparse.Namespace, device: torch.device) -> dict[str, Any] | None
         save_json(metrics, out / "metrics_recomputed.json")
         print(summary(metrics) + f"\nsaved to {out / 'metrics_recomputed.json'}")
         return metrics
-    save(out / "embeddings.npz", partial(np.savez_compressed, z_test=z_te, y_test=y_te_np))
+    save(out / "embeddings.npz", partial(np.savez_compressed, z_test=z_te, y_test=y_test))
     save(out / "model.pt", partial(torch.save, {"models": model.state_dict(), "args": vars(args)}))
     if info["n_classes"] <= 10:
-        figure = common.scatter_embeddings(z_te, y_te_np, f"{metrics['label']}, {args.dataset} "
-                                           "test")
+        figure = common.scatter_embeddings(z_te, y_test, f"{metrics['label']}, {args.dataset} test")
         save(out / "scatter.png", partial(figure.savefig, dpi=150, bbox_inches="tight"))
     save_json(metrics, out / "metrics.json")
     print(summary(metrics) + f"\nsaved to {out}")

@@ -15,7 +15,7 @@ from torch import distributed as dist
 from torch import nn
 
 import cifar_ssl
-from common import nt_xent, vicreg_loss
+from cifar_ssl import nt_xent, vicreg_loss
 
 REPO = Path(__file__).resolve().parents[1]
 WORLD = 2

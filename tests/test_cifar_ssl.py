@@ -1,4 +1,4 @@
-"""Tests of cifar_ssl.py (Table 1) and the SSL losses in common.py, on tiny generated data.
+"""Tests of cifar_ssl.py (Table 1) with its SSL losses, on tiny generated data.
 
 Bad input ends in exit code 2 (3: a diverged run) and one stderr line naming the flag or the file
 (argparse prints its usage above a refused flag); each check is tested once."""
@@ -21,7 +21,7 @@ from torchvision.transforms.v2 import functional as TF
 
 import cifar_ssl
 import common
-from common import nt_xent, vicreg_loss
+from cifar_ssl import nt_xent, vicreg_loss
 
 CPU = torch.device("cpu")
 FAST = ["--image-size", "16", "--batch-size", "8", "--hidden", "64", "--dim", "8",
@@ -34,7 +34,7 @@ def settings(*flags):
     return cifar_ssl.parse_args(["--out", "unused", *flags])
 
 
-# --- Losses (common.py) ---------------------------------------------------------------------
+# --- Losses: NT-Xent (Chen et al. eq. 1), VICReg (Bardes et al. eq. 6) -------------------------
 
 def nt_xent_by_loops(z1, z2, t):
     """Chen et al. 2020, eq. 1, one anchor at a time."""
@@ -663,12 +663,12 @@ def test_damaged_data_is_one_line(tmp_path, capsys, how, extra):
 
 def test_a_diverged_run_stops_with_exit_code_3_keeping_its_last_good_checkpoint(
         cifar10, tmp_path, capsys, monkeypatch):
-    calls, loss = [], common.nt_xent
+    calls, loss = [], cifar_ssl.nt_xent
 
     def nan_from_step_2(z1, z2, temperature):
         calls.append(1)
         return loss(z1, z2, temperature) * (math.nan if len(calls) > 1 else 1.0)
-    monkeypatch.setattr(common, "nt_xent", nan_from_step_2)
+    monkeypatch.setattr(cifar_ssl, "nt_xent", nan_from_step_2)
     ckpt = tmp_path / "run" / "checkpoint.pt"  # written every step (10 steps per epoch)
     line = refusal(["--out", str(ckpt.parent), *FAST, "--data-dir", str(cifar10), "--steps", "3",
                     "--ckpt-every", "0.1"], capsys, code=3)
