@@ -21,8 +21,7 @@ from sklearn import metrics, naive_bayes, neighbors, neural_network
 from sklearn.exceptions import ConvergenceWarning
 from torch import nn
 
-LOG10 = math.log(10.0)
-"""Information of a balanced 10-class label in nats: a channel below it cannot carry the digit."""
+LOG10 = math.log(10.0)  # nats of a balanced 10-class label: a channel below it cannot carry it
 REPO = Path(__file__).resolve().parent
 SHIPPED_MNIST = REPO / "data" / "mnist"
 FASHION_MNIST_DEBIAN = Path("/usr/share/datasets/fashion-mnist")
@@ -49,8 +48,7 @@ def read_idx(path: str | Path) -> torch.Tensor:
 
 
 def load_mnist(root: str | Path, train: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """Images (N, 1, 28, 28) in [0, 1] and int64 labels of one split of MNIST or Fashion-MNIST,
-    read from the IDX files (optionally .gz) in `root`."""
+    """Images (N, 1, 28, 28) in [0, 1] and int64 labels of one split, from IDX files in `root`."""
     root, tensors = Path(root), []
     for kind in ("images-idx3", "labels-idx1"):
         name = f"{'train' if train else 't10k'}-{kind}-ubyte"
@@ -81,14 +79,13 @@ def seeded_split(n: int, n_train: int, seed: int = 0) -> tuple[torch.Tensor, tor
 def load_data(dataset: str, data_dir: str | None = None, split_seed: int = 0,
               crop: int | None = 24) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor,
                                                 torch.Tensor, dict[str, Any]]:
-    """(x_train, y_train, x_test, y_test, record) with images center-cropped to crop x crop
-    (Table 2: 24; None: 28 x 28). "mnist": the official 60k / 10k split in data/mnist/;
-    "fashion-mnist": Debian's copy; "mnist-test-split": a seeded 8k / 2k split of the 10k MNIST
-    test images, the substitute of older runs. `data_dir` replaces the default folder."""
+    """(x_train, y_train, x_test, y_test, record), images cropped to crop x crop (Table 2: 24).
+    "mnist": the official 60k / 10k in data/mnist/ (or `data_dir`); "fashion-mnist": Debian's;
+    "mnist-test-split": a seeded 8k / 2k split of the 10k MNIST test images (older runs)."""
     root = Path(data_dir or (FASHION_MNIST_DEBIAN if dataset == "fashion-mnist" else SHIPPED_MNIST))
     where = root.resolve()  # recorded relative to the repository when inside it
-    info: dict[str, Any] = {"dataset": dataset, "source": str(
-        where.relative_to(REPO) if where.is_relative_to(REPO) else where)}
+    info = {"dataset": dataset, "source": str(where.relative_to(REPO) if
+                                              where.is_relative_to(REPO) else where)}
     if dataset == "mnist-test-split":
         x, y = load_mnist(root, train=False)
         tr, te = seeded_split(len(x), int(0.8 * len(x)), split_seed)
@@ -110,8 +107,7 @@ def load_data(dataset: str, data_dir: str | None = None, split_seed: int = 0,
     return center_crop(x_tr, crop), y_tr, center_crop(x_te, crop), y_te, info
 
 
-OOD_SETS = ("fashion-mnist", "inverted", "noise")
-"""Out-of-distribution test sets for MNIST encoders: another data set, and two synthetic shifts."""
+OOD_SETS = ("fashion-mnist", "inverted", "noise")  # shifted test sets: a data set, two shifts
 
 
 def shifted_images(name: str, x_test: torch.Tensor, data_dir: str | None = None,
@@ -153,8 +149,7 @@ class ConvEncoder(nn.Module):
 
 
 class GaussianHead(nn.Module):
-    """BatchNorm1d(affine=False): E f(X) = 0, Var f(X)_i = 1 (Theorem 3.4; C of eq. 5). It adds
-    no noise: each script adds Z ~ N(0, sigma^2 I) itself, in one line."""
+    """BatchNorm1d(affine=False): E f(X) = 0, Var f(X)_i = 1 (Theorem 3.4); the scripts add Z."""
 
     def __init__(self, dim: int):
         super().__init__()
@@ -172,18 +167,16 @@ class UniformHead(GaussianHead):
 
 
 @torch.no_grad()
-def recompute_bn_stats(model: nn.Module, forward: Callable[[torch.Tensor], Any],
-                       x: torch.Tensor, batch_size: int) -> None:
-    """Replace every BatchNorm's running statistics by their average over batches of `x` (the
-    clean training images, after training), as the evaluation embeddings need."""
+def recompute_bn_stats(model: nn.Module, forward: Callable, x: torch.Tensor, bs: int) -> None:
+    """Every BatchNorm's running statistics replaced by their average over batches of `x`."""
     norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
     momenta, was_training = [m.momentum for m in norms], model.training
     for m in norms:
         m.reset_running_stats()
         m.momentum = None  # a cumulative average over the batches of this pass
     model.train()
-    for i in range(0, len(x), batch_size):
-        forward(x[i:i + batch_size])
+    for i in range(0, len(x), bs):
+        forward(x[i:i + bs])
     model.train(was_training)
     for m, momentum in zip(norms, momenta, strict=True):
         m.momentum = momentum
@@ -242,9 +235,8 @@ class _PairwiseMLP(torch.autograd.Function):
 
 
 class ConcatCritic(nn.Module):
-    """Table 2 critic T([a; b]): Dense(2d,256), LeakyReLU, Dense(256,256), LeakyReLU, Dense(256,1).
-    `reference` runs it on all B x B concatenated pairs (the definition); `fast` (the same
-    function) splits the first layer by input and runs _PairwiseMLP in the autocast dtype."""
+    """Table 2 critic T([a; b]): Dense(2d,256), LeakyReLU, Dense(256,256), LeakyReLU, Dense(256,1);
+    `reference` on all B x B pairs (the definition), `fast` through _PairwiseMLP (the same T)."""
 
     def __init__(self, dim: int, hidden: int = 256, fast: bool = True, rows: int | None = None):
         super().__init__()
@@ -316,16 +308,8 @@ class GaussianCritic(nn.Module):
                     + gaussian_capacity(a.shape[1], self.sigma))
 
 
-def make_critic(name: str, dim: int, sigma: float = 0.0, fast: bool = True) -> nn.Module:
-    """The critic `name` for d-dimensional embeddings (sigma: Theorem 4.1's; fast: concat's)."""
-    if name in ("gaussian", "concat"):
-        return GaussianCritic(sigma) if name == "gaussian" else ConcatCritic(dim, fast=fast)
-    return {"separable": SeparableCritic, "bilinear": BilinearCritic}[name](dim)
-
-
 # --- MI bounds on a score matrix (positives on the diagonal); each returns (loss, MI in nats) --
 # Scores estimate the PMI; the NWJ family (optimum PMI + 1, Remark 2.5) uses T = scores + 1.
-
 def _offdiag_logmeanexp(scores: torch.Tensor) -> torch.Tensor:
     """log of the mean of exp(scores) over the off-diagonal (product-of-marginals) pairs."""
     n = scores.shape[0]
@@ -352,8 +336,7 @@ def nwj(scores: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def js(scores: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Jensen-Shannon loss of Deep InfoMax, E_P softplus(-T) + E_Q softplus(T); its MI estimate
-    is NWJ's (Choi & Lee, Table 1)."""
+    """Deep InfoMax's Jensen-Shannon loss E_P sp(-T) + E_Q sp(T); MI: NWJ's (Choi & Lee, Tab. 1)."""
     off = ~torch.eye(scores.shape[0], dtype=torch.bool, device=scores.device)
     loss = F.softplus(-scores.diagonal()).mean() + F.softplus(scores[off]).mean()
     return loss, nwj(scores)[1]
@@ -380,8 +363,7 @@ LOSSES: dict[str, Callable[..., tuple[torch.Tensor, torch.Tensor]]] = {
     "infonce": infonce, "nwj": nwj, "dv": dv, "js": js, "redv": redv, "renwj": renwj}
 
 
-def mi_loss(name: str, reg_weight: float = 0.1,
-            clip: float | None = 10.0) -> Callable[[torch.Tensor], tuple]:
+def mi_loss(name: str, reg_weight: float = 0.1, clip: float | None = 10.0) -> Callable:
     """The loss `name` with weight for redv / renwj and clip for renwj (Choi & Lee, Table 1)."""
     if name == "renwj":
         return partial(renwj, weight=reg_weight, clip=clip)
@@ -405,8 +387,7 @@ def bound_estimates(scores: torch.Tensor) -> dict[str, tuple[float, float]]:
 
 
 def bound_estimates_table(batches: Sequence[torch.Tensor], whole: torch.Tensor) -> dict:
-    """{estimator: {"batch": [mean, se over batches], "whole": [value, row se]}} of
-    bound_estimates over disjoint batches and over one whole batch."""
+    """{estimator: {"batch": [mean, se] over the batches, "whole": bound_estimates(whole)}}."""
     rows, table = [bound_estimates(s) for s in batches], {}
     for name, whole_value in bound_estimates(whole).items():
         values = [r[name][0] for r in rows]
@@ -427,11 +408,9 @@ def uniform_capacity(d: int, eps: float) -> float:
 
 
 # --- Normality tests and their null levels (Section 5) ---------------------------------------
-NULL_DRAWS = 39
-"""N(0, I) samples behind every null level: with 39, the Monte Carlo test at 5 % is exact."""
-LEVEL, BAND_SHARE, COLLAPSED = 0.05, 0.95, 0.05
-"""The level of the normality decision; the share of null draws a band holds (its central 95 %);
-a correlation eigenvalue below COLLAPSED marks a (nearly) collapsed direction."""
+NULL_DRAWS = 39  # N(0, I) samples behind every null level: the Monte Carlo test at 5 % is exact
+LEVEL, BAND_SHARE = 0.05, 0.95  # the decision's level; the central share of null draws in a band
+COLLAPSED = 0.05  # a correlation eigenvalue below it marks a (nearly) collapsed direction
 _NULL_CACHE: dict[tuple[int, ...], dict] = {}
 
 
@@ -457,9 +436,8 @@ def _directions(rng: np.random.Generator, d: int, k: int) -> np.ndarray:
 
 
 def projected_pvalues(z, directions: np.ndarray, subsamples: np.ndarray) -> tuple[float, float]:
-    """Mean p-values of D'Agostino-Pearson and Shapiro-Wilk (Section 5) on random 1-D projections:
-    column j of `directions` (d, k) projects z, each row of subsamples[j] (n_boot, m) picks the m
-    points of one test."""
+    """Mean p-values of D'Agostino-Pearson and Shapiro-Wilk (Section 5) on 1-D projections: column
+    j of `directions` (d, k) projects z, each row of subsamples[j] (n_boot, m) picks one test's."""
     projections = _as_2d(z) @ directions
     samples = projections[subsamples, np.arange(directions.shape[1])[:, None, None]]
     samples = samples.reshape(-1, subsamples.shape[-1])
@@ -538,39 +516,34 @@ def null_band(values, k: int = 1, share: float = BAND_SHARE, resamples: int = 20
 
 def normality_null(n: int, d: int, subsample: int = 128, n_proj: int = 10, n_boot: int = 20,
                    seed: int = 0, draws: int = NULL_DRAWS) -> dict:
-    """normality_report's statistics on `draws` N(0, I_d) samples of size n (own generator,
-    cached): per statistic its mean, sd, band of one sample and the draws ("values"); None for
-    Henze-Zirkler when d >= min(subsample, n)."""
+    """normality_report's statistics on `draws` N(0, I_d) samples of size n (cached): per statistic
+    mean, sd, band of one sample and the draws ("values"); Henze-Zirkler None if d >= subsample."""
     key = (n, d, subsample, n_proj, n_boot, seed, draws)
     if key not in _NULL_CACHE:
-        rng = np.random.default_rng((seed, 16))
-        stats: dict[str, list] = {name: [] for name in (
-            "dagostino_p", "shapiro_p", "henze_zirkler_p", "sliced_w2", "min_eigenvalue")}
-        for _ in range(draws):
+        rng, rows = np.random.default_rng((seed, 16)), []
+        for _ in range(draws):  # in normality_report's order: projections, HZ, W2, spectrum
             z = rng.standard_normal((n, d))
             directions = _directions(rng, d, n_proj)
             subsamples = np.stack([_subsample(rng, n, subsample) for _ in range(n_proj * n_boot)])
             p_values = projected_pvalues(z, directions, subsamples.reshape(n_proj, n_boot, -1))
-            stats["dagostino_p"].append(p_values[0])
-            stats["shapiro_p"].append(p_values[1])
-            if d < min(subsample, n):
-                stats["henze_zirkler_p"].append(henze_zirkler_pvalue(
-                    z, n_boot=n_boot, subsample=subsample, seed=int(rng.integers(2 ** 32))))
-            stats["sliced_w2"].append(sliced_w2(z, seed=seed))
-            stats["min_eigenvalue"].append(correlation_spectrum(z)["smallest_eigenvalues"][0])
-        _NULL_CACHE[key] = {name: np.array(values) for name, values in stats.items()}
+            hz = henze_zirkler_pvalue(z, n_boot, subsample, int(rng.integers(2 ** 32))) if (
+                d < min(subsample, n)) else np.nan
+            rows.append([*p_values, hz, sliced_w2(z, seed=seed),
+                         correlation_spectrum(z)["smallest_eigenvalues"][0]])
+        _NULL_CACHE[key] = dict(zip(("dagostino_p", "shapiro_p", "henze_zirkler_p", "sliced_w2",
+                                     "min_eigenvalue"), np.array(rows).T))
     return {"draws": draws, "share": BAND_SHARE,
             **{name: {"mean": float(v.mean()), "sd": float(v.std(ddof=1)),
-                      "band": null_band(v), "values": [float(x) for x in v]} if len(v) else None
+                      "band": null_band(v), "values": [float(x) for x in v]}
+               if not np.isnan(v).all() else None
                for name, v in _NULL_CACHE[key].items()}}
 
 
 def normality_report(z, seed: int = 0, subsample: int = 128, n_proj: int = 10,
                      n_boot: int = 20, points: int | None = None) -> dict:
-    """Section 5 normality tests: averaged p-values of D'Agostino-Pearson and Shapiro-Wilk on
-    n_proj random projections x n_boot subsamples, of Henze-Zirkler (None when d >= subsample),
-    sliced W2, the correlation spectrum, "null" (normality_null) and the LEVEL "decision"; with
-    `points`, on that many rows drawn at random by `seed`."""
+    """Section 5: p-values of D'Agostino-Pearson and Shapiro-Wilk (n_proj projections x n_boot
+    subsamples) and Henze-Zirkler (None if d >= subsample) averaged, sliced W2, the correlation
+    spectrum, "null" and the LEVEL "decision"; with `points`, on that many rows drawn by `seed`."""
     z = _as_2d(z)
     if points is not None:
         z = z[np.random.default_rng(seed).permutation(len(z))[:points]]
@@ -601,8 +574,7 @@ def normality_report(z, seed: int = 0, subsample: int = 128, n_proj: int = 10,
 
 
 def normality_lines(report: dict) -> list[str]:
-    """normality_report as text lines, each statistic beside its null band (the central 95 % of
-    the same statistic on one N(0, I) sample of the same n and d)."""
+    """normality_report as lines, each statistic beside its null band (one N(0, I) sample's)."""
     null, spectrum, decision = report["null"], report["correlation"], report["decision"]
     lines = [f"normality: p-values averaged over {report['n_proj']} projections x "
              f"{report['n_boot']} subsamples of {report['subsample']} points; null band: the "
@@ -642,8 +614,7 @@ def uniformity_report(u: np.ndarray) -> dict:
 
 # --- Downstream metrics and Figure 2 (Section 5) ---------------------------------------------
 def downstream_report(z_tr, y_tr, z_te, y_te, seed: int = 0) -> dict:
-    """Test accuracy of Gaussian naive Bayes, 5-NN and a shallow MLP trained on the train
-    embeddings, and the silhouette of the test embeddings by label (Section 5)."""
+    """Section 5: test accuracy of naive Bayes, 5-NN, an MLP fit on z_tr; silhouette of z_te."""
     z_tr, z_te, y_tr, y_te = _as_2d(z_tr), _as_2d(z_te), np.asarray(y_tr), np.asarray(y_te)
     report = {}
     for name, clf in (("gnb_acc", naive_bayes.GaussianNB()),
@@ -676,35 +647,3 @@ def scatter_embeddings(z: np.ndarray, y: np.ndarray, title: str) -> Any:
     ax.set(title=title, xlabel=axes[0], ylabel=axes[1],
            aspect="auto" if axes[1].startswith("label") else "equal")
     return fig
-
-
-# --- Self-supervised losses of Table 1 ---------------------------------------------------------
-def nt_xent(z1: torch.Tensor, z2: torch.Tensor, temperature: float = 0.2) -> torch.Tensor:
-    """NT-Xent, the SimCLR loss (Chen et al. 2020, eq. 1), over all 2N anchors; z1[k], z2[k]
-    are two views of image k. InfoNCE (Section 4) with 2N - 1 candidates; t = 0.2 (App. C)."""
-    u = F.normalize(torch.cat([z1, z2]).float(), dim=1)
-    n = len(z1)
-    logits = (u @ u.T / temperature).fill_diagonal_(-math.inf)
-    positives = torch.cat([torch.arange(n, 2 * n), torch.arange(n)]).to(u.device)
-    return F.cross_entropy(logits, positives)
-
-
-def vicreg_loss(z1: torch.Tensor, z2: torch.Tensor, sim_weight: float = 25.0,
-                var_weight: float = 25.0, cov_weight: float = 1.0,
-                eps: float = 1e-4) -> torch.Tensor:
-    """VICReg (Bardes et al. 2022, eq. 6): sim s(Z, Z') + var [v(Z) + v(Z')] + cov [c(Z) + c(Z')];
-    s: MSE, v: eq. 1, c: eq. 3 (covariance divisor N - 1); weights 25 / 25 / 1 (Appendix C)."""
-    z1, z2 = z1.float(), z2.float()
-
-    def variance(z: torch.Tensor) -> torch.Tensor:
-        return F.relu(1.0 - torch.sqrt(z.var(dim=0) + eps)).mean()
-
-    def covariance(z: torch.Tensor) -> torch.Tensor:
-        n, d = z.shape
-        centred = z - z.mean(dim=0)
-        cov = centred.T @ centred / (n - 1)
-        return (cov.pow(2).sum() - cov.diagonal().pow(2).sum()) / d
-
-    return (sim_weight * F.mse_loss(z1, z2)
-            + var_weight * (variance(z1) + variance(z2))
-            + cov_weight * (covariance(z1) + covariance(z2)))

@@ -152,8 +152,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def build_models(args: argparse.Namespace, device: torch.device) -> nn.ModuleDict:
     """Encoder f (Table 2), the normalization of Theorem 3.4 (BatchNorm1d, no affine), critic T."""
     models = nn.ModuleDict({"encoder": common.ConvEncoder(args.dim),
-                            "head": common.GaussianHead(args.dim),
-                            "critic": common.make_critic(args.critic, args.dim, args.sigma)})
+                            "head": common.GaussianHead(args.dim)})
+    models["critic"] = (common.GaussianCritic(args.sigma) if args.critic == "gaussian" else
+                        {"separable": common.SeparableCritic, "concat": common.ConcatCritic,
+                         "bilinear": common.BilinearCritic}[args.critic](args.dim))
     return models.to(device).to(memory_format=torch.channels_last)
 
 

@@ -148,9 +148,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def build_models(args: argparse.Namespace, device: torch.device) -> nn.ModuleDict:
     """Encoder f (Table 2), the squash Phi(BatchNorm(.)) of Theorem 3.5 and a learned critic T."""
+    critics = {"separable": common.SeparableCritic, "concat": common.ConcatCritic,
+               "bilinear": common.BilinearCritic}
     models = nn.ModuleDict({"encoder": common.ConvEncoder(args.dim),
                             "head": common.UniformHead(args.dim),
-                            "critic": common.make_critic(args.critic, args.dim)})
+                            "critic": critics[args.critic](args.dim)})
     return models.to(device).to(memory_format=torch.channels_last)
 
 

@@ -261,7 +261,7 @@ def test_recompute_bn_stats_uses_the_given_data():
     for _ in range(5):
         head(torch.randn(64, 2) * 10 + 50)  # running statistics from other data
     x = torch.randn(1000, 2) * torch.tensor([2.0, 0.5]) + torch.tensor([1.0, -3.0])
-    recompute_bn_stats(head, head, x, batch_size=100)
+    recompute_bn_stats(head, head, x, bs=100)
     assert torch.allclose(head.norm.running_mean, x.mean(0), atol=1e-5)
     assert torch.allclose(head.norm.running_var, x.var(0), rtol=0.02)
     assert head.norm.momentum == 0.1
