@@ -78,7 +78,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add("--eps", type=number(float, 0, 0.5, strict=True), default=0.1,
         help="half-width of the injected noise Z ~ U[-eps, eps]^d (Theorem 3.5)")
     add("--dim", type=number(int, 1, 1024), default=2, help="embedding dim (Figure 1: 2)")
-    add("--aug-sigma", type=number(float, 0, 10), default=0.6, help="pixel noise X -> X' (App. C)")
+    add("--aug-sigma", type=number(float, 0, 10), default=0.6, help="X' = X + N(0, it^2) (App. C)")
     add("--critic", choices=["separable", "concat", "bilinear"], default="separable",
         help="separable: <phi(a), psi(b)> (Tschannen et al.); concat: Table 2; bilinear: a^T W b")
     add("--loss", choices=sorted(common.LOSSES), default="infonce",
@@ -87,9 +87,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="lambda of the redv/renwj penalty (Choi & Lee try 0.1, 0.01, 0.001)")
     add("--clip", type=number(float, 0, 50), default=10.0,
         help="renwj: T clipped to [-clip, clip] in the NWJ terms (Choi & Lee, Table 1: 10); 0: off")
-    add("--batch-size", type=number(int, 2, 16384), default=256, help="paper: 1024")
-    add("--lr", type=number(float, 0, 1, strict=True), default=1e-3, help="Adam's (Appendix C)")
-    add("--steps", type=number(int, 0, MANY), default=2000, help="paper: 116,000 (2000 epochs)")
+    add("--batch-size", type=number(int, 2, 16384), default=256, help="images a step (paper: 1024)")
+    add("--lr", type=number(float, 0, 1, strict=True), default=1e-3, help="Adam's rate (App. C)")
+    add("--steps", type=number(int, 0, MANY), default=2000, help="paper: 116,000 = 2000 epochs")
     add("--seed", type=number(int, 0, 2 ** 32 - 2), default=0, help="fixes data order, noise, init")
     add("--device", choices=["auto", "cpu", "cuda", "mps"], default="auto",
         help="auto: CUDA when present, else the CPU")
@@ -102,7 +102,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add("--out", default=None, help="run directory; default: a new one under runs/mnist_uniform/")
     add("--resume", action="store_true", help="continue the run in --out (start it if not begun)")
     add("--eval-only", action="store_true", help="re-evaluate --out from its model.pt")
-    add("--subsample", type=number(int, 20, MANY), default=128, help="normality test subsample")
+    add("--subsample", type=number(int, 20, MANY), default=128, help="points per normality test")
     add("--eval-at", type=number(int, 1, MANY), nargs="+", default=[], metavar="STEP",
         help="evaluate at these steps too (log-spaced: 1000 2000 4000 ...): the curve in metrics")
     add("--log-every", type=number(int, 1, MANY), default=10, help="progress interval")
