@@ -79,7 +79,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add("--sigma", type=number(float, 0, 100), default=0.3, help="std of the noise Z ~ N(0, "
         "sigma^2 I) (Theorem 3.4); 0: plain DIM; 0.3: C = 2.49 nats (eq. 5), just above log 10")
     add("--dim", type=number(int, 1, 1024), default=2, help="embedding dim (Figure 1: 2)")
-    add("--aug-sigma", type=number(float, 0, 10), default=0.6, help="X' = X + N(0, it^2) (App. C)")
+    add("--aug-sigma", type=number(float, 0, 10), default=0.6,
+        help="std s of the augmentation X' = X + N(0, s^2) pixel noise (Appendix C)")
     add("--critic", choices=["separable", "gaussian", "concat", "bilinear"], default="separable",
         help="separable: <phi(a), psi(b)> (Tschannen et al.); gaussian: Thm 4.1; concat: Table 2")
     add("--loss", choices=sorted(common.LOSSES), default="infonce",

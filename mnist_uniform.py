@@ -78,7 +78,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add("--eps", type=number(float, 0, 0.5, strict=True), default=0.1,
         help="half-width of the injected noise Z ~ U[-eps, eps]^d (Theorem 3.5)")
     add("--dim", type=number(int, 1, 1024), default=2, help="embedding dim (Figure 1: 2)")
-    add("--aug-sigma", type=number(float, 0, 10), default=0.6, help="X' = X + N(0, it^2) (App. C)")
+    add("--aug-sigma", type=number(float, 0, 10), default=0.6,
+        help="std s of the augmentation X' = X + N(0, s^2) pixel noise (Appendix C)")
     add("--critic", choices=["separable", "concat", "bilinear"], default="separable",
         help="separable: <phi(a), psi(b)> (Tschannen et al.); concat: Table 2; bilinear: a^T W b")
     add("--loss", choices=sorted(common.LOSSES), default="infonce",
