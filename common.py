@@ -260,9 +260,8 @@ class ConcatCritic(nn.Module):
         rows = self.rows or (max(1, 2 ** 21 // (len(b) * first.out_features))
                              if device == "cpu" else len(a))
         with torch.autocast(device, enabled=False):
-            d = a.shape[1]
-            p = F.linear(a.float(), first.weight[:, :d], first.bias)
-            q = F.linear(b.float(), first.weight[:, d:])
+            p = F.linear(a.float(), first.weight[:, :a.shape[1]], first.bias)
+            q = F.linear(b.float(), first.weight[:, a.shape[1]:])
             return _PairwiseMLP.apply(p, q, second.weight, second.bias, last.weight, last.bias,
                                       dtype, rows)
 
@@ -300,8 +299,7 @@ class GaussianCritic(nn.Module):
 
     def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         with torch.autocast(a.device.type, enabled=False):
-            a, b = a.float(), b.float()
-            s2 = self.sigma ** 2
+            a, b, s2 = a.float(), b.float(), self.sigma ** 2
             sq_a, sq_b = (a * a).sum(1), (b * b).sum(1)
             sq_dist = sq_a[:, None] + sq_b[None, :] - 2 * a @ b.T
             return (sq_b[None, :] / (2 * (1 + s2)) - sq_dist / (2 * s2)
@@ -415,7 +413,10 @@ _NULL_CACHE: dict[tuple[int, ...], dict] = {}
 
 
 def _as_2d(z) -> np.ndarray:
-    return np.asarray(z, dtype=np.float64).reshape(len(z), -1)
+    z = np.asarray(z, dtype=np.float64)
+    if z.ndim not in (1, 2):
+        raise ValueError(f"expected an (n, d) array, got shape {z.shape}")
+    return z.reshape(len(z), -1)
 
 
 def _standardize(z: np.ndarray) -> np.ndarray:
