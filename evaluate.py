@@ -129,6 +129,7 @@ def load_run(path: Path) -> Run:
     run.update(noise=entry(run, run["noise_key"]), capacity=entry(run, "capacity"),
                seed=entry(run, "seed", int),
                mi_se=math.nan if family == "ssl" else entry(run, "mi_heldout_se"),
+               diverged=[] if family == "ssl" else entry(run, "diverged", list),
                values={name: entry(run, key) for name, key, _ in PANELS[family]},
                null={name: entry(run, f"normality.null.{name}.values", list)
                      for name, band in entry(run, "normality.null", dict).items()
@@ -158,6 +159,14 @@ def load_runs(paths: list[str]) -> list[Run]:
     return runs
 
 
+def healthy(runs: list[Run]) -> tuple[list[Run], str]:
+    """The runs that did not diverge, and lines naming those that did (metrics.json "diverged",
+    common.divergence): a diverged run is no result, counted apart and never averaged in."""
+    return [run for run in runs if not run["diverged"]], "".join(
+        f"\ndiverged, left out: {os.path.relpath(run['path'])} ({'; '.join(run['diverged'])})"
+        for run in runs if run["diverged"])
+
+
 def check_group(runs: list[Run], keys: tuple[str, ...], what: str, seeds_of: str = "") -> None:
     """Refuse runs averaged together that differ in one of `keys` or, with `seeds_of`, a seed."""
     for key in keys:
@@ -184,9 +193,12 @@ def mean_ci99(values: list[float]) -> tuple[float, float]:
     return float(x.mean()), t * float(x.std(ddof=1)) / math.sqrt(len(x))
 
 
-def table_row(kind: str, noise: float, capacity: float, values: list[dict[str, float]]) -> Row:
-    """The row of a group of seeds, each measure of `values` as mean_ci99 over the seeds."""
+def table_row(kind: str, noise: float, capacity: float, values: list[dict[str, float]],
+              diverged: int = 0) -> Row:
+    """The row of a group of seeds, each measure of `values` as mean_ci99 over the seeds, and the
+    count of the group's diverged runs, left out of the means."""
     return {"kind": kind, "noise": noise, "capacity": capacity, "seeds": len(values),
+            "diverged": diverged,
             **{name: mean_ci99([v[name] for v in values]) for name in values[0]}}
 
 
@@ -203,8 +215,9 @@ def mean_cell(value: tuple[float, float], number: Any = fmt) -> str:
 
 
 def row_cells(row: Row, measures: list[str], number: Any = fmt) -> list[str]:
-    """A row's markdown cells: kind, noise, C, seeds, then each measure's mean_cell."""
-    return [row["kind"], f"{row['noise']:g}", fmt(row["capacity"]), str(row["seeds"]),
+    """A row's markdown cells: kind, noise, C, seeds (+ diverged), then each measure's mean_cell."""
+    return [row["kind"], f"{row['noise']:g}", fmt(row["capacity"]),
+            f"{row['seeds']}" + (f" (+{row['diverged']} diverged)" if row["diverged"] else ""),
             *(mean_cell(row[name], number) for name in measures)]
 
 
@@ -215,12 +228,12 @@ def md_table(header: list[str], rows: list[list[str]]) -> str:
 
 
 def csv_text(rows: list[Row], noise_key: str = "noise", newline: str = "\n") -> str:
-    """Rows as CSV: kind, noise, capacity, seeds, NAME_mean and NAME_ci99 per measure (no cell
-    holds a comma or a quote, so none is quoted)."""
-    measures = list(rows[0])[4:]  # the keys after kind, noise, capacity, seeds
-    lines = [["kind", noise_key, "capacity", "seeds",
+    """Rows as CSV: kind, noise, capacity, seeds, diverged, NAME_mean and NAME_ci99 per measure
+    (no cell holds a comma or a quote, so none is quoted)."""
+    measures = list(rows[0])[5:]  # the keys after kind, noise, capacity, seeds, diverged
+    lines = [["kind", noise_key, "capacity", "seeds", "diverged",
               *(f"{name}_{stat}" for name in measures for stat in ("mean", "ci99"))]]
-    lines += [[row["kind"], row["noise"], row["capacity"], row["seeds"],
+    lines += [[row["kind"], row["noise"], row["capacity"], row["seeds"], row["diverged"],
                *(value for name in measures for value in row[name])] for row in rows]
     return "".join(",".join(map(str, line)) + newline for line in lines)
 
@@ -286,10 +299,10 @@ def figure(args: argparse.Namespace) -> None:
                                          SETTINGS[runs[0]["family"]])
     (family, symbol, equation), metrics = FAMILIES[runs[0]["family"]], PANELS[runs[0]["family"]]
     check_group(runs, shared, "runs of one figure")
-    trained = [run for run in runs if run["kind"] == "trained"]
+    trained = [run for run in healthy(runs)[0] if run["kind"] == "trained"]
     if not trained:
         raise Refused(f"none of the {len(runs)} runs in {' '.join(args.runs)} is a trained run "
-                      "with finite capacity C")
+                      "with finite capacity C that did not diverge")
     check_group(trained, training, "the trained runs of one figure")
     groups: dict[tuple[int, float], list[Run]] = {}
     for run in runs:  # a row per noise level of the trained runs, then per baseline
@@ -299,8 +312,9 @@ def figure(args: argparse.Namespace) -> None:
         check_group(members, training if kind != "trained" else (), f"the {kind} baseline runs",
                     f"{members[0]['noise_key']} = {noise:g} ({kind})")
     rows = [table_row(members[0]["kind"], noise, members[0]["capacity"],
-                      [run["values"] for run in members])
-            for (_, noise), members in sorted(groups.items())]
+                      [run["values"] for run in healthy(members)[0]], len(members) - len(kept))
+            for (_, noise), members in sorted(groups.items())
+            if (kept := healthy(members)[0])]  # a group whose runs all diverged: only its note
     first = trained[0]["settings"]
     model = (f"{first['method']} {first['arch']}, projector output" if ssl
              else f"{first['critic']} critic,")
@@ -323,9 +337,9 @@ def figure(args: argparse.Namespace) -> None:
             f"(t_0.995 with seeds - 1 degrees of freedom, none for one seed); C from {equation}"
             "\n\n" + md_table(["runs", symbol, "C", "seeds", *titles.values()],
                                [row_cells(row, list(titles)) for row in rows] + band_rows)
-            + f"\n\n{null}\n\n{check}\n")
+            + f"\n\n{null}\n\n{check}{healthy(runs)[1]}\n")
     save(prefix, {"md": text, "csv": csv_text(rows, runs[0]["noise_key"])})
-    certificate_md, certificate_csv = certificate(runs)
+    certificate_md, certificate_csv = certificate(healthy(runs)[0])
     if certificate_md:
         save(f"{prefix}_certificate", {"md": certificate_md, "csv": certificate_csv})
         text += f"\n{certificate_md}\nsaved {prefix}_certificate.md, {prefix}_certificate.csv\n"
@@ -341,11 +355,31 @@ CURVE = [("sliced_w2", "sliced W2 to N(0, I), test"), ("sliced_w2_train", "slice
 POINT = ("sliced_w2", "sliced_w2_train", "knn_acc", "mi_heldout")  # what a curve point must hold
 
 
+def slope_cell(steps: list[int], values: np.ndarray) -> str:
+    """The change per doubling of steps within runs: each seed's (a row of `values`) least-squares
+    slope on log2(step), their mean ± 95% t half-width, the one-sample t test's p of no trend."""
+    if not np.isfinite(values).all():
+        return "–"
+    slopes = np.polyfit(np.log2(steps), values.T, 1)[0]
+    if len(slopes) < 2:
+        return f"{slopes[0]:.4f}"
+    half = scipy.stats.t.ppf(0.975, len(slopes) - 1) * slopes.std(ddof=1) / math.sqrt(len(slopes))
+    with warnings.catch_warnings():  # equal slopes: p is nan
+        warnings.simplefilter("ignore", RuntimeWarning)
+        p = scipy.stats.ttest_1samp(slopes, 0.0).pvalue
+    return f"{slopes.mean():.4f} ± {half:.4f} (p {fmt(float(p))})"
+
+
 def curve(args: argparse.Namespace) -> None:
     """Sliced W2 (test and train), k-NN and MI / C against training steps of mnist_gauss.py or
     mnist_uniform.py runs written with --eval-at: the seeds (thin) and their mean (thick) per
-    noise level, null bands of a mean of as many N(0, I) samples; writes PREFIX.png, .pdf, .md."""
-    runs, prefix = load_runs(args.runs), args.out
+    noise level, null bands of a mean of as many N(0, I) samples, and the change per doubling of
+    steps within the runs from step --since on; diverged runs left out; writes PREFIX.png, .pdf,
+    .md."""
+    runs, notes = healthy(load_runs(args.runs))
+    if not runs:
+        raise Refused(f"every run of {' '.join(args.runs)} diverged: no curve")
+    prefix = args.out
     family, setting, symbol = runs[0]["family"], runs[0]["settings"], FAMILIES[runs[0]["family"]][1]
     check_group(runs, SETTINGS[family][0] + ("critic", "loss", "batch_size"), "runs of a curve")
     groups: dict[float, list[Run]] = {}
@@ -365,7 +399,7 @@ def curve(args: argparse.Namespace) -> None:
                  "sliced_w2_train": common.null_band(train_draws, k)}
              for k in sorted({len(members) for members in groups.values()})}
     fig = Figure(figsize=(4.2 * len(CURVE), 3.6))
-    axes, rows = fig.subplots(1, len(CURVE)), []
+    axes, rows, slopes = fig.subplots(1, len(CURVE)), [], []
     for i, (noise, members) in enumerate(sorted(groups.items())):
         steps = sorted(set.intersection(*(set(run["curve"]) for run in members)))
         if not steps:
@@ -384,6 +418,12 @@ def curve(args: argparse.Namespace) -> None:
             "(C = inf)" if name == "mi_over_c" and capacity == math.inf
             else mean_cell(mean_ci99(values[name][:, j])) for name, _ in CURVE)]
             for j, t in enumerate(steps)]
+        late = [j for j, t in enumerate(steps) if t >= args.since]
+        if len(late) > 1:
+            slopes.append([f"{noise:g}", f"{steps[late[0]]} to {steps[late[-1]]}",
+                           str(len(members)), *(slope_cell([steps[j] for j in late],
+                                                           values[name][:, late])
+                                                for name, _ in CURVE)])
     for k, band in bands.items():
         for ax, name in zip(axes, ("sliced_w2", "sliced_w2_train")):
             ax.axhspan(*band[name], color="0.5", alpha=0.3,
@@ -400,7 +440,12 @@ def curve(args: argparse.Namespace) -> None:
             "interval over seeds\n\n" + md_table([symbol, "step", "seeds",
                                                   *(t for _, t in CURVE)], rows)
             + f"\n\nsliced W2 null band (central {100 * common.BAND_SHARE:g}% of the mean of k "
-            f"N(0, I) samples; test n = {n_test}, train n = {n_train}): {band_text}\n")
+            f"N(0, I) samples; test n = {n_test}, train n = {n_train}): {band_text}\n"
+            + (f"\nChange per doubling of training steps, within the runs: each seed's "
+               "least-squares slope on log2(step), mean ± half-width of the 95% t interval over "
+               "seeds, (p of the one-sample t test of no trend)\n\n"
+               + md_table([symbol, "steps", "seeds", *(t for _, t in CURVE)], slopes) + "\n"
+               if slopes else "") + notes)
     save(prefix, {"png": fig, "pdf": fig, "md": text})
     print(text + f"\nsaved {prefix}.png, {prefix}.pdf, {prefix}.md")
 
@@ -424,14 +469,15 @@ def mi_check(runs: list[Run], estimates: dict[str, Any], equation: str) -> str:
 def certificate(runs: list[Run]) -> tuple[str, str]:
     """The DM certificate (.md, .csv) of mnist_gauss.py's mi_estimates: C - I_hat bounds
     KL(f(X) + Z || N(0, (1 + sigma^2) I)) plus the non-invariance term (Lemma B.1) where I_hat
-    is a lower bound (InfoNCE, NWJ: eqs. 2-3), the plug-in DV is not; ("", "") without them."""
+    is a lower bound (InfoNCE, NWJ: eqs. 2-3), the plug-in DV is not; ("", "") without them.
+    The trained critic's NWJ and DV are left out (they stay in metrics.json): a critic trained
+    for InfoNCE can make them explode, by orders of magnitude below 0."""
     runs = [run for run in runs if run["kind"] == "trained" and "mi_estimates" in run["saved"]]
     if not runs:
         return "", ""
     batch, whole = (entry(runs[0], f"mi_estimates.{n}", int) for n in ("batch", "n_test"))
     columns = {"trained.infonce.batch": f"InfoNCE, B = {batch}",
                "trained.infonce.whole": f"InfoNCE, B = {whole}",
-               "trained.nwj.whole": f"NWJ, B = {whole}",
                "theorem41.infonce.whole": "InfoNCE, Thm 4.1 critic",
                "theorem41.nwj.whole": "NWJ, Thm 4.1 critic",
                "theorem41.dv.whole": "DV, Thm 4.1 critic (biased up, not a bound)",
@@ -455,7 +501,8 @@ def certificate(runs: list[Run]) -> tuple[str, str]:
     text = (f"MI estimates (nats) by estimator, mean ± 99% t interval over seeds; InfoNCE is "
             f"capped at log {batch} = {math.log(batch):.3f} on the test batches and at log "
             f"{whole} = {math.log(whole):.3f} on one batch of {whole} test images; NWJ and DV "
-            "are not capped. C − largest lower bound (per run, over InfoNCE and NWJ) bounds "
+            "(of the Theorem 4.1 critic only: a learned critic's can explode) are not capped. "
+            "C − largest lower bound (per run, over InfoNCE and NWJ) bounds "
             "KL(f(X) + Z ‖ N(0, (1 + σ²) I)) plus the non-invariance term I(f(X) + Z; f(X) | "
             "f(X')) (Lemma B.1), nothing about f(X) alone; a lower bound short of C certifies "
             "nothing\n\n" + md_table(["runs", "σ", "C", "seeds", *columns.values()],
@@ -466,9 +513,14 @@ def certificate(runs: list[Run]) -> tuple[str, str]:
 
 def compare(args: argparse.Namespace) -> None:
     """Every measure of two groups of runs (the seeds of two settings or critics): mean ± 99%
-    t interval per group, the difference of means and the two-sided p-value of Welch's t test
-    (unequal variances; nan with fewer than two seeds a side)."""
-    groups = [load_runs(group) for group in (args.runs, args.against)]
+    t interval per group, the difference of means with its 95% Welch interval, the two-sided
+    p-value of Welch's t test (unequal variances; nan with fewer than two seeds a side) and the
+    difference it detects with 80% power at level 0.05, (t_0.975 + t_0.80) SE at the seeds'
+    spread: a "not measurable" difference is one below that, not zero. Diverged runs left out."""
+    groups, notes = zip(*(healthy(load_runs(group)) for group in (args.runs, args.against)))
+    if not all(groups):
+        raise Refused(f"every run of {' '.join(args.runs if not groups[0] else args.against)} "
+                      "diverged: nothing to compare")
     for name, group in zip("AB", groups, strict=True):
         check_group(group, SETTINGS[group[0]["family"]][0], f"the runs of group {name}",
                     f"group {name}")
@@ -476,15 +528,20 @@ def compare(args: argparse.Namespace) -> None:
     for name, _, title in [panel for panel in PANELS[groups[0][0]["family"]]  # shared measures
                            if all(panel[0] in run["values"] for run in groups[1])]:
         a, b = ([run["values"][name] for run in group] for group in groups)
+        diff, p, low, high, detect = float(np.mean(a) - np.mean(b)), *[math.nan] * 4
         with warnings.catch_warnings():  # values like 1e-254 warn of lost precision, not an error
             warnings.simplefilter("ignore", RuntimeWarning)
-            p = scipy.stats.ttest_ind(a, b, equal_var=False).pvalue if min(map(len, (a, b))) > 1 \
-                else math.nan
-        rows.append([title, mean_cell(mean_ci99(a)), mean_cell(mean_ci99(b)),
-                     fmt(float(np.mean(a) - np.mean(b))), fmt(float(p))])
+            if min(map(len, (a, b))) > 1:
+                test = scipy.stats.ttest_ind(a, b, equal_var=False)
+                p, (low, high) = test.pvalue, test.confidence_interval(0.95)
+                t, t80 = (scipy.stats.t.ppf(q, test.df) for q in (0.975, 0.8))
+                detect = (t + t80) * (high - low) / (2 * t)  # (t_0.975 + t_0.80) SE
+        rows.append([title, mean_cell(mean_ci99(a)), mean_cell(mean_ci99(b)), fmt(diff),
+                     f"{fmt(low)} to {fmt(high)}", fmt(float(p)), fmt(detect)])
     print(f"A: {len(groups[0])} runs, B: {len(groups[1])} runs; mean ± 99% t interval, Welch's "
           "t test of A − B (two-sided)\n\n"
-          + md_table(["measure", "A", "B", "A − B", "Welch p"], rows))
+          + md_table(["measure", "A", "B", "A − B", "95% interval", "Welch p",
+                      "detectable (80% power)"], rows) + "".join(notes))
 
 
 # --- table: Table 1 (and poster Table 2) from cifar_ssl.py runs -----------------------------
@@ -736,7 +793,9 @@ def outliers(args: argparse.Namespace) -> None:
     """Outliers in runs written with --ood: false-alarm and detection rates and AUROC of the
     prior rule (chi^2_d p-value of ||z||^2, Theorem 3.4) against the fitted Mahalanobis rule, a
     row per noise level, mean ± 99% t interval over seeds; --out PREFIX writes .md, .csv, .json."""
-    runs, groups = load_runs(args.runs), {}
+    (runs, notes), groups = healthy(load_runs(args.runs)), {}
+    if not runs:
+        raise Refused(f"every run of {' '.join(args.runs)} diverged: no outlier table")
     for run in runs:
         file = run["path"] / "embeddings.npz"
         z = {key: check_embeddings(a, f"{file}:{key}") for key, a in read_arrays(file).items()
@@ -771,7 +830,7 @@ def outliers(args: argparse.Namespace) -> None:
                        [row_cells(row, [], three) + [name] + [
                            mean_cell(row[f"{what}_{rule}_{name}"], three)
                            for what in ("detect_at_0.05", "auroc") for rule in rules]
-                        for row in rows for name in shifts]) + "\n")
+                        for row in rows for name in shifts]) + notes + "\n")
     print(text)
     if prefix := args.out:
         save(prefix, {"md": text, "csv": csv_text(rows, newline="\r\n"),
@@ -816,6 +875,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         if out != "":
             q.add_argument("--out", metavar="PREFIX", default=out, help="the prefix of the "
                            "files written" + ("" if out else "; omitted: print only"))
+    parsers["curve"].add_argument("--since", type=number(int, 0, 10 ** 9), default=0,
+                                  metavar="STEP", help="the changes per doubling from this step")
     parsers["compare"].add_argument("--against", nargs="+", required=True, metavar="RUN_DIR",
                                     help="the second group")
     q = parsers["embeddings"]

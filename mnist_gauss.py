@@ -93,8 +93,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add("--lr", type=number(float, 0, 1, strict=True), default=1e-3, help="Adam's rate (App. C)")
     add("--steps", type=number(int, 0, MANY), default=2000, help="paper: 116,000 = 2000 epochs")
     add("--seed", type=number(int, 0, 2 ** 32 - 2), default=0, help="fixes data order, noise, init")
-    add("--device", choices=["auto", "cpu", "cuda", "mps"], default="auto",
-        help="auto: CUDA when present, else the CPU")
+    add("--device", choices=["auto", "cpu", "cuda", "mps"], default="auto", help="auto: CUDA/CPU")
     add("--dataset", choices=["mnist", "fashion-mnist", "mnist-test-split"], default="mnist",
         help="mnist: the official 60k/10k, in data/mnist/; fashion-mnist: Debian's package; "
              "mnist-test-split: a seeded 8k/2k split of the 10k test images (older runs)")
@@ -264,8 +263,10 @@ def summary(m: dict) -> str:
         f"capacity C = {m['capacity']:.3f} nats   (class information log 10 = {common.LOG10:.3f})",
         f"MI estimate (held-out) = {m['mi_heldout']:.3f} +- {m['mi_heldout_se']:.3f}"
         f"   DM gap C - I = {m['dm_gap']:.3f}",
+        *(f"DIVERGED, not a result: {why}" for why in m["diverged"]),
         *[f"  one batch of {m['mi_estimates']['n_test']} test images, {critic} critic: "
-          + "   ".join(f"{k} {e['whole'][0]:.3f} +- {e['whole'][1]:.3f}" for k, e in est.items())
+          + "   ".join(f"{k} {e['whole'][0]:.3f} +- {e['whole'][1]:.3f}" for k, e in est.items()
+                       if critic == "theorem41" or k == "infonce")  # NWJ, DV can explode
           for critic, est in m.get("mi_estimates", {}).items() if isinstance(est, dict)],
         *common.normality_lines(m["normality"]),
         f"accuracy: k-NN {d['knn_acc']:.4f}   GaussianNB {d['gnb_acc']:.4f}   "
@@ -373,7 +374,8 @@ def run(args: argparse.Namespace) -> None:
                    batch_size=args.batch_size, seed=args.seed, data=data_info, device=str(device),
                    precision={"dtype": name(args.dtype), "why": why},
                    wall_time_s=time.time() - started, train_history=history, curve=curve,
-                   segments=segments)
+                   segments=segments, diverged=common.divergence(
+                       metrics["mi_heldout"], metrics["mi_heldout_se"], [h[1] for h in history]))
     if args.eval_only:  # the run's own files stay as they are
         save(out / "metrics_recomputed.json", lambda f: f.write_text(json.dumps(metrics, indent=2)))
         return print(summary(metrics) + f"\nsaved to {out / 'metrics_recomputed.json'}")

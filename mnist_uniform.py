@@ -147,12 +147,24 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
+class UniformHead(common.GaussianHead):
+    """Phi(BatchNorm1d(affine=False)(f)) in [0, 1]^d, the support Theorem 3.5 assumes (eq. 6)."""
+
+    def forward(self, f: torch.Tensor) -> torch.Tensor:
+        return torch.special.ndtr(self.norm(f))
+
+
+def uniform_capacity(d: int, eps: float) -> float:
+    """C = d log(1 + 1/(2 eps)), eq. (6): the bound for Z ~ U[-eps, eps]^d, f(X) in [0, 1]^d."""
+    return d * math.log1p(1.0 / (2.0 * eps))
+
+
 def build_models(args: argparse.Namespace, device: torch.device) -> nn.ModuleDict:
     """Encoder f (Table 2), the squash Phi(BatchNorm(.)) of Theorem 3.5 and a learned critic T."""
     critics = {"separable": common.SeparableCritic, "concat": common.ConcatCritic,
                "bilinear": common.BilinearCritic}
     models = nn.ModuleDict({"encoder": common.ConvEncoder(args.dim),
-                            "head": common.UniformHead(args.dim),
+                            "head": UniformHead(args.dim),
                             "critic": critics[args.critic](args.dim)})
     return models.to(device).to(memory_format=torch.channels_last)
 
@@ -217,7 +229,7 @@ def evaluate(models: nn.ModuleDict, data: tuple, args: argparse.Namespace) -> di
     if not (np.isfinite(z_tr).all() and np.isfinite(z_te).all()):
         raise FloatingPointError("the embeddings are not finite: training diverged; try a "
                                  f"smaller --lr (now {args.lr:g})")
-    mi, capacity = float(np.mean(mis)), common.uniform_capacity(args.dim, args.eps)
+    mi, capacity = float(np.mean(mis)), uniform_capacity(args.dim, args.eps)
     se = float(np.std(mis, ddof=1) / math.sqrt(len(mis))) if len(mis) > 1 else math.nan
     return {"eps": args.eps, "mi_at_uniform": args.dim * (args.eps - math.log(2 * args.eps)),
             "uniformity": common.uniformity_report(z_te), "capacity": capacity, "mi_heldout": mi,
@@ -244,6 +256,7 @@ def summary(m: dict) -> str:
         f"capacity C = {m['capacity']:.3f} nats   (class information log 10 = {common.LOG10:.3f})",
         f"MI estimate (held-out) = {m['mi_heldout']:.3f} +- {m['mi_heldout_se']:.3f}"
         f"   DM gap C - I = {m['dm_gap']:.3f}",
+        *(f"DIVERGED, not a result: {why}" for why in m["diverged"]),
         "normality of Phi^-1(u) (Section 3.3):",
         *common.normality_lines(m["normality"]),
         f"uniformity: Kolmogorov-Smirnov mean p {m['uniformity']['ks_p_mean']:.3f}   "
@@ -353,7 +366,8 @@ def run(args: argparse.Namespace) -> None:
                    batch_size=args.batch_size, seed=args.seed, data=data_info, device=str(device),
                    precision={"dtype": name(args.dtype), "why": why},
                    wall_time_s=time.time() - started, train_history=history, curve=curve,
-                   segments=segments)
+                   segments=segments, diverged=common.divergence(
+                       metrics["mi_heldout"], metrics["mi_heldout_se"], [h[1] for h in history]))
     if args.eval_only:  # the run's own files stay as they are
         save(out / "metrics_recomputed.json", lambda f: f.write_text(json.dumps(metrics, indent=2)))
         return print(summary(metrics) + f"\nsaved to {out / 'metrics_recomputed.json'}")

@@ -156,7 +156,8 @@ def test_a_run_folder_that_does_not_fit_is_refused_before_anything_is_written(
     assert snapshot(tmp_path) == before  # args.json included: nothing is rewritten
 
 
-def test_resume_of_a_finished_run_passes_it_by_without_reading_its_metrics(finished_run, tmp_path, capsys):
+def test_resume_of_a_finished_run_passes_it_by_without_reading_its_metrics(finished_run, tmp_path,
+                                                                            capsys):
     run = tmp_path / "gauss"
     shutil.copytree(finished_run / "gauss", run)
     (run / "metrics.json").write_text('{"sigma": 0.5')  # truncated: a finished run all the same

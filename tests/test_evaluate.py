@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import scipy.stats
 
 import common
 import evaluate
@@ -41,7 +42,8 @@ def write_run(root, name, sigma=0.5, seed=0, mi=1.0, se=0.01, knn=0.5, **changes
                "downstream": {"gnb_acc": 0.4, "knn_acc": knn, "mlp_acc": 0.6, "silhouette": 0.0},
                "sigma": sigma, "dim": 2, "critic": "gaussian" if sigma else "separable",
                "loss": "infonce", "steps": 2000, "batch_size": 256, "seed": seed, "data": DATA,
-               "device": "cpu", "wall_time_s": 1.0, "train_history": [], "curve": [], **changes}
+               "device": "cpu", "wall_time_s": 1.0, "train_history": [], "curve": [],
+               "diverged": [], **changes}
     out = root / name
     out.mkdir(parents=True)
     (out / "metrics.json").write_text(json.dumps(metrics))
@@ -94,10 +96,15 @@ def test_compare_prints_welch_p_per_measure(sweep, capsys):
     evaluate.main(["compare", *a, "--against", str(sweep / "sigma0_seed0"),
                    str(sweep / "sigma0_seed1")])
     knn = next(line for line in capsys.readouterr().out.splitlines() if "k-NN" in line)
-    assert knn == f"| k-NN accuracy | 0.600 ± 0.573 | 0.850 ± 3.183 | -0.250 | {0.0494163:.3f} |"
+    # 95% interval -0.25 -+ t_{0.975, df} SE; detectable (80% power): (t_0.975 + t_0.80) SE
+    se, df = math.sqrt(0.01 / 3 + 0.005 / 2), 2.8823529
+    t, t80 = scipy.stats.t.ppf(0.975, df), scipy.stats.t.ppf(0.8, df)
+    assert knn == (f"| k-NN accuracy | 0.600 ± 0.573 | 0.850 ± 3.183 | -0.250 | "
+                   f"{-0.25 - t * se:.3f} to {-0.25 + t * se:.3f} | {0.0494163:.3f} | "
+                   f"{(t + t80) * se:.3f} |")
     evaluate.main(["compare", *a, "--against", str(sweep / "sigma0_seed0")])  # one seed: no p
     knn = next(line for line in capsys.readouterr().out.splitlines() if "k-NN" in line)
-    assert knn.endswith("| -0.200 | nan |")
+    assert knn.endswith("| -0.200 | nan to nan | nan | nan |")
 
 
 def test_cells_keep_three_decimals_and_switch_to_scientific_at_the_extremes():
@@ -141,6 +148,29 @@ def test_figure1_table_files_and_mi_check(sweep, tmp_path, capsys):
     assert not Path(f"{prefix}_certificate.md").exists()  # no run has mi_estimates
 
 
+def test_diverged_runs_are_counted_apart_never_averaged_in(sweep, tmp_path, capsys):
+    why = ["held-out MI -0.388 +- 0.049: < -3 SE"]
+    write_run(sweep, "sigma0.5_seed3", 0.5, 3, mi=-0.4, knn=0.0, diverged=why)
+    for seed in range(2):  # every run of sigma = 2 diverged: no row, only its note
+        write_run(sweep, f"sigma2_seed{seed}", 2.0, seed, mi=-0.5, diverged=why)
+    prefix = tmp_path / "fig1"
+    evaluate.main(["figure", str(sweep), "--out", str(prefix)])
+    printed = capsys.readouterr().out
+    rows = read_csv(f"{prefix}.csv")
+    assert ("trained", 2.0) not in rows
+    assert rows["trained", 0.5]["seeds"] == "3" and rows["trained", 0.5]["diverged"] == "1"
+    assert float(rows["trained", 0.5]["knn_acc_mean"]) == pytest.approx(0.6)  # 0.0 left out
+    assert "| trained | 0.5 | 1.609 | 3 (+1 diverged) |" in printed
+    notes = [line for line in printed.splitlines() if line.startswith("diverged, left out")]
+    assert len(notes) == 3 and all("< -3 SE" in line for line in notes)
+    evaluate.main(["compare", str(sweep / "sigma0.5_seed0"), str(sweep / "sigma0.5_seed3"),
+                   "--against", str(sweep / "sigma0_seed0")])
+    printed = capsys.readouterr().out
+    assert printed.startswith("A: 1 runs, B: 1 runs") and "sigma0.5_seed3" in printed
+    refused(capsys, ["compare", str(sweep / "sigma2_seed0"), "--against", str(sweep)],
+            sweep / "sigma2_seed0")
+
+
 def estimates(nwj_whole, dv_whole=1.0, theorem41=True):
     """mi_estimates as mnist_gauss.py writes them, every value 1.0 (SE 0.1) but the Theorem 4.1
     critic's NWJ and DV on the whole test split."""
@@ -164,7 +194,8 @@ def test_certificate_is_c_minus_the_largest_valid_lower_bound(tmp_path, capsys):
     evaluate.main(["figure", str(root), "--out", str(prefix)])
     printed = capsys.readouterr().out
     assert "log 2000 = 7.601" in printed and "non-invariance" in printed
-    assert "no estimate exceeds the bound (10 checked)" in printed  # 5 lower bounds x 2 runs
+    assert "no estimate exceeds the bound (8 checked)" in printed  # 4 lower bounds x 2 runs
+    assert "trained.nwj" not in Path(f"{prefix}_certificate.csv").read_text()  # can explode
     rows = read_csv(f"{prefix}_certificate.csv")
     assert list(rows) == [("trained", 0.5)]  # sigma = 0: C = inf, nothing to certify
     row = rows[("trained", 0.5)]
@@ -176,7 +207,7 @@ def test_certificate_is_c_minus_the_largest_valid_lower_bound(tmp_path, capsys):
     write_run(root, "sigma0.5_seed2", 0.5, 2, mi_estimates=estimates(2.0))
     evaluate.main(["figure", str(root), "--out", str(prefix)])
     printed = capsys.readouterr().out
-    assert "1 of 15 estimates exceed the bound" in printed
+    assert "1 of 12 estimates exceed the bound" in printed
     assert "sigma0.5_seed2: NWJ, Thm 4.1 critic = 2.000 +- 0.100 > C = 1.609" in printed
 
 
@@ -312,6 +343,22 @@ def test_curve_means_seeds_and_leaves_mi_over_c_out_at_sigma_0(tmp_path, capsys)
     assert "| 0 | 10 | 1 | 0.100 | 0.050 | 0.500 | (C = inf) |" in text
     write_run(tmp_path / "flat", "a")
     refused(capsys, ["curve", str(tmp_path / "flat")], tmp_path / "flat" / "a" / "metrics.json")
+
+
+def test_curve_change_per_doubling_is_each_seeds_slope_on_log2_steps(tmp_path, capsys):
+    # seed 0: W2 = 0.3 - 0.01 log2(step), seed 1: 0.5 - 0.03 log2(step) over 1000, 2000, 4000,
+    # 8000: slopes -0.01, -0.03; mean -0.02, half-width t_{0.975, 1} 0.0141421 / sqrt(2)
+    # = 0.1270620, one-sample t = -2, p = 0.2951672
+    for seed, (a, b) in enumerate(((0.3, -0.01), (0.5, -0.03))):
+        curve = [{"step": t, "sliced_w2": a + b * math.log2(t), "sliced_w2_train": 0.05,
+                  "knn_acc": 0.5, "mi_heldout": 1.0} for t in (1000, 2000, 4000, 8000)]
+        write_run(tmp_path / "runs", f"s{seed}", 0.5, seed, critic="separable", curve=curve)
+    evaluate.main(["curve", str(tmp_path / "runs"), "--out", str(tmp_path / "c")])
+    text = (tmp_path / "c.md").read_text()
+    assert "| 0.5 | 1000 to 8000 | 2 | -0.0200 ± 0.1271 (p 0.295) |" in text
+    evaluate.main(["curve", str(tmp_path / "runs"), "--since", "4000", "--out",
+                   str(tmp_path / "c")])  # the last doubling alone: the paired change
+    assert "| 0.5 | 4000 to 8000 | 2 | -0.0200 ± 0.1271 (p 0.295) |" in capsys.readouterr().out
 
 
 def embeddings(tmp_path, capsys, name, flags=(), **arrays):

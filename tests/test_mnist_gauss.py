@@ -71,6 +71,20 @@ def test_mi_estimates_per_critic_and_one_batch_capped(run_script, tmp_path, monk
     assert est["trained"]["infonce"]["batch"][0] == pytest.approx(metrics["mi_heldout"])
 
 
+def test_summary_names_a_diverged_run_and_hides_a_learned_critics_nwj_and_dv(run_script,
+                                                                              tmp_path):
+    metrics = run_script(mnist_gauss, tmp_path / "run", "--steps", "2", "--sigma", "0.5")
+    assert metrics["diverged"] == []  # 2 steps: too short to judge the loss; MI not < -3 SE
+    lines = mnist_gauss.summary(metrics).splitlines()
+    assert not any("DIVERGED" in line for line in lines)
+    trained = next(line for line in lines if "trained critic" in line)
+    theorem41 = next(line for line in lines if "theorem41 critic" in line)
+    assert "infonce" in trained and "nwj" not in trained and "dv" not in trained
+    assert all(name in theorem41 for name in ("infonce", "nwj", "dv"))
+    metrics["diverged"] = ["held-out MI -0.388 +- 0.049: < -3 SE"]
+    assert "DIVERGED, not a result: held-out MI -0.388" in mnist_gauss.summary(metrics)
+
+
 def test_same_seed_same_metrics_and_resume_continues_exactly(run_script, same_metrics,
                                                               tmp_path):
     flags = ("--steps", "6", "--sigma", "0.3", "--ckpt-every", "3", "--log-every", "3")
