@@ -312,7 +312,7 @@ def figure(args: argparse.Namespace) -> None:
         check_group(members, training if kind != "trained" else (), f"the {kind} baseline runs",
                     f"{members[0]['noise_key']} = {noise:g} ({kind})")
     rows = [table_row(members[0]["kind"], noise, members[0]["capacity"],
-                      [run["values"] for run in healthy(members)[0]], len(members) - len(kept))
+                      [run["values"] for run in kept], len(members) - len(kept))
             for (_, noise), members in sorted(groups.items())
             if (kept := healthy(members)[0])]  # a group whose runs all diverged: only its note
     first = trained[0]["settings"]
@@ -792,7 +792,8 @@ def outlier_report(z_train: np.ndarray, z_test: np.ndarray, z_shifted: dict[str,
 def outliers(args: argparse.Namespace) -> None:
     """Outliers in runs written with --ood: false-alarm and detection rates and AUROC of the
     prior rule (chi^2_d p-value of ||z||^2, Theorem 3.4) against the fitted Mahalanobis rule, a
-    row per noise level, mean ± 99% t interval over seeds; --out PREFIX writes .md, .csv, .json."""
+    row per noise level, mean ± 99% t interval over seeds, diverged runs left out; --out PREFIX
+    writes .md, .csv, .json."""
     (runs, notes), groups = healthy(load_runs(args.runs)), {}
     if not runs:
         raise Refused(f"every run of {' '.join(args.runs)} diverged: no outlier table")
