@@ -4,6 +4,7 @@ The first word names the mode; `python evaluate.py MODE -h` describes it and its
     python evaluate.py figure runs/sweep [RUN_DIR ...] --out figure1
     python evaluate.py compare RUN_DIR ... --against RUN_DIR ...
     python evaluate.py curve RUN_DIR ... --out curve
+    python evaluate.py factor RUN_DIR ... --by aug_sigma --out factor
     python evaluate.py table runs/cifar_ssl [RUN_DIR ...] --out table1
     python evaluate.py outliers RUN_DIR ... [--out PREFIX]
     python evaluate.py embeddings FILE [--uniform] [--key NAME] [--out report]
@@ -544,6 +545,77 @@ def compare(args: argparse.Namespace) -> None:
                       "detectable (80% power)"], rows) + "".join(notes))
 
 
+# --- factor: what keeps the embeddings from N(0, I) ------------------------------------------
+FACTORS = ("aug_sigma", "critic", "batch_size")  # the mnist_gauss.py settings a study varies
+STUDY = [("sliced_w2", "normality.sliced_w2", "sliced W2 to N(0, I)"),
+         ("henze_zirkler_p", "normality.henze_zirkler_p", "Henze-Zirkler p (average)"),
+         ("whole_p", "normality.decision.p", "whole-sample test p"),
+         ("dm_gap", "dm_gap", "C − Î (held-out lower bound)"),
+         ("non_invariance", "non_invariance", "non-invariance E (f(X') − f(X))²"),
+         ("knn_acc", "downstream.knn_acc", "k-NN accuracy")]
+
+
+def factor(args: argparse.Namespace) -> None:
+    """Each measure against one setting of mnist_gauss.py runs (--by aug_sigma, critic or
+    batch_size) that share every other: a row per (sigma, steps, value), mean ± 99% t interval
+    over seeds, diverged runs counted apart; sliced W2 beside the null band of a mean of as many
+    N(0, I) samples; the non-invariance E (f(X') - f(X))^2 per coordinate (Var f_i = 1) beside
+    C - I_hat, which bounds the KL plus the non-invariance term (Lemma B.1); writes PREFIX.png,
+    .pdf, .md."""
+    runs = load_runs(args.runs)
+    if runs[0]["family"] != "sigma":
+        raise Refused(f"{runs[0]['path']} is not a mnist_gauss.py run")
+    check_group(runs, SETTINGS["sigma"][0] + ("loss",), "runs of one factor study")
+    groups: dict[tuple[float, int, Any], list[Run]] = {}
+    for run in runs:
+        run["factor"] = {key: entry(run, key, (int, float, str)) for key in FACTORS}
+        if differ := [k for k in FACTORS
+                      if k != args.by and run["factor"][k] != runs[0]["factor"][k]]:
+            raise Refused(f"{runs[0]['path']} and {run['path']} differ in {differ[0]}: a study of "
+                          f"--by {args.by} keeps it fixed")
+        run["values"].update({name: entry(run, key) for name, key, _ in STUDY})
+        groups.setdefault((run["noise"], entry(run, "steps", int), run["factor"][args.by]),
+                          []).append(run)
+    rows, lines = [], {}
+    for (noise, steps, value), members in sorted(groups.items()):
+        check_group(members, (), "", f"σ = {noise:g}, {steps} steps, {args.by} = {value}")
+        if kept := healthy(members)[0]:
+            rows.append({**table_row(f"{steps} steps", noise, members[0]["capacity"],
+                                     [{n: r["values"][n] for n, _, _ in STUDY} for r in kept],
+                                     len(members) - len(kept)), "value": value})
+            lines.setdefault((noise, steps), []).append(rows[-1])
+    if not rows:
+        raise Refused(f"every run of {' '.join(args.runs)} diverged: no study")
+    bands = {k: null_bands(runs, k)["sliced_w2"] for k in sorted({row["seeds"] for row in rows})}
+    fig = Figure(figsize=(4.2 * 4, 3.6))
+    values = sorted({row["value"] for row in rows})
+    for ax, name in zip(fig.subplots(1, 4), ("sliced_w2", "knn_acc", "non_invariance", "dm_gap")):
+        for i, ((noise, steps), members) in enumerate(sorted(lines.items())):
+            ax.errorbar([values.index(row["value"]) for row in members],
+                        [row[name][0] for row in members], capsize=3, fmt="o-", color=f"C{i}",
+                        yerr=np.nan_to_num([row[name][1] for row in members]),
+                        label=f"σ = {noise:g}, {steps} steps")
+        if name == "sliced_w2":
+            ax.axhspan(*bands[min(bands)], color="0.5", alpha=0.3,
+                       label=f"null band (mean of {min(bands)})")
+            ax.legend(fontsize=8)
+        ax.set(xticks=range(len(values)), xticklabels=[f"{v:g}" if not isinstance(v, str) else v
+                                                       for v in values],
+               xlabel=args.by, title=dict((n, t) for n, _, t in STUDY)[name])
+    fig.tight_layout()
+    fixed = ", ".join(f"{key} {runs[0]['factor'][key]}" for key in FACTORS if key != args.by)
+    text = (f"Factor study, --by {args.by} ({fixed}, d = {runs[0]['settings']['dim']}, "
+            f"{runs[0]['settings']['data.dataset']}): mean ± 99% t interval over seeds\n\n"
+            + md_table(["steps", "σ", "C", "seeds", args.by, *(t for _, _, t in STUDY)],
+                       [(cells := row_cells(row, [n for n, _, _ in STUDY]))[:4]
+                        + [str(row["value"])] + cells[4:] for row in rows])
+            + "\n\nsliced W2 null band (central 95% of the mean of k N(0, I) samples): "
+            + "; ".join(f"k = {k}: {' to '.join(map(fmt, b))}" for k, b in bands.items())
+            + healthy(runs)[1] + "\n")
+    save(args.out, {"png": fig, "pdf": fig, "md": text})
+    print(text + f"\nsaved {args.out}.png, {args.out}.pdf, {args.out}.md")
+
+
 # --- table: Table 1 (and poster Table 2) from cifar_ssl.py runs -----------------------------
 def probe_table(runs: list[Run], key_of: Any, label_of: Any, column_of: Any, columns: dict,
                 paper: dict, std: bool) -> str:
@@ -855,6 +927,8 @@ def number(kind: type, low: float, high: float) -> Callable[[str], Any]:
 MODES = {"figure": (figure, "Figure 1: each measure against the capacity C", "figure1"),
          "compare": (compare, "two groups of seeds: Welch's t test per measure", ""),
          "curve": (curve, "the measures against training steps (--eval-at runs)", "curve"),
+         "factor": (factor, "the measures against --aug-sigma, --critic or --batch-size",
+                    "factor"),
          "table": (table, "Table 1 (and poster Table 2) from cifar_ssl.py runs", "table1"),
          "outliers": (outliers, "outliers from the prior against the fitted Mahalanobis rule",
                       None),
@@ -878,6 +952,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                            "files written" + ("" if out else "; omitted: print only"))
     parsers["curve"].add_argument("--since", type=number(int, 0, 10 ** 9), default=0,
                                   metavar="STEP", help="the changes per doubling from this step")
+    parsers["factor"].add_argument("--by", choices=FACTORS, required=True,
+                                   help="the setting the study varies")
     parsers["compare"].add_argument("--against", nargs="+", required=True, metavar="RUN_DIR",
                                     help="the second group")
     q = parsers["embeddings"]

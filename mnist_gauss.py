@@ -212,15 +212,13 @@ def embed(models: nn.ModuleDict, x: torch.Tensor) -> np.ndarray:
 @torch.no_grad()
 def evaluate(models: nn.ModuleDict, data: tuple, args: argparse.Namespace,
              estimates: bool = True) -> dict:
-    """Section 5: held-out MI against C = d/2 log(1 + 1/sigma^2) (eq. 5), the DM gap (Lemma B.1),
-    normality of the clean test embeddings, downstream scores; with `estimates`, InfoNCE, NWJ, DV
-    (eqs. 2-3) of the trained and Theorem 4.1 critics also on one batch of n_test <= ONE_BATCH."""
+    """Section 5: held-out MI against C (eq. 5), the DM gap (Lemma B.1), non-invariance, normality,
+    downstream scores; with `estimates`, eqs. 2-3 of both critics on one batch of <= ONE_BATCH."""
     x_tr, y_tr, x_te, y_te = data
     models.train()  # the held-out MI uses the training objective, each branch its own batch
     bs, n_test = min(args.batch_size, len(x_te)), min(len(x_te), ONE_BATCH)
-    critics = {"trained": models["critic"]}
-    if estimates and args.sigma > 0:
-        critics["theorem41"] = common.GaussianCritic(args.sigma)
+    critics = {"trained": models["critic"], **({"theorem41": common.GaussianCritic(args.sigma)}
+                                               if estimates and args.sigma > 0 else {})}
     with torch.random.fork_rng(devices=[x_te.device] if x_te.device.type == "cuda" else []):
         torch.manual_seed(args.seed + 1)
         batches = [x_te[i:i + bs] for i in range(0, len(x_te) - bs + 1, bs)]
@@ -233,13 +231,16 @@ def evaluate(models: nn.ModuleDict, data: tuple, args: argparse.Namespace,
     common.recompute_bn_stats(models, lambda x: models["head"](models["encoder"](x)),
                               x_tr, args.batch_size)
     z_tr, z_te = embed(models, x_tr), embed(models, x_te)
+    x_aug = x_te + args.aug_sigma * torch.randn(x_te.shape, device=x_te.device, generator=(
+        torch.Generator(x_te.device).manual_seed(args.seed + 2)))  # X -> X', the same each time
     if not (np.isfinite(z_tr).all() and np.isfinite(z_te).all()):
         raise FloatingPointError("the embeddings are not finite: training diverged; try a "
                                  f"smaller --lr (now {args.lr:g})")
     mi, capacity = float(np.mean(mis)), common.gaussian_capacity(args.dim, args.sigma)
     se = float(np.std(mis, ddof=1) / math.sqrt(len(mis))) if len(mis) > 1 else math.nan
     return {"sigma": args.sigma, "capacity": capacity, "mi_heldout": mi, "mi_heldout_se": se,
-            "dm_gap": capacity - mi, "class_information": common.LOG10,
+            "dm_gap": capacity - mi, "class_information": common.LOG10, "aug_sigma": args.aug_sigma,
+            "non_invariance": float(np.mean((embed(models, x_aug) - z_te) ** 2)),  # Var f_i = 1
             **({"mi_estimates": {"batch": bs, "n_test": n_test, **{
                 c: common.bound_estimates_table(s[:-1], s[-1]) for c, s in scores.items()}}}
                if estimates else {}),
@@ -250,8 +251,7 @@ def evaluate(models: nn.ModuleDict, data: tuple, args: argparse.Namespace,
 
 
 def curve_point(step: int, m: dict) -> dict:
-    """A point of the convergence curve: the normality block without its null levels (the final
-    metrics hold them), sliced W2 of the training embeddings, the held-out MI and k-NN accuracy."""
+    """A curve point: normality without its null levels, train sliced W2, held-out MI, k-NN."""
     tests = {k: v for k, v in m["normality"].items() if k != "null"}
     return {"step": step, "mi_heldout": m["mi_heldout"], "knn_acc": m["downstream"]["knn_acc"],
             "sliced_w2_train": common.sliced_w2(m["embeddings"][0]), **tests}
@@ -262,7 +262,7 @@ def summary(m: dict) -> str:
     return "\n".join([
         f"capacity C = {m['capacity']:.3f} nats   (class information log 10 = {common.LOG10:.3f})",
         f"MI estimate (held-out) = {m['mi_heldout']:.3f} +- {m['mi_heldout_se']:.3f}"
-        f"   DM gap C - I = {m['dm_gap']:.3f}",
+        f"   DM gap C - I = {m['dm_gap']:.3f}   non-invariance {m['non_invariance']:.3f}",
         *(f"DIVERGED, not a result: {why}" for why in m["diverged"]),
         *[f"  one batch of {m['mi_estimates']['n_test']} test images, {critic} critic: "
           + "   ".join(f"{k} {e['whole'][0]:.3f} +- {e['whole'][1]:.3f}" for k, e in est.items()

@@ -57,6 +57,16 @@ def test_short_run_prints_its_data_and_writes_metrics_and_files(run_script, tmp_
     assert np.allclose(emb["z_train"].std(0), 1, atol=0.05)
 
 
+def test_non_invariance_is_zero_without_augmentation_and_grows_with_it(run_script, tmp_path):
+    """E (f(X') - f(X))^2 per coordinate of the trained encoder's test embeddings (Var f_i = 1):
+    X' = X without augmentation noise, farther apart the stronger the noise."""
+    flags = ("--steps", "2", "--sigma", "0.5")
+    none, default, strong = (run_script(mnist_gauss, tmp_path / name, *flags, "--aug-sigma", s)
+                             for name, s in (("none", "0"), ("default", "0.6"), ("strong", "3")))
+    assert none["non_invariance"] == 0.0 and none["aug_sigma"] == 0.0
+    assert 0 < default["non_invariance"] < strong["non_invariance"]
+
+
 def test_mi_estimates_per_critic_and_one_batch_capped(run_script, tmp_path, monkeypatch):
     monkeypatch.setattr(mnist_gauss, "ONE_BATCH", 150)  # the tiny test split has 200 images
     metrics = run_script(mnist_gauss, tmp_path / "run", "--steps", "2", "--sigma", "0.5")
