@@ -300,7 +300,8 @@ def figure(args: argparse.Namespace) -> None:
                                          SETTINGS[runs[0]["family"]])
     (family, symbol, equation), metrics = FAMILIES[runs[0]["family"]], PANELS[runs[0]["family"]]
     check_group(runs, shared, "runs of one figure")
-    trained = [run for run in healthy(runs)[0] if run["kind"] == "trained"]
+    kept_runs, notes = healthy(runs)
+    trained = [run for run in kept_runs if run["kind"] == "trained"]
     if not trained:
         raise Refused(f"none of the {len(runs)} runs in {' '.join(args.runs)} is a trained run "
                       "with finite capacity C that did not diverge")
@@ -338,9 +339,9 @@ def figure(args: argparse.Namespace) -> None:
             f"(t_0.995 with seeds - 1 degrees of freedom, none for one seed); C from {equation}"
             "\n\n" + md_table(["runs", symbol, "C", "seeds", *titles.values()],
                                [row_cells(row, list(titles)) for row in rows] + band_rows)
-            + f"\n\n{null}\n\n{check}{healthy(runs)[1]}\n")
+            + f"\n\n{null}\n\n{check}{notes}\n")
     save(prefix, {"md": text, "csv": csv_text(rows, runs[0]["noise_key"])})
-    certificate_md, certificate_csv = certificate(healthy(runs)[0])
+    certificate_md, certificate_csv = certificate(kept_runs)
     if certificate_md:
         save(f"{prefix}_certificate", {"md": certificate_md, "csv": certificate_csv})
         text += f"\n{certificate_md}\nsaved {prefix}_certificate.md, {prefix}_certificate.csv\n"
@@ -364,11 +365,11 @@ def slope_cell(steps: list[int], values: np.ndarray) -> str:
     slopes = np.polyfit(np.log2(steps), values.T, 1)[0]
     if len(slopes) < 2:
         return f"{slopes[0]:.4f}"
-    half = scipy.stats.t.ppf(0.975, len(slopes) - 1) * slopes.std(ddof=1) / math.sqrt(len(slopes))
     with warnings.catch_warnings():  # equal slopes: p is nan
         warnings.simplefilter("ignore", RuntimeWarning)
-        p = scipy.stats.ttest_1samp(slopes, 0.0).pvalue
-    return f"{slopes.mean():.4f} ± {half:.4f} (p {fmt(float(p))})"
+        test = scipy.stats.ttest_1samp(slopes, 0.0)
+    low, high = test.confidence_interval(0.95)
+    return f"{slopes.mean():.4f} ± {(high - low) / 2:.4f} (p {fmt(float(test.pvalue))})"
 
 
 def curve(args: argparse.Namespace) -> None:

@@ -231,11 +231,11 @@ def evaluate(models: nn.ModuleDict, data: tuple, args: argparse.Namespace,
     common.recompute_bn_stats(models, lambda x: models["head"](models["encoder"](x)),
                               x_tr, args.batch_size)
     z_tr, z_te = embed(models, x_tr), embed(models, x_te)
-    x_aug = x_te + args.aug_sigma * torch.randn(x_te.shape, device=x_te.device, generator=(
-        torch.Generator(x_te.device).manual_seed(args.seed + 2)))  # X -> X', the same each time
     if not (np.isfinite(z_tr).all() and np.isfinite(z_te).all()):
         raise FloatingPointError("the embeddings are not finite: training diverged; try a "
                                  f"smaller --lr (now {args.lr:g})")
+    x_aug = x_te + args.aug_sigma * torch.randn(x_te.shape, device=x_te.device, generator=(
+        torch.Generator(x_te.device).manual_seed(args.seed + 2)))  # X -> X', the same each time
     mi, capacity = float(np.mean(mis)), common.gaussian_capacity(args.dim, args.sigma)
     se = float(np.std(mis, ddof=1) / math.sqrt(len(mis))) if len(mis) > 1 else math.nan
     return {"sigma": args.sigma, "capacity": capacity, "mi_heldout": mi, "mi_heldout_se": se,
