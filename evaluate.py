@@ -518,11 +518,19 @@ def compare(args: argparse.Namespace) -> None:
     t interval per group, the difference of means with its 95% Welch interval, the two-sided
     p-value of Welch's t test (unequal variances; nan with fewer than two seeds a side) and the
     difference it detects with 80% power at level 0.05, (t_0.975 + t_0.80) SE at the seeds'
-    spread: a "not measurable" difference is one below that, not zero. Diverged runs left out."""
+    spread: a "not measurable" difference is one below that, not zero. Diverged runs left out.
+    --paired: runs of one seed form a pair (both groups the same seeds, e.g. two settings trained
+    from the same initialization and data order), the paired t test of the per-seed differences."""
     groups, notes = zip(*(healthy(load_runs(group)) for group in (args.runs, args.against)))
     if not all(groups):
         raise Refused(f"every run of {' '.join(args.runs if not groups[0] else args.against)} "
                       "diverged: nothing to compare")
+    if args.paired:
+        groups = tuple(sorted(group, key=lambda run: run["seed"]) for group in groups)
+        if [run["seed"] for run in groups[0]] != [run["seed"] for run in groups[1]]:
+            raise Refused("--paired needs the same seeds in both groups (diverged runs are left "
+                          f"out): {[r['seed'] for r in groups[0]]} against "
+                          f"{[r['seed'] for r in groups[1]]}")
     for name, group in zip("AB", groups, strict=True):
         check_group(group, SETTINGS[group[0]["family"]][0], f"the runs of group {name}",
                     f"group {name}")
@@ -534,15 +542,18 @@ def compare(args: argparse.Namespace) -> None:
         with warnings.catch_warnings():  # values like 1e-254 warn of lost precision, not an error
             warnings.simplefilter("ignore", RuntimeWarning)
             if min(map(len, (a, b))) > 1:
-                test = scipy.stats.ttest_ind(a, b, equal_var=False)
+                test = (scipy.stats.ttest_rel(a, b) if args.paired
+                        else scipy.stats.ttest_ind(a, b, equal_var=False))
                 p, (low, high) = test.pvalue, test.confidence_interval(0.95)
                 t, t80 = (scipy.stats.t.ppf(q, test.df) for q in (0.975, 0.8))
                 detect = (t + t80) * (high - low) / (2 * t)  # (t_0.975 + t_0.80) SE
         rows.append([title, mean_cell(mean_ci99(a)), mean_cell(mean_ci99(b)), fmt(diff),
                      f"{fmt(low)} to {fmt(high)}", fmt(float(p)), fmt(detect)])
-    print(f"A: {len(groups[0])} runs, B: {len(groups[1])} runs; mean ± 99% t interval, Welch's "
-          "t test of A − B (two-sided)\n\n"
-          + md_table(["measure", "A", "B", "A − B", "95% interval", "Welch p",
+    test = "paired t test of A − B, pairs by seed" if args.paired else "Welch's t test of A − B"
+    print(f"A: {len(groups[0])} runs, B: {len(groups[1])} runs; mean ± 99% t interval, {test} "
+          "(two-sided)\n\n"
+          + md_table(["measure", "A", "B", "A − B", "95% interval", "paired p" if args.paired
+                      else "Welch p",
                       "detectable (80% power)"], rows) + "".join(notes))
 
 
@@ -926,7 +937,7 @@ def number(kind: type, low: float, high: float) -> Callable[[str], Any]:
 
 # mode -> (function, help, default of --out: None prints only, "" has no --out)
 MODES = {"figure": (figure, "Figure 1: each measure against the capacity C", "figure1"),
-         "compare": (compare, "two groups of seeds: Welch's t test per measure", ""),
+         "compare": (compare, "two groups of seeds: Welch's (or paired) t test per measure", ""),
          "curve": (curve, "the measures against training steps (--eval-at runs)", "curve"),
          "factor": (factor, "the measures against --aug-sigma, --critic or --batch-size",
                     "factor"),
@@ -957,6 +968,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                                    help="the setting the study varies")
     parsers["compare"].add_argument("--against", nargs="+", required=True, metavar="RUN_DIR",
                                     help="the second group")
+    parsers["compare"].add_argument("--paired", action="store_true",
+                                    help="pair the runs of one seed: a paired t test")
     q = parsers["embeddings"]
     q.add_argument("file", metavar="FILE", help="the embeddings (.npy or .npz)")
     q.add_argument("--key", metavar="NAME", help="the array of FILE that holds the embeddings")

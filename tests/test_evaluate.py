@@ -107,6 +107,23 @@ def test_compare_prints_welch_p_per_measure(sweep, capsys):
     assert knn.endswith("| -0.200 | nan to nan | nan | nan |")
 
 
+def test_compare_paired_tests_the_per_seed_differences(tmp_path, capsys):
+    # k-NN per seed A 0.50, 0.62, 0.71 and B 0.40, 0.50, 0.64: differences 0.10, 0.12, 0.07, mean
+    # 0.0966667, s = 0.0251661, SE = 0.0145297, t = 6.6530, df 2: p = 0.0218541. Welch's test
+    # of the same numbers (SE 0.0924, the spread between seeds) gives p = 0.36.
+    a = [write_run(tmp_path, f"a{s}", 0.5, s, knn=k) for s, k in zip((2, 0, 1), (0.71, 0.5, 0.62))]
+    b = [write_run(tmp_path, f"b{s}", 0.5, s, knn=k) for s, k in enumerate((0.4, 0.5, 0.64))]
+    evaluate.main(["compare", *map(str, a), "--against", *map(str, b), "--paired"])
+    out = capsys.readouterr().out
+    knn = next(line for line in out.splitlines() if "k-NN" in line)
+    se, t, t80 = 0.0145297, scipy.stats.t.ppf(0.975, 2), scipy.stats.t.ppf(0.8, 2)
+    assert "paired t test" in out and knn.endswith(
+        f"| 0.097 | {0.0966667 - t * se:.3f} to {0.0966667 + t * se:.3f} | 0.022 | "
+        f"{(t + t80) * se:.3f} |")
+    refused(capsys, ["compare", *map(str, a), "--against", *map(str, b[:2]), "--paired"],
+            "--paired needs the same seeds")
+
+
 def test_cells_keep_three_decimals_and_switch_to_scientific_at_the_extremes():
     assert [evaluate.fmt(x) for x in (0.5, -2.1689, 0.0, 4.6e-7, 123456.7)] == [
         "0.500", "-2.169", "0.000", "4.6e-07", "123456.700"]
