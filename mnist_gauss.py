@@ -67,11 +67,6 @@ def precision(device: torch.device, amp: bool | None) -> tuple[torch.dtype, str]
     return half, "this CPU has native bfloat16 (AVX-512 BF16 or AMX)"
 
 
-def name(dtype: torch.dtype) -> str:
-    """'float32', 'bfloat16 autocast' or 'float16 autocast', as metrics.json records it."""
-    return "float32" if dtype == torch.float32 else f"{str(dtype)[6:]} autocast"
-
-
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -182,7 +177,7 @@ def infomax_loss(models: nn.ModuleDict, x: torch.Tensor, args: argparse.Namespac
     return common.mi_loss(args.loss, args.reg_weight, args.clip or None)(scores)
 
 
-def bench(args: argparse.Namespace, device: torch.device) -> None:
+def bench(args: argparse.Namespace, device: torch.device, label: str) -> None:
     """--bench N: ms per training step of these settings on random images, after two untimed."""
     models = build_models(args, device)
     opt = torch.optim.Adam(models.parameters(), lr=args.lr)
@@ -197,7 +192,7 @@ def bench(args: argparse.Namespace, device: torch.device) -> None:
         opt.step()
     sync()
     ms = 1e3 * (time.perf_counter() - start) / args.bench
-    print(f"{device}, {name(args.dtype)}, batch {args.batch_size}, critic {args.critic}: "
+    print(f"{device}, {label}, batch {args.batch_size}, critic {args.critic}: "
           f"{ms:.1f} ms/step, {args.batch_size / ms * 1e3:.0f} images/s")
 
 
@@ -212,8 +207,8 @@ def embed(models: nn.ModuleDict, x: torch.Tensor) -> np.ndarray:
 @torch.no_grad()
 def evaluate(models: nn.ModuleDict, data: tuple, args: argparse.Namespace,
              estimates: bool = True) -> dict:
-    """Section 5: held-out MI against C (eq. 5), the DM gap (Lemma B.1), non-invariance, normality,
-    downstream scores; with `estimates`, eqs. 2-3 of both critics on one batch of <= ONE_BATCH."""
+    """Section 5: held-out MI vs C (eq. 5), DM gap C - I and its non-invariance share (Lemma B.1),
+    normality, downstream scores; with `estimates`, eqs. 2-3 on <= ONE_BATCH test images."""
     x_tr, y_tr, x_te, y_te = data
     models.train()  # the held-out MI uses the training objective, each branch its own batch
     bs, n_test = min(args.batch_size, len(x_te)), min(len(x_te), ONE_BATCH)
@@ -234,13 +229,17 @@ def evaluate(models: nn.ModuleDict, data: tuple, args: argparse.Namespace,
     if not (np.isfinite(z_tr).all() and np.isfinite(z_te).all()):
         raise FloatingPointError("the embeddings are not finite: training diverged; try a "
                                  f"smaller --lr (now {args.lr:g})")
-    x_aug = x_te + args.aug_sigma * torch.randn(x_te.shape, device=x_te.device, generator=(
-        torch.Generator(x_te.device).manual_seed(args.seed + 2)))  # X -> X', the same each time
+    z_aug = embed(models, x_te + args.aug_sigma * torch.randn(x_te.shape, device=x_te.device,
+                  generator=torch.Generator(x_te.device).manual_seed(args.seed + 2)))  # f(X')
+    resid = np.cov((z_te - z_aug @ np.linalg.lstsq(z_aug - z_aug.mean(0), z_te)[0]).T)  # R, d x d
+    mi_gauss = (args.dim * math.log1p(args.sigma ** 2)  # I(f(X'); f(X) + Z), Gaussian f
+                - np.linalg.slogdet(resid + args.sigma ** 2 * np.eye(args.dim))[1]) / 2
     mi, capacity = float(np.mean(mis)), common.gaussian_capacity(args.dim, args.sigma)
     se = float(np.std(mis, ddof=1) / math.sqrt(len(mis))) if len(mis) > 1 else math.nan
     return {"sigma": args.sigma, "capacity": capacity, "mi_heldout": mi, "mi_heldout_se": se,
             "dm_gap": capacity - mi, "class_information": common.LOG10, "aug_sigma": args.aug_sigma,
-            "non_invariance": float(np.mean((embed(models, x_aug) - z_te) ** 2)),  # Var f_i = 1
+            "non_invariance": float(np.mean((z_aug - z_te) ** 2)),  # Var f_i = 1
+            "non_invariance_nats": float(capacity - mi_gauss),  # 1/2 log det(I + R / sigma^2)
             **({"mi_estimates": {"batch": bs, "n_test": n_test, **{
                 c: common.bound_estimates_table(s[:-1], s[-1]) for c, s in scores.items()}}}
                if estimates else {}),
@@ -262,7 +261,7 @@ def summary(m: dict) -> str:
     return "\n".join([
         f"capacity C = {m['capacity']:.3f} nats   (class information log 10 = {common.LOG10:.3f})",
         f"MI estimate (held-out) = {m['mi_heldout']:.3f} +- {m['mi_heldout_se']:.3f}"
-        f"   DM gap C - I = {m['dm_gap']:.3f}   non-invariance {m['non_invariance']:.3f}",
+        f"   DM gap C - I = {m['dm_gap']:.3f} (non-invariance <= {m['non_invariance_nats']:.3f})",
         *(f"DIVERGED, not a result: {why}" for why in m["diverged"]),
         *[f"  one batch of {m['mi_estimates']['n_test']} test images, {critic} critic: "
           + "   ".join(f"{k} {e['whole'][0]:.3f} +- {e['whole'][1]:.3f}" for k, e in est.items()
@@ -286,9 +285,10 @@ def run(args: argparse.Namespace) -> None:
                           "cuda" if torch.cuda.is_available() else "cpu")
     torch.manual_seed(args.seed)
     args.dtype, why = precision(device, args.amp)
+    label = "float32" if args.dtype == torch.float32 else f"{str(args.dtype)[6:]} autocast"
     if args.bench:
-        return bench(args, device)
-    print(f"{name(args.dtype)}: {why}")
+        return bench(args, device, label)
+    print(f"{label}: {why}")
     started, out = time.time(), Path(args.out)
     x_tr, y_tr, x_te, y_te, data_info = common.load_data(args.dataset, args.data_dir)
     print(f"{data_info['dataset']}: {data_info['n_train']:,} training / {data_info['n_test']:,} "
@@ -324,7 +324,7 @@ def run(args: argparse.Namespace) -> None:
     elif not (out / "args.json").exists():  # a new run (--resume of a run not started too)
         out.mkdir(parents=True, exist_ok=True)
         save(out / "args.json", lambda f: f.write_text(json.dumps(settings, indent=2)))
-    segments = segments + [[start, str(device), name(args.dtype)]]
+    segments = segments + [[start, str(device), label]]
 
     # training: Adam on the InfoMax objective; log, evaluate and checkpoint every N steps
     train = nn.ModuleDict({k: torch.compile(m) if args.compile and k != "head" else m
@@ -372,7 +372,7 @@ def run(args: argparse.Namespace) -> None:
     z_tr, z_te = metrics.pop("embeddings")
     metrics.update(dim=args.dim, critic=args.critic, loss=args.loss, steps=args.steps,
                    batch_size=args.batch_size, seed=args.seed, data=data_info, device=str(device),
-                   precision={"dtype": name(args.dtype), "why": why},
+                   precision={"dtype": label, "why": why},
                    wall_time_s=time.time() - started, train_history=history, curve=curve,
                    segments=segments, diverged=common.divergence(
                        metrics["mi_heldout"], metrics["mi_heldout_se"], [h[1] for h in history]))

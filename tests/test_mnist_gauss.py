@@ -67,6 +67,31 @@ def test_non_invariance_is_zero_without_augmentation_and_grows_with_it(run_scrip
     assert 0 < default["non_invariance"] < strong["non_invariance"]
 
 
+def test_non_invariance_nats_is_half_log_det_of_one_plus_residual_over_sigma2(tmp_path):
+    """Lemma B.1's last term I(f(X) + Z; f(X) | f(X')) <= 1/2 log det(I + R / sigma^2), R the
+    residual covariance of f(X) after its least-squares fit on f(X'), here from the normal
+    equations on a linear encoder; 0 when X' = X."""
+    args = mnist_gauss.parse_args(["--sigma", "0.4", "--out", str(tmp_path / "r")])
+    args.dtype = torch.float32
+    torch.manual_seed(0)
+    models = mnist_gauss.build_models(args, torch.device("cpu"))
+    models["encoder"] = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(576, 2))
+    gen = torch.Generator().manual_seed(1)
+    x_tr, x_te = (torch.rand(n, 1, 24, 24, generator=gen) for n in (300, 200))
+    data = (x_tr, torch.arange(300) % 3, x_te, torch.arange(200) % 3)
+    for aug in (0.6, 0.0):
+        args.aug_sigma = aug
+        metrics = mnist_gauss.evaluate(models, data, args, estimates=False)
+        noise = torch.randn(x_te.shape, generator=torch.Generator().manual_seed(args.seed + 2))
+        z, z_aug = mnist_gauss.embed(models, x_te), mnist_gauss.embed(models, x_te + aug * noise)
+        c = np.cov(np.hstack([z, z_aug]).T)
+        r = c[:2, :2] - c[:2, 2:] @ np.linalg.inv(c[2:, 2:]) @ c[2:, :2]
+        expected = 0.5 * np.linalg.slogdet(np.eye(2) + r / 0.4 ** 2)[1]
+        assert metrics["non_invariance_nats"] == pytest.approx(expected, rel=1e-6, abs=1e-9)
+        assert metrics["non_invariance"] == pytest.approx(np.mean((z_aug - z) ** 2), rel=1e-6)
+    assert expected == pytest.approx(0.0, abs=1e-9)
+
+
 def test_mi_estimates_per_critic_and_one_batch_capped(run_script, tmp_path, monkeypatch):
     monkeypatch.setattr(mnist_gauss, "ONE_BATCH", 150)  # the tiny test split has 200 images
     metrics = run_script(mnist_gauss, tmp_path / "run", "--steps", "2", "--sigma", "0.5")
