@@ -564,6 +564,7 @@ STUDY = [("sliced_w2", "normality.sliced_w2", "sliced W2 to N(0, I)"),
          ("whole_p", "normality.decision.p", "whole-sample test p"),
          ("dm_gap", "dm_gap", "C − Î (held-out lower bound)"),
          ("non_invariance", "non_invariance", "non-invariance E (f(X') − f(X))²"),
+         ("non_invariance_nats", "non_invariance_nats", "its term in C − I, at most (nats)"),
          ("knn_acc", "downstream.knn_acc", "k-NN accuracy")]
 
 
@@ -571,9 +572,10 @@ def factor(args: argparse.Namespace) -> None:
     """Each measure against one setting of mnist_gauss.py runs (--by aug_sigma, critic or
     batch_size) that share every other: a row per (sigma, steps, value), mean ± 99% t interval
     over seeds, diverged runs counted apart; sliced W2 beside the null band of a mean of as many
-    N(0, I) samples; the non-invariance E (f(X') - f(X))^2 per coordinate (Var f_i = 1) beside
-    C - I_hat, which bounds the KL plus the non-invariance term (Lemma B.1); writes PREFIX.png,
-    .pdf, .md."""
+    N(0, I) samples; the non-invariance E (f(X') - f(X))^2 per coordinate (Var f_i = 1), and
+    C - I_hat >= C - I = KL(f(X) + Z || N(0, (1 + sigma^2) I)) + I(f(X) + Z; f(X) | f(X'))
+    (Lemma B.1) drawn with the runs' upper bound on its second, non-invariance term; writes
+    PREFIX.png, .pdf, .md."""
     runs = load_runs(args.runs)
     if runs[0]["family"] != "sigma":
         raise Refused(f"{runs[0]['path']} is not a mnist_gauss.py run")
@@ -607,13 +609,19 @@ def factor(args: argparse.Namespace) -> None:
                         [row[name][0] for row in members], capsize=3, fmt="o-", color=f"C{i}",
                         yerr=np.nan_to_num([row[name][1] for row in members]),
                         label=f"σ = {noise:g}, {steps} steps")
+            if name == "dm_gap":  # dashed: the non-invariance term's upper bound
+                ax.errorbar([values.index(row["value"]) for row in members],
+                            [row["non_invariance_nats"][0] for row in members], capsize=3,
+                            fmt="s--", color=f"C{i}", mfc="none", yerr=np.nan_to_num(
+                                [row["non_invariance_nats"][1] for row in members]))
         if name == "sliced_w2":
             ax.axhspan(*bands[min(bands)], color="0.5", alpha=0.3,
                        label=f"null band (mean of {min(bands)})")
             ax.legend(fontsize=8)
         ax.set(xticks=range(len(values)), xticklabels=[f"{v:g}" if not isinstance(v, str) else v
                                                        for v in values],
-               xlabel=args.by, title=dict((n, t) for n, _, t in STUDY)[name])
+               xlabel=args.by, title=dict((n, t) for n, _, t in STUDY)[name]
+               + "\n(dashed: its non-invariance term, at most)" * (name == "dm_gap"))
     fig.tight_layout()
     fixed = ", ".join(f"{key} {runs[0]['factor'][key]}" for key in FACTORS if key != args.by)
     text = (f"Factor study, --by {args.by} ({fixed}, d = {runs[0]['settings']['dim']}, "

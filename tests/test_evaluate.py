@@ -195,6 +195,7 @@ def test_factor_study_has_a_row_per_value_and_refuses_a_second_factor(tmp_path, 
             if w2 is not None:  # seed 2 of --aug-sigma 0.6 diverged
                 run = write_run(root, f"aug{aug}_seed{seed}", 0.3, seed, critic="separable",
                                 aug_sigma=aug, non_invariance=aug / 10,
+                                non_invariance_nats=aug / 2,
                                 diverged=["held-out MI -1.000 +- 0.100: < -3 SE"] * (seed == 2))
                 saved = json.loads((run / "metrics.json").read_text())
                 saved["normality"]["sliced_w2"] = w2
@@ -205,10 +206,11 @@ def test_factor_study_has_a_row_per_value_and_refuses_a_second_factor(tmp_path, 
     # W2 0.04, 0.06: half-width t_{0.995, 1} 0.0141421 / sqrt(2) = 0.6366; C = log(1 + 1/0.09)
     assert "| 2000 steps | 0.3 | 2.494 | 2 | 0.1 | 0.050 ± 0.637 |" in text
     assert "| 2000 steps | 0.3 | 2.494 | 2 (+1 diverged) | 0.6 | 0.090 ± 0.637 |" in text
-    assert "| 0.060 ± 0.000 | 0.500 ± 0.000 |" in text  # non-invariance 0.06, k-NN 0.5
+    assert "| 0.060 ± 0.000 | 0.300 ± 0.000 | 0.500 ± 0.000 |" in text  # non-invariance, k-NN
     assert "diverged, left out" in text and "aug0.6_seed2" in text
     assert Path(f"{prefix}.png").stat().st_size > 0
-    write_run(root, "concat_seed0", 0.3, 0, critic="concat", aug_sigma=0.6, non_invariance=0.1)
+    write_run(root, "concat_seed0", 0.3, 0, critic="concat", aug_sigma=0.6, non_invariance=0.1,
+              non_invariance_nats=0.3)
     refused(capsys, ["factor", str(root), "--by", "aug_sigma", "--out", str(prefix)], "critic")
 
 
