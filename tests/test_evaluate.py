@@ -200,13 +200,22 @@ def test_factor_study_has_a_row_per_value_and_refuses_a_second_factor(tmp_path, 
                 saved = json.loads((run / "metrics.json").read_text())
                 saved["normality"]["sliced_w2"] = w2
                 (run / "metrics.json").write_text(json.dumps(saved))
+                if aug == 0.1:  # f(X) ~ N(0, 0.5 I): KL(f(X) + Z || N(0, 1.09 I)) = r - 1 - ln r
+                    np.savez(run / "embeddings.npz", z_test=np.random.default_rng(seed).normal(
+                        0, math.sqrt(0.5), (4000, 2)))
     prefix = tmp_path / "factor"
     evaluate.main(["factor", str(root), "--by", "aug_sigma", "--out", str(prefix)])
     text = Path(f"{prefix}.md").read_text()
+    r = 0.59 / 1.09  # with d = 2: 0.155 nats; the estimate is biased low by about 0.01
+    kl = float(next(line for line in text.splitlines() if "| 0.1 |" in line).split("|")[12]
+                .split("±")[0])
+    assert r - 1 - math.log(r) - 0.03 < kl < r - 1 - math.log(r)
+    low, high = map(float, text.split("σ = 0.3, k = 2: ")[1].split()[0:3:2])
+    assert -0.03 < low < high < 0.01  # the estimate on N(0, I) samples: about 0, biased low
     # W2 0.04, 0.06: half-width t_{0.995, 1} 0.0141421 / sqrt(2) = 0.6366; C = log(1 + 1/0.09)
     assert "| 2000 steps | 0.3 | 2.494 | 2 | 0.1 | 0.050 ± 0.637 |" in text
     assert "| 2000 steps | 0.3 | 2.494 | 2 (+1 diverged) | 0.6 | 0.090 ± 0.637 |" in text
-    assert "| 0.060 ± 0.000 | 0.300 ± 0.000 | 0.500 ± 0.000 |" in text  # non-invariance, k-NN
+    assert "| 0.060 ± 0.000 | 0.300 ± 0.000 | nan | 0.500 ± 0.000 |" in text  # no embeddings
     assert "diverged, left out" in text and "aug0.6_seed2" in text
     assert Path(f"{prefix}.png").stat().st_size > 0
     write_run(root, "concat_seed0", 0.3, 0, critic="concat", aug_sigma=0.6, non_invariance=0.1,
