@@ -187,9 +187,10 @@ def check_group(runs: list[Run], keys: tuple[str, ...], what: str, seeds_of: str
 # --- Tables: rows of kind, noise, capacity, seeds and (mean, 99% t half-width) per measure ----
 def mean_ci99(values: list[float]) -> tuple[float, float]:
     """Mean and half-width t_{0.995, n-1} s / sqrt(n) of the 99% Student t interval over n
-    seeds (s: ddof 1; nan for one value). The paper's Figure 1 uses z_{0.995} = 2.576."""
+    seeds (s: ddof 1; nan for one value or an infinite one, C - I_hat at sigma = 0). The paper's
+    Figure 1 uses z_{0.995} = 2.576."""
     x = np.asarray(values, dtype=np.float64)
-    if len(x) < 2:
+    if len(x) < 2 or not np.isfinite(x).all():
         return float(x.mean()), math.nan
     t = float(scipy.stats.t.ppf(0.995, len(x) - 1))
     return float(x.mean()), t * float(x.std(ddof=1)) / math.sqrt(len(x))
