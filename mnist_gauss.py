@@ -231,15 +231,15 @@ def evaluate(models: nn.ModuleDict, data: tuple, args: argparse.Namespace,
                                  f"smaller --lr (now {args.lr:g})")
     z_aug = embed(models, x_te + args.aug_sigma * torch.randn(x_te.shape, device=x_te.device,
                   generator=torch.Generator(x_te.device).manual_seed(args.seed + 2)))  # f(X')
-    resid = np.cov((z_te - z_aug @ np.linalg.lstsq(z_aug - z_aug.mean(0), z_te)[0]).T)  # R, d x d
-    mi_gauss = (args.dim * math.log1p(args.sigma ** 2)  # I(f(X'); f(X) + Z), Gaussian f
-                - np.linalg.slogdet(resid + args.sigma ** 2 * np.eye(args.dim))[1]) / 2
+    resid = np.cov((z_te - z_aug @ np.linalg.lstsq(z_aug - z_aug.mean(0), z_te)[0]).T)  # R of
+    mi_gauss = (args.dim * math.log1p(args.sigma ** 2)  # f(X) on f(X'); the MI if
+                - np.linalg.slogdet(resid + args.sigma ** 2 * np.eye(args.dim))[1]) / 2  # Gaussian
     mi, capacity = float(np.mean(mis)), common.gaussian_capacity(args.dim, args.sigma)
     se = float(np.std(mis, ddof=1) / math.sqrt(len(mis))) if len(mis) > 1 else math.nan
     return {"sigma": args.sigma, "capacity": capacity, "mi_heldout": mi, "mi_heldout_se": se,
             "dm_gap": capacity - mi, "class_information": common.LOG10, "aug_sigma": args.aug_sigma,
             "non_invariance": float(np.mean((z_aug - z_te) ** 2)),  # Var f_i = 1
-            "non_invariance_nats": float(capacity - mi_gauss),  # 1/2 log det(I + R / sigma^2)
+            "non_invariance_nats": float(capacity - mi_gauss),  # >= I(f(X) + Z; f(X) | f(X'))
             **({"mi_estimates": {"batch": bs, "n_test": n_test, **{
                 c: common.bound_estimates_table(s[:-1], s[-1]) for c, s in scores.items()}}}
                if estimates else {}),
