@@ -445,7 +445,7 @@ def curve(args: argparse.Namespace) -> None:
                                                   *(t for _, t in CURVE)], rows)
             + f"\n\nsliced W2 null band (central {100 * common.BAND_SHARE:g}% of the mean of k "
             f"N(0, I) samples; test n = {n_test}, train n = {n_train}): {band_text}\n"
-            + (f"\nChange per doubling of training steps, within the runs: each seed's "
+            + ("\nChange per doubling of training steps, within the runs: each seed's "
                "least-squares slope on log2(step), mean ± half-width of the 95% t interval over "
                "seeds, (p of the one-sample t test of no trend)\n\n"
                + md_table([symbol, "steps", "seeds", *(t for _, t in CURVE)], slopes) + "\n"
