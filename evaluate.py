@@ -602,6 +602,7 @@ def factor(args: argparse.Namespace) -> None:
         raise Refused(f"{runs[0]['path']} is not a mnist_gauss.py run")
     check_group(runs, SETTINGS["sigma"][0] + ("loss",), "runs of one factor study")
     groups: dict[tuple[float, int, Any], list[Run]] = {}
+    shapes: dict[float, tuple[int, ...]] = {}  # per sigma, the (n, d) of its runs' z_test
     for run in runs:
         run["factor"] = {key: entry(run, key, (int, float, str)) for key in FACTORS}
         if differ := [k for k in FACTORS
@@ -611,7 +612,8 @@ def factor(args: argparse.Namespace) -> None:
         run["values"].update({name: entry(run, key) for name, key, _ in STUDY if key})
         file = run["path"] / "embeddings.npz"  # the KL estimate needs sigma > 0 and z_test
         z = read_arrays(file).get("z_test") if run["noise"] > 0 and file.is_file() else None
-        run["kl_shape"] = None if z is None else check_embeddings(z, f"{file}:z_test").shape
+        if z is not None:
+            shapes.setdefault(run["noise"], check_embeddings(z, f"{file}:z_test").shape)
         run["values"]["smoothed_kl"] = math.nan if z is None else smoothed_kl(z, run["noise"])
         groups.setdefault((run["noise"], entry(run, "steps", int), run["factor"][args.by]),
                           []).append(run)
@@ -626,14 +628,11 @@ def factor(args: argparse.Namespace) -> None:
     if not rows:
         raise Refused(f"every run of {' '.join(args.runs)} diverged: no study")
     bands = {k: null_bands(runs, k)["sliced_w2"] for k in sorted({row["seeds"] for row in rows})}
-    draws, kl_bands = {}, {}  # the KL estimate on 39 N(0, I) samples of the runs' n, d
-    for row in rows:
-        if shape := next((run["kl_shape"] for run in runs
-                          if run["noise"] == row["noise"] and run["kl_shape"]), None):
-            key = (row["noise"], shape)
-            draws[key] = draws.get(key) or [smoothed_kl(np.random.default_rng(i).standard_normal(
-                shape), row["noise"], i) for i in range(39)]
-            kl_bands[row["noise"], row["seeds"]] = common.null_band(draws[key], row["seeds"])
+    draws = {noise: [smoothed_kl(np.random.default_rng(i).standard_normal(shape), noise, i)
+                     for i in range(common.NULL_DRAWS)]  # the KL estimate on N(0, I) samples
+             for noise, shape in shapes.items()}
+    kl_bands = {(row["noise"], row["seeds"]): common.null_band(draws[row["noise"]], row["seeds"])
+                for row in rows if row["noise"] in draws}
     fig = Figure(figsize=(4.2 * 4, 3.6))
     values = sorted({row["value"] for row in rows})
     for ax, name in zip(fig.subplots(1, 4), ("sliced_w2", "knn_acc", "non_invariance", "dm_gap")):
